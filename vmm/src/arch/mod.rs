@@ -1,0 +1,7 @@
+//! x86_64 specifics: CPU state at the kernel's entry, CPUID, MSRs, MP table.
+
+pub mod cpuid;
+pub mod gdt;
+pub mod mptable;
+pub mod msr;
+pub mod regs;

@@ -1,0 +1,66 @@
+//! What the VMM is asked to run. The CLI builds this; [`crate::Vmm`] takes it.
+
+use std::path::PathBuf;
+
+/// Kernel command-line parameters the VMM relies on: the console on the
+/// UART, reboot through the i8042 (which ends the VM), reboot right after a
+/// panic (the VMM spots the panic on the console), no PCI or modules.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule";
+
+/// Default guest memory.
+pub const DEFAULT_MEMORY_MIB: u64 = 256;
+
+/// What boots in the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootSource {
+    /// ELF vmlinux (PVH entry preferred) or bzImage.
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Appended to [`DEFAULT_CMDLINE`]; later parameters win.
+    pub cmdline: String,
+}
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Console {
+    /// The VMM's standard output.
+    Stdout,
+    /// A log file (created or truncated).
+    File(PathBuf),
+    /// Nowhere (still watched for kernel panics).
+    Sink,
+}
+
+/// The whole configuration of one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmmConfig {
+    /// The kernel and its arguments.
+    pub boot: BootSource,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// The serial console's destination.
+    pub console: Console,
+    /// The kernel is PVM-enabled: allow booting on a PVM host, where a
+    /// standard kernel cannot run.
+    pub pvm_guest: bool,
+}
+
+impl VmmConfig {
+    /// A configuration with defaults: 1 vCPU, 256 MiB, console on stdout.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmmConfig {
+            boot: BootSource {
+                kernel: kernel.into(),
+                initrd: None,
+                cmdline: String::new(),
+            },
+            vcpus: 1,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            console: Console::Stdout,
+            pvm_guest: false,
+        }
+    }
+}
