@@ -1,1 +1,129 @@
+//! Shared helpers of the end-to-end tests and the boot benchmark: the test
+//! guest's initramfs, and where the binaries, the kernel and the CI host are.
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// What the test guest prints once its init runs.
+pub const MARKER: &str = "SANDBOXVM-GUEST-INIT-REACHED";
+
+/// The test guest's /init. The kernel passes unknown `key=value` command
+/// line parameters to init as environment variables: `sbxtest=panic` makes
+/// init exit, which panics the kernel; otherwise it prints the marker and a
+/// few facts, then reboots (which ends the VM).
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+case "$sbxtest" in
+panic)
+    echo "test guest: exiting init to panic the kernel"
+    exit 3
+    ;;
+esac
+echo SANDBOXVM-GUEST-INIT-REACHED
+echo "guest kernel: $(/bin/busybox uname -r)"
+echo "guest cpus: $(/bin/busybox grep -c ^processor /proc/cpuinfo)"
+echo "guest memory: $(/bin/busybox grep MemTotal /proc/meminfo)"
+/bin/busybox reboot -f
+"#;
+
+/// Where Debian's busybox-static puts its binary.
+pub const BUSYBOX: &str = "/bin/busybox";
+
+/// Writes the test guest's initramfs (uncompressed newc) to `out`.
+pub fn write_test_initramfs(out: &Path) -> Result<(), String> {
+    let busybox = Path::new(BUSYBOX);
+    let mut cpio = initramfs::Writer::new(Vec::new());
+    (|| -> initramfs::Result<()> {
+        for dir in ["bin", "dev", "proc", "sys", "tmp"] {
+            cpio.dir(dir, 0o755)?;
+        }
+        cpio.char_device("dev/console", 0o600, 5, 1)?;
+        cpio.char_device("dev/null", 0o666, 1, 3)?;
+        cpio.host_file("bin/busybox", busybox)?;
+        cpio.symlink("bin/sh", "busybox")?;
+        cpio.file("init", 0o755, INIT.as_bytes())?;
+        Ok(())
+    })()
+    .map_err(|e| format!("{e} (is Debian's busybox-static installed?)"))?;
+    let bytes = cpio.finish().map_err(|e| e.to_string())?;
+    std::fs::write(out, bytes).map_err(|e| format!("cannot write {}: {e}", out.display()))
+}
+
+/// The repository's root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The `sandboxvm` binary: `$SANDBOXVM_BIN`, or the one cargo built next to
+/// this test executable.
+pub fn sandboxvm_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SANDBOXVM_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe dir");
+    let dir = if dir.ends_with("deps") {
+        dir.parent().expect("target dir")
+    } else {
+        dir
+    };
+    dir.join("sandboxvm")
+}
+
+/// The guest kernel: `$SANDBOXVM_KERNEL`, or what `kernel-config/build`
+/// builds (or finds in its cache).
+pub fn guest_kernel() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("SANDBOXVM_KERNEL") {
+        return Ok(PathBuf::from(p));
+    }
+    let out = Command::new(repo_root().join("kernel-config/build"))
+        .output()
+        .map_err(|e| format!("cannot run kernel-config/build: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "kernel-config/build failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default().trim();
+    Ok(PathBuf::from(last))
+}
+
+/// Whether this host boots standard guests itself (`sandboxvm check` says
+/// so); if not, the tests go through the nested CI host.
+pub fn host_boots_guests() -> bool {
+    Command::new(sandboxvm_bin())
+        .args(["check", "--quiet"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// A command that runs `args` on a host that can boot guests: directly, or
+/// through `ci/nested`.
+pub fn on_kvm_host(args: &[&str]) -> Command {
+    if host_boots_guests() {
+        let mut cmd = Command::new(args[0]);
+        cmd.args(&args[1..]);
+        cmd
+    } else {
+        let mut cmd = Command::new(repo_root().join("ci/nested"));
+        cmd.arg("--").args(args);
+        cmd
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_prints_the_marker_it_promises() {
+        assert!(INIT.contains(&format!("echo {MARKER}")));
+    }
+}
