@@ -194,6 +194,19 @@ fn a_kernel_panic_on_the_console_fails_the_vm_even_though_it_reboots() {
 }
 
 #[test]
+fn a_power_off_on_the_console_ends_a_spinning_guest_cleanly() {
+    if !have_kvm() {
+        return;
+    }
+    // The guest announces its power-off, then spins forever (as a kernel
+    // without a power-off device halts): the VMM must end it.
+    let mut code = Asm::default().print(b"[    1.0] reboot: Power down\r\n");
+    code.0.extend_from_slice(&[0xeb, 0xfe]); // jmp $
+    let (result, _) = run_guest("poweroff", &code.0, None);
+    assert_eq!(result.unwrap(), GuestExit::PowerOff);
+}
+
+#[test]
 fn standard_kernels_are_refused_on_a_pvm_host() {
     if crate::host::detect() != crate::HostKvm::Pvm {
         eprintln!("not a PVM host: nothing to check");

@@ -23,12 +23,13 @@ use std::io::Write;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
-use devices::legacy::{ConsoleWatch, GuestPanic, Serial, I8042};
+use devices::legacy::{ConsoleEvents, ConsoleWatch, Serial, I8042};
 use devices::{Bus, EventFdTrigger};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use config::{BootSource, Console, VmmConfig};
+use event_loop::Ending;
 pub use host::HostKvm;
 use vcpu::{Vcpu, VcpuControl, VcpuStop};
 
@@ -115,7 +116,8 @@ pub struct Vmm {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     reset_evt: EventFd,
-    panic: GuestPanic,
+    power_off_evt: EventFd,
+    console: ConsoleEvents,
     created: Instant,
 }
 
@@ -157,8 +159,9 @@ impl Vmm {
         let kvm = Kvm::new().map_err(vm::Error::OpenKvm)?;
         let vm = vm::create(&kvm, &ram.memory, config.vcpus)?;
 
-        let panic = GuestPanic::default();
         let events_err = |e: std::io::Error| Error::Events(e.to_string());
+        let power_off_evt = EventFd::new(EFD_NONBLOCK).map_err(events_err)?;
+        let console_events = ConsoleEvents::new(power_off_evt.try_clone().map_err(events_err)?);
         let console: Box<dyn Write + Send> = match &config.console {
             Console::Stdout => Box::new(std::io::stdout()),
             Console::Sink => Box::new(std::io::sink()),
@@ -174,7 +177,7 @@ impl Vmm {
             .map_err(|e| Error::Events(format!("serial irqfd: {e}")))?;
         let serial = Serial::new(
             EventFdTrigger::new(serial_irq),
-            Box::new(ConsoleWatch::new(console, panic.clone())),
+            Box::new(ConsoleWatch::new(console, console_events.clone())),
         );
         let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(events_err)?;
         let i8042 = I8042::new(EventFdTrigger::new(
@@ -229,7 +232,8 @@ impl Vmm {
             pio: Arc::new(pio),
             mmio: Arc::new(Bus::new()),
             reset_evt,
-            panic,
+            power_off_evt,
+            console: console_events,
             created,
         })
     }
@@ -253,23 +257,33 @@ impl Vmm {
                     vcpu_evt.try_clone().map_err(events_err)?,
                 )?);
             }
-            event_loop::wait_for_exit(
-                self.reset_evt.try_clone().map_err(events_err)?,
-                vcpu_evt.try_clone().map_err(events_err)?,
-            )
+            event_loop::wait_for_exit(vec![
+                (
+                    self.reset_evt.try_clone().map_err(events_err)?,
+                    Ending::Reset,
+                ),
+                (
+                    self.power_off_evt.try_clone().map_err(events_err)?,
+                    Ending::PowerOff,
+                ),
+                (
+                    vcpu_evt.try_clone().map_err(events_err)?,
+                    Ending::VcpuStopped,
+                ),
+            ])
         })();
         control.request_stop();
         for handle in &mut handles {
             handle.stop();
         }
-        let reset_seen = result?;
+        let ending = result?;
         let stops: Vec<(u8, VcpuStop)> = report_rx.try_iter().collect();
         log::info!(
             "guest ran {} ms ({} ms since VMM start)",
             started.elapsed().as_millis(),
             self.created.elapsed().as_millis()
         );
-        outcome(self.panic.message(), reset_seen, &stops)
+        outcome(self.console.panic_message(), ending, &stops)
     }
 }
 
@@ -277,7 +291,7 @@ impl Vmm {
 /// a reset or power-off is a clean exit.
 fn outcome(
     panic: Option<String>,
-    reset_seen: bool,
+    ending: Ending,
     stops: &[(u8, VcpuStop)],
 ) -> Result<GuestExit, Error> {
     if let Some(message) = panic {
@@ -289,10 +303,12 @@ fn outcome(
             stop: stop.clone(),
         });
     }
-    if !reset_seen && stops.iter().any(|(_, s)| *s == VcpuStop::SystemShutdown) {
-        return Ok(GuestExit::PowerOff);
+    let vcpu_power_off = stops.iter().any(|(_, s)| *s == VcpuStop::SystemShutdown);
+    match ending {
+        Ending::PowerOff => Ok(GuestExit::PowerOff),
+        Ending::VcpuStopped if vcpu_power_off => Ok(GuestExit::PowerOff),
+        _ => Ok(GuestExit::Reboot),
     }
-    Ok(GuestExit::Reboot)
 }
 
 #[cfg(test)]
@@ -303,11 +319,11 @@ mod tests {
     fn outcome_prefers_panic_then_vcpu_failure() {
         let failed = [(0, VcpuStop::Requested), (1, VcpuStop::TripleFault)];
         assert!(matches!(
-            outcome(Some("Kernel panic - not syncing: x".into()), true, &failed),
+            outcome(Some("Kernel panic - not syncing: x".into()), Ending::Reset, &failed),
             Err(Error::GuestPanic(m)) if m.ends_with(": x")
         ));
         assert!(matches!(
-            outcome(None, false, &failed),
+            outcome(None, Ending::VcpuStopped, &failed),
             Err(Error::GuestFailed {
                 id: 1,
                 stop: VcpuStop::TripleFault
@@ -317,16 +333,21 @@ mod tests {
 
     #[test]
     fn outcome_reset_or_poweroff_is_clean() {
+        let requested = [(0, VcpuStop::Requested)];
         assert_eq!(
-            outcome(None, true, &[(0, VcpuStop::Requested)]).unwrap(),
+            outcome(None, Ending::Reset, &requested).unwrap(),
             GuestExit::Reboot
         );
         assert_eq!(
-            outcome(None, false, &[(0, VcpuStop::SystemShutdown)]).unwrap(),
+            outcome(None, Ending::PowerOff, &requested).unwrap(),
             GuestExit::PowerOff
         );
         assert_eq!(
-            outcome(None, false, &[(0, VcpuStop::SystemReset)]).unwrap(),
+            outcome(None, Ending::VcpuStopped, &[(0, VcpuStop::SystemShutdown)]).unwrap(),
+            GuestExit::PowerOff
+        );
+        assert_eq!(
+            outcome(None, Ending::VcpuStopped, &[(0, VcpuStop::SystemReset)]).unwrap(),
             GuestExit::Reboot
         );
     }

@@ -1,50 +1,99 @@
 //! Watches what the guest prints on its console.
 //!
-//! A guest kernel booted with `panic=-1` reboots right after a panic, which
-//! to the VMM looks like an ordinary reboot. The watcher spots the kernel's
-//! panic line on its way to the console so that the VMM can report the panic
-//! and exit non-zero.
+//! Two kernel messages matter to the VMM and reach the console even with
+//! `quiet` (they are KERN_EMERG):
+//! - a panic: a guest booted with `panic=-1` reboots right after it, which
+//!   to the VMM looks like an ordinary reboot, so the panic line is how the
+//!   VMM knows to fail;
+//! - "reboot: System halted" or "reboot: Power down": a micro-VM without
+//!   ACPI has no power-off device, so the kernel turns a power-off into a
+//!   halt and stops its CPUs forever; the line is how the VMM knows to end
+//!   the VM cleanly.
 
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
+use vmm_sys_util::eventfd::EventFd;
+
 const PANIC_PREFIX: &str = "Kernel panic - not syncing";
+/// `kernel_halt()` and `kernel_power_off()`; the first is what a guest
+/// without a power-off method prints for `poweroff`.
+const POWER_OFF: [&str; 2] = ["reboot: System halted", "reboot: Power down"];
 /// Lines longer than this are scanned only in their first part.
 const MAX_LINE: usize = 512;
 
-/// The first kernel panic line the guest printed, shared with the VMM.
-#[derive(Clone, Default, Debug)]
-pub struct GuestPanic(Arc<Mutex<Option<String>>>);
+#[derive(Default, Debug)]
+struct State {
+    panic: Option<String>,
+    powered_off: bool,
+}
 
-impl GuestPanic {
-    /// The panic message, if the guest panicked.
-    pub fn message(&self) -> Option<String> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+/// What the console showed, shared between the UART and the VMM; signals an
+/// `EventFd` when the guest powers off.
+#[derive(Clone, Debug)]
+pub struct ConsoleEvents {
+    state: Arc<Mutex<State>>,
+    power_off: Arc<EventFd>,
+}
+
+impl ConsoleEvents {
+    /// Signals `power_off` when the guest powers off.
+    pub fn new(power_off: EventFd) -> Self {
+        ConsoleEvents {
+            state: Arc::default(),
+            power_off: Arc::new(power_off),
+        }
     }
 
-    fn record(&self, line: &str) {
-        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.is_none() {
-            *slot = Some(line.to_string());
+    /// The kernel's panic line, if the guest panicked (before any power-off).
+    pub fn panic_message(&self) -> Option<String> {
+        self.lock().panic.clone()
+    }
+
+    /// Whether the guest kernel powered off.
+    pub fn powered_off(&self) -> bool {
+        self.lock().powered_off
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn line(&self, line: &str) {
+        let mut state = self.lock();
+        if state.powered_off {
+            // After a power-off, init's exit panics the kernel: not a failure.
+            return;
+        }
+        if let Some(at) = line.find(PANIC_PREFIX) {
+            state
+                .panic
+                .get_or_insert_with(|| line[at..].trim_end().to_string());
+        } else if POWER_OFF.iter().any(|p| line.contains(p)) && state.panic.is_none() {
+            state.powered_off = true;
+            drop(state);
+            if let Err(e) = self.power_off.write(1) {
+                log::error!("cannot signal the guest's power-off: {e}");
+            }
         }
     }
 }
 
 /// A `Write` that passes the guest's console output through to `out` and
-/// records the first kernel panic line in a [`GuestPanic`].
+/// reports panics and power-off to [`ConsoleEvents`].
 pub struct ConsoleWatch<W: Write> {
     out: W,
     line: Vec<u8>,
-    panic: GuestPanic,
+    events: ConsoleEvents,
 }
 
 impl<W: Write> ConsoleWatch<W> {
-    /// Passes output on to `out`, noting panics in `panic`.
-    pub fn new(out: W, panic: GuestPanic) -> Self {
+    /// Passes output on to `out`, noting events in `events`.
+    pub fn new(out: W, events: ConsoleEvents) -> Self {
         ConsoleWatch {
             out,
             line: Vec::with_capacity(128),
-            panic,
+            events,
         }
     }
 
@@ -52,10 +101,7 @@ impl<W: Write> ConsoleWatch<W> {
         for &b in buf {
             if b == b'\n' || b == b'\r' {
                 if !self.line.is_empty() {
-                    let line = String::from_utf8_lossy(&self.line);
-                    if let Some(at) = line.find(PANIC_PREFIX) {
-                        self.panic.record(line[at..].trim_end());
-                    }
+                    self.events.line(&String::from_utf8_lossy(&self.line));
                     self.line.clear();
                 }
             } else if self.line.len() < MAX_LINE {
@@ -67,12 +113,12 @@ impl<W: Write> ConsoleWatch<W> {
 
 impl<W: Write> Write for ConsoleWatch<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.scan(buf);
         // The console must never stop the guest: output that cannot be
         // written (closed stdout, full disk) is dropped.
         if let Err(e) = self.out.write_all(buf) {
             log::debug!("guest console output dropped: {e}");
         }
+        self.scan(buf);
         Ok(buf.len())
     }
 
@@ -85,11 +131,17 @@ impl<W: Write> Write for ConsoleWatch<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    fn events() -> (ConsoleEvents, EventFd) {
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        (ConsoleEvents::new(evt.try_clone().unwrap()), evt)
+    }
 
     #[test]
     fn passes_output_through_and_spots_the_panic_line() {
-        let panic = GuestPanic::default();
-        let mut w = ConsoleWatch::new(Vec::new(), panic.clone());
+        let (events, power_off) = events();
+        let mut w = ConsoleWatch::new(Vec::new(), events.clone());
         let text = "[    0.5] Run /init as init process\r\n[    0.6] Kernel panic - not \
                     syncing: Attempted to kill init! exitcode=0x00000100\r\nrebooting\r\n";
         // Byte by byte, as the UART delivers it.
@@ -98,24 +150,49 @@ mod tests {
         }
         assert_eq!(w.out, text.as_bytes());
         assert_eq!(
-            panic.message().as_deref(),
+            events.panic_message().as_deref(),
             Some("Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100")
         );
+        assert!(!events.powered_off());
+        assert!(power_off.read().is_err(), "no power-off signalled");
     }
 
     #[test]
     fn keeps_the_first_panic_and_ignores_ordinary_output() {
-        let panic = GuestPanic::default();
-        let mut w = ConsoleWatch::new(io::sink(), panic.clone());
+        let (events, _) = events();
+        let mut w = ConsoleWatch::new(io::sink(), events.clone());
         w.write_all(b"hello\nnot a Kernel panic line? no: Kernel panic\n")
             .unwrap();
-        assert_eq!(panic.message(), None);
+        assert_eq!(events.panic_message(), None);
         w.write_all(b"Kernel panic - not syncing: first\nKernel panic - not syncing: second\n")
             .unwrap();
         assert_eq!(
-            panic.message().as_deref(),
+            events.panic_message().as_deref(),
             Some("Kernel panic - not syncing: first")
         );
+    }
+
+    #[test]
+    fn power_off_is_signalled_and_the_panic_after_it_is_not_a_failure() {
+        let (events, power_off) = events();
+        let mut w = ConsoleWatch::new(io::sink(), events.clone());
+        w.write_all(b"[ 1.0] reboot: Power down\r\n").unwrap();
+        assert!(events.powered_off());
+        assert_eq!(power_off.read().unwrap(), 1);
+        w.write_all(b"Kernel panic - not syncing: Attempted to kill init! exitcode=0x0\r\n")
+            .unwrap();
+        assert_eq!(events.panic_message(), None);
+    }
+
+    #[test]
+    fn a_halt_is_a_power_off_too() {
+        let (events, power_off) = events();
+        let mut w = ConsoleWatch::new(io::sink(), events.clone());
+        w.write_all(b"reboot: System hal").unwrap();
+        assert!(!events.powered_off(), "only whole lines count");
+        w.write_all(b"ted\r\n").unwrap();
+        assert!(events.powered_off());
+        assert_eq!(power_off.read().unwrap(), 1);
     }
 
     #[test]
@@ -129,7 +206,7 @@ mod tests {
                 Err(io::Error::from(io::ErrorKind::BrokenPipe))
             }
         }
-        let mut w = ConsoleWatch::new(Broken, GuestPanic::default());
+        let mut w = ConsoleWatch::new(Broken, events().0);
         assert_eq!(w.write(b"abc").unwrap(), 3);
         w.flush().unwrap();
     }

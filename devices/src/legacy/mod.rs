@@ -5,6 +5,6 @@ mod console;
 mod i8042;
 mod serial;
 
-pub use console::{ConsoleWatch, GuestPanic};
+pub use console::{ConsoleEvents, ConsoleWatch};
 pub use i8042::I8042;
 pub use serial::Serial;
