@@ -9,8 +9,9 @@ pub const MARKER: &str = "SANDBOXVM-GUEST-INIT-REACHED";
 
 /// The test guest's /init. The kernel passes unknown `key=value` command
 /// line parameters to init as environment variables: `sbxtest=panic` makes
-/// init exit, which panics the kernel; otherwise it prints the marker and a
-/// few facts, then reboots (which ends the VM).
+/// init exit, which panics the kernel; `sbxtest=poweroff` powers off;
+/// otherwise it prints the marker and a few facts, then reboots (which ends
+/// the VM).
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t sysfs sysfs /sys
@@ -20,6 +21,10 @@ panic)
     exit 3
     ;;
 esac
+if [ "$sbxtest" = poweroff ]; then
+    echo "test guest: powering off"
+    /bin/busybox poweroff -f
+fi
 echo SANDBOXVM-GUEST-INIT-REACHED
 echo "guest kernel: $(/bin/busybox uname -r)"
 echo "guest cpus: $(/bin/busybox grep -c ^processor /proc/cpuinfo)"

@@ -117,6 +117,21 @@ fn a_guest_kernel_panic_exits_non_zero_with_the_reason() {
 }
 
 #[test]
+fn a_guest_power_off_ends_the_vm_with_status_0() {
+    let (out, code) = boot(
+        &guest().kernel,
+        &["-v", "--cmdline", "quiet sbxtest=poweroff"],
+    );
+    assert_eq!(code, 0, "power-off must be a clean exit:\n{out}");
+    assert!(out.contains("test guest: powering off"), "{out}");
+    assert!(out.contains("guest powered off"), "{out}");
+    assert!(
+        !out.lines().any(|l| l.starts_with("sandboxvm: ")),
+        "no error expected:\n{out}"
+    );
+}
+
+#[test]
 fn a_missing_kernel_is_a_one_line_error() {
     let out = std::process::Command::new(sandboxvm_bin())
         .args(["boot", "--kernel", "/nonexistent/vmlinux", "--pvm-guest"])
