@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+pub use crate::virtio::{FsConfig, VsockConfig};
+
 /// Kernel command-line parameters the VMM relies on: the console on the
 /// UART, reboot through the i8042 (which ends the VM), reboot right after a
 /// panic (the VMM spots the panic on the console), no PCI or modules.
@@ -46,6 +48,10 @@ pub struct VmmConfig {
     /// The kernel is PVM-enabled: allow booting on a PVM host, where a
     /// standard kernel cannot run.
     pub pvm_guest: bool,
+    /// The vsock device, if any.
+    pub vsock: Option<VsockConfig>,
+    /// virtio-fs shares.
+    pub fs: Vec<FsConfig>,
 }
 
 impl VmmConfig {
@@ -61,6 +67,8 @@ impl VmmConfig {
             memory_mib: DEFAULT_MEMORY_MIB,
             console: Console::Stdout,
             pvm_guest: false,
+            vsock: None,
+            fs: Vec::new(),
         }
     }
 }

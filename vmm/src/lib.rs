@@ -13,6 +13,7 @@ pub mod host;
 pub mod layout;
 pub mod memory;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 #[cfg(test)]
@@ -28,7 +29,7 @@ use devices::{Bus, EventFdTrigger};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-pub use config::{BootSource, Console, VmmConfig};
+pub use config::{BootSource, Console, FsConfig, VmmConfig, VsockConfig};
 use event_loop::Ending;
 pub use host::HostKvm;
 use vcpu::{Vcpu, VcpuControl, VcpuStop};
@@ -67,6 +68,9 @@ pub enum Error {
     /// A vCPU.
     #[error(transparent)]
     Vcpu(#[from] vcpu::Error),
+    /// A virtio device.
+    #[error(transparent)]
+    Virtio(#[from] virtio::Error),
     /// Placing a device on a bus.
     #[error("cannot place a device: {0}")]
     Bus(#[from] devices::BusError),
@@ -183,6 +187,15 @@ impl Vmm {
         let i8042 = I8042::new(EventFdTrigger::new(
             reset_evt.try_clone().map_err(events_err)?,
         ));
+        let mut mmio = Bus::new();
+        let mut attacher = virtio::Attacher::new(&vm, &ram.memory, &mut mmio);
+        if let Some(vsock) = &config.vsock {
+            attacher.vsock(vsock)?;
+        }
+        for fs in &config.fs {
+            attacher.fs(fs)?;
+        }
+        let device_cmdline = attacher.cmdline.join(" ");
         let mut pio = Bus::new();
         pio.insert(Arc::new(Mutex::new(serial)), SERIAL_PORT, 8)?;
         pio.insert(Arc::new(Mutex::new(i8042)), I8042_PORT, 5)?;
@@ -197,7 +210,10 @@ impl Vmm {
                     Some(path) => Some(boot::load_initrd(&ram.memory, ram.size, &kernel, path)?),
                     None => None,
                 };
-                let cmdline = boot::build_cmdline(config::DEFAULT_CMDLINE, &boot.cmdline)?;
+                let cmdline = boot::build_cmdline(
+                    &format!("{} {device_cmdline}", config::DEFAULT_CMDLINE),
+                    &boot.cmdline,
+                )?;
                 boot::write_boot_params(&ram.memory, ram.size, &kernel, &cmdline, initrd)?;
                 arch::mptable::setup(&ram.memory, config.vcpus)?;
                 log::debug!(
@@ -230,7 +246,7 @@ impl Vmm {
             _kvm: kvm,
             _ram: ram,
             pio: Arc::new(pio),
-            mmio: Arc::new(Bus::new()),
+            mmio: Arc::new(mmio),
             reset_evt,
             power_off_evt,
             console: console_events,

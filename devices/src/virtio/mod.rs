@@ -8,7 +8,10 @@
 //! on the QueueNotify register), plus a [`VirtioInterrupt`] to signal used
 //! buffers.
 
+pub mod fs;
 pub mod mmio;
+pub mod vsock;
+pub mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;

@@ -1,0 +1,289 @@
+//! The virtio-fs device: features, config space, activation.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::call_forwarder::CallForwarder;
+use super::{NUM_REQUEST_QUEUES, QUEUE_SIZE, TAG_LEN};
+use crate::virtio::{
+    device_type, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
+
+/// Errors setting up the virtio-fs device.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The tag does not fit the config space.
+    #[error("virtio-fs tag {0:?} must be 1 to 36 bytes")]
+    Tag(String),
+    /// virtiofsd's socket never accepted a connection.
+    #[error("cannot connect to virtiofsd at {path}: {source}")]
+    Connect {
+        /// The vhost-user socket.
+        path: PathBuf,
+        /// Why the last attempt failed.
+        source: std::io::Error,
+    },
+    /// The vhost-user conversation failed.
+    #[error("vhost-user {0}: {1}")]
+    VhostUser(&'static str, vhost::Error),
+    /// virtiofsd lacks a feature the device needs.
+    #[error("virtiofsd does not offer VIRTIO_F_VERSION_1")]
+    NoVersion1,
+}
+
+/// A virtio-fs device whose queues virtiofsd serves over vhost-user.
+pub struct VhostUserFs {
+    tag: String,
+    frontend: Frontend,
+    backend_features: u64,
+    protocol: bool,
+    acked: u64,
+    queue_sizes: [u16; 1 + NUM_REQUEST_QUEUES],
+    forwarder: Option<CallForwarder>,
+}
+
+impl VhostUserFs {
+    /// Connects to virtiofsd's vhost-user socket (retrying until `timeout`,
+    /// since virtiofsd creates it shortly after it starts) and learns its
+    /// features.
+    pub fn connect(socket: &Path, tag: &str, timeout: Duration) -> Result<Self, Error> {
+        if tag.is_empty() || tag.len() > TAG_LEN {
+            return Err(Error::Tag(tag.to_string()));
+        }
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(socket) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(Error::Connect {
+                        path: socket.to_path_buf(),
+                        source: e,
+                    })
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
+        let mut frontend = Frontend::from_stream(stream, 1 + NUM_REQUEST_QUEUES as u64);
+        frontend
+            .set_owner()
+            .map_err(|e| Error::VhostUser("SET_OWNER", e))?;
+        let backend_features = frontend
+            .get_features()
+            .map_err(|e| Error::VhostUser("GET_FEATURES", e))?;
+        if backend_features & VIRTIO_F_VERSION_1 == 0 {
+            return Err(Error::NoVersion1);
+        }
+        let protocol = backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+        if protocol {
+            let offered = frontend
+                .get_protocol_features()
+                .map_err(|e| Error::VhostUser("GET_PROTOCOL_FEATURES", e))?;
+            let wanted =
+                offered & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK);
+            frontend
+                .set_protocol_features(wanted)
+                .map_err(|e| Error::VhostUser("SET_PROTOCOL_FEATURES", e))?;
+        }
+        Ok(VhostUserFs {
+            tag: tag.to_string(),
+            frontend,
+            backend_features,
+            protocol,
+            acked: 0,
+            queue_sizes: [QUEUE_SIZE; 1 + NUM_REQUEST_QUEUES],
+            forwarder: None,
+        })
+    }
+
+    fn config_space(&self) -> [u8; TAG_LEN + 4] {
+        config_space(&self.tag)
+    }
+
+    fn start(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queues: &[ActiveQueue],
+        calls: &[EventFd],
+    ) -> Result<(), Error> {
+        let mut features = self.acked;
+        if self.protocol {
+            features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        }
+        self.frontend
+            .set_features(features)
+            .map_err(|e| Error::VhostUser("SET_FEATURES", e))?;
+        let regions = mem
+            .iter()
+            .map(VhostUserMemoryRegionInfo::from_guest_region)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::VhostUser("memory region (not file backed?)", e))?;
+        self.frontend
+            .set_mem_table(&regions)
+            .map_err(|e| Error::VhostUser("SET_MEM_TABLE", e))?;
+        for (i, (q, call)) in queues.iter().zip(calls).enumerate() {
+            let queue = &q.queue;
+            let size = queue.size();
+            let host = |addr: u64| -> Result<u64, Error> {
+                mem.get_host_address(GuestAddress(addr))
+                    .map(|p| p as u64)
+                    .map_err(|_| {
+                        Error::VhostUser("SET_VRING_ADDR", vhost::Error::InvalidGuestMemory)
+                    })
+            };
+            let config = VringConfigData {
+                queue_max_size: self.queue_sizes[i],
+                queue_size: size,
+                flags: 0,
+                desc_table_addr: host(queue.desc_table())?,
+                used_ring_addr: host(queue.used_ring())?,
+                avail_ring_addr: host(queue.avail_ring())?,
+                log_addr: None,
+            };
+            self.frontend
+                .set_vring_num(i, size)
+                .map_err(|e| Error::VhostUser("SET_VRING_NUM", e))?;
+            self.frontend
+                .set_vring_addr(i, &config)
+                .map_err(|e| Error::VhostUser("SET_VRING_ADDR", e))?;
+            self.frontend
+                .set_vring_base(i, 0)
+                .map_err(|e| Error::VhostUser("SET_VRING_BASE", e))?;
+            self.frontend
+                .set_vring_call(i, call)
+                .map_err(|e| Error::VhostUser("SET_VRING_CALL", e))?;
+            self.frontend
+                .set_vring_kick(i, &q.notify)
+                .map_err(|e| Error::VhostUser("SET_VRING_KICK", e))?;
+            if self.protocol {
+                self.frontend
+                    .set_vring_enable(i, true)
+                    .map_err(|e| Error::VhostUser("SET_VRING_ENABLE", e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The virtio_fs_config structure: the tag, NUL padded, then the number of
+/// request queues (little endian).
+pub(super) fn config_space(tag: &str) -> [u8; TAG_LEN + 4] {
+    let mut c = [0u8; TAG_LEN + 4];
+    c[..tag.len()].copy_from_slice(tag.as_bytes());
+    c[TAG_LEN..].copy_from_slice(&(NUM_REQUEST_QUEUES as u32).to_le_bytes());
+    c
+}
+
+impl VirtioDevice for VhostUserFs {
+    fn device_type(&self) -> u32 {
+        device_type::FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        // The protocol-features bit is between the front end and virtiofsd.
+        self.backend_features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked = features & self.features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space(), offset, data);
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<VirtioInterrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != self.queue_sizes.len() {
+            return Err(ActivateError::Queues {
+                want: self.queue_sizes.len(),
+                got: queues.len(),
+            });
+        }
+        let calls = (0..queues.len())
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ActivateError::Backend(format!("call eventfd: {e}")))?;
+        self.start(&mem, &queues, &calls)
+            .map_err(|e| ActivateError::Backend(e.to_string()))?;
+        let forwarder = CallForwarder::spawn(calls, interrupt)
+            .map_err(|e| ActivateError::Backend(format!("interrupt forwarder: {e}")))?;
+        self.forwarder = Some(forwarder);
+        // The kick eventfds now belong to virtiofsd too; ours stay open in
+        // the transport, the queues' state lives in virtiofsd.
+        drop(queues);
+        Ok(())
+    }
+}
+
+/// Copies the part of `config` at `offset` into `data`; bytes past the end
+/// read as zero.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start >= config.len() {
+        return;
+    }
+    let n = data.len().min(config.len() - start);
+    data[..n].copy_from_slice(&config[start..start + n]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_space_holds_the_tag_and_one_request_queue() {
+        let c = config_space("sandboxvm");
+        assert_eq!(&c[..9], b"sandboxvm");
+        assert!(c[9..TAG_LEN].iter().all(|&b| b == 0));
+        assert_eq!(u32::from_le_bytes(c[TAG_LEN..].try_into().unwrap()), 1);
+    }
+
+    #[test]
+    fn config_reads_at_offsets_and_past_the_end() {
+        let c = config_space("abc");
+        let mut four = [0xffu8; 4];
+        read_config_bytes(&c, 1, &mut four);
+        assert_eq!(&four, b"bc\0\0");
+        read_config_bytes(&c, TAG_LEN as u64, &mut four);
+        assert_eq!(u32::from_le_bytes(four), 1);
+        read_config_bytes(&c, 1000, &mut four);
+        assert_eq!(four, [0; 4]);
+    }
+
+    #[test]
+    fn a_tag_longer_than_the_config_space_is_refused() {
+        let long = "x".repeat(TAG_LEN + 1);
+        let err = VhostUserFs::connect(Path::new("/nonexistent"), &long, Duration::ZERO);
+        assert!(matches!(err, Err(Error::Tag(_))));
+    }
+
+    #[test]
+    fn a_missing_socket_is_a_clear_error() {
+        let err = VhostUserFs::connect(Path::new("/nonexistent/vfs.sock"), "t", Duration::ZERO)
+            .err()
+            .unwrap();
+        assert!(err
+            .to_string()
+            .starts_with("cannot connect to virtiofsd at /nonexistent/vfs.sock"));
+    }
+}

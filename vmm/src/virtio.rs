@@ -1,0 +1,151 @@
+//! Attaches virtio-mmio devices: each gets a 4 KiB MMIO window and an IRQ,
+//! its queue notifications become KVM ioeventfds (no vCPU exit to userspace
+//! for a kick) and its interrupt an irqfd; the guest learns about it from a
+//! `virtio_mmio.device=` entry on the kernel command line.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use devices::virtio::fs::VhostUserFs;
+use devices::virtio::mmio::{self, MmioTransport};
+use devices::virtio::vsock::Vsock;
+use devices::virtio::{VirtioDevice, VirtioInterrupt};
+use devices::Bus;
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Where the first virtio-mmio window goes (in the MMIO gap, below the
+/// IOAPIC).
+pub const MMIO_BASE: u64 = 0xd000_0000;
+/// The first IRQ for virtio devices (4 is the serial port's).
+pub const FIRST_IRQ: u32 = 5;
+/// The last usable IOAPIC pin.
+pub const LAST_IRQ: u32 = 23;
+/// The QueueNotify register's offset in the window.
+const QUEUE_NOTIFY: u64 = 0x50;
+/// The guest's vsock context id (2 is the host).
+pub const GUEST_CID: u64 = 3;
+
+/// A virtio-fs share served by a virtiofsd the caller started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsConfig {
+    /// virtiofsd's vhost-user socket.
+    pub socket: PathBuf,
+    /// The tag the guest mounts (`mount -t virtiofs TAG /mnt`).
+    pub tag: String,
+}
+
+/// The vsock device and its host-side Unix socket bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// Where host processes connect (`CONNECT <port>\n`); guest connections
+    /// to host port P go to `<uds>_P`.
+    pub uds: PathBuf,
+}
+
+/// Errors attaching virtio devices.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// More devices than IRQ lines.
+    #[error("too many virtio devices (at most {})", LAST_IRQ - FIRST_IRQ + 1)]
+    TooMany,
+    /// An eventfd, irqfd or ioeventfd.
+    #[error("cannot set up {what} of the {device} device: {source}")]
+    Events {
+        /// Which device.
+        device: &'static str,
+        /// What failed.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The vsock device.
+    #[error("vsock: {0}")]
+    Vsock(#[from] devices::virtio::vsock::Error),
+    /// The virtio-fs device.
+    #[error("virtio-fs {tag}: {source}")]
+    Fs {
+        /// The share's tag.
+        tag: String,
+        /// The error.
+        source: devices::virtio::fs::Error,
+    },
+    /// The MMIO bus.
+    #[error(transparent)]
+    Bus(#[from] devices::BusError),
+}
+
+/// Places virtio devices one after another.
+pub struct Attacher<'a> {
+    vm: &'a VmFd,
+    mem: &'a GuestMemoryMmap,
+    mmio: &'a mut Bus,
+    next: u32,
+    /// `virtio_mmio.device=` entries for the command line.
+    pub cmdline: Vec<String>,
+}
+
+impl<'a> Attacher<'a> {
+    /// Attaches to `vm`'s `mmio` bus.
+    pub fn new(vm: &'a VmFd, mem: &'a GuestMemoryMmap, mmio: &'a mut Bus) -> Self {
+        Attacher {
+            vm,
+            mem,
+            mmio,
+            next: 0,
+            cmdline: Vec::new(),
+        }
+    }
+
+    /// Attaches the vsock device.
+    pub fn vsock(&mut self, config: &VsockConfig) -> Result<(), Error> {
+        let dev = Vsock::new(GUEST_CID, config.uds.clone())?;
+        self.attach("vsock", Box::new(dev))
+    }
+
+    /// Connects to virtiofsd and attaches a virtio-fs device.
+    pub fn fs(&mut self, config: &FsConfig) -> Result<(), Error> {
+        let dev = VhostUserFs::connect(
+            &config.socket,
+            &config.tag,
+            std::time::Duration::from_secs(5),
+        )
+        .map_err(|source| Error::Fs {
+            tag: config.tag.clone(),
+            source,
+        })?;
+        self.attach("virtio-fs", Box::new(dev))
+    }
+
+    fn attach(&mut self, name: &'static str, device: Box<dyn VirtioDevice>) -> Result<(), Error> {
+        let irq = FIRST_IRQ + self.next;
+        if irq > LAST_IRQ {
+            return Err(Error::TooMany);
+        }
+        let base = MMIO_BASE + u64::from(self.next) * mmio::MMIO_LEN;
+        let events = |what, source| Error::Events {
+            device: name,
+            what,
+            source,
+        };
+        let irqfd = EventFd::new(EFD_NONBLOCK).map_err(|e| events("irqfd", e))?;
+        self.vm
+            .register_irqfd(&irqfd, irq)
+            .map_err(|e| events("irqfd", e.into()))?;
+        let interrupt = Arc::new(VirtioInterrupt::new(irqfd));
+        let transport = MmioTransport::new(device, self.mem.clone(), interrupt)
+            .map_err(|e| events("queues", e))?;
+        for (index, evt) in transport.queue_notify_eventfds() {
+            self.vm
+                .register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), index)
+                .map_err(|e| events("ioeventfd", e.into()))?;
+        }
+        self.mmio
+            .insert(Arc::new(Mutex::new(transport)), base, mmio::MMIO_LEN)?;
+        self.cmdline.push(mmio::cmdline_entry(base, irq));
+        log::debug!("{name} at {base:#x}, IRQ {irq}");
+        self.next += 1;
+        Ok(())
+    }
+}
