@@ -1,0 +1,298 @@
+//! Root filesystem setup, run by the container init inside its new mount
+//! namespace (after fork, before exec). Errors are one-line strings sent
+//! back to the agent through the error pipe.
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Component, Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+use nix::unistd::{chdir, chroot, pivot_root};
+
+use super::spec::{ContainerConfig, MountConfig};
+
+type Result<T> = std::result::Result<T, String>;
+
+/// `dest` (absolute, in the container) below `rootfs`, without `..`
+/// escaping it lexically.
+fn in_root(rootfs: &Path, dest: &Path) -> PathBuf {
+    let mut out = rootfs.to_path_buf();
+    for c in dest.components() {
+        if let Component::Normal(n) = c {
+            out.push(n);
+        }
+    }
+    out
+}
+
+fn mnt(
+    src: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<()> {
+    mount(src, target, fstype, flags, data).map_err(|e| {
+        format!(
+            "mount {} on {} (type {}): {e}",
+            src.map(|s| s.display().to_string())
+                .unwrap_or_else(|| "none".into()),
+            target.display(),
+            fstype.unwrap_or("none")
+        )
+    })
+}
+
+fn ensure_target(target: &Path, is_file: bool) -> Result<()> {
+    if target.exists() {
+        return Ok(());
+    }
+    let err = |e: std::io::Error| format!("create mount point {}: {e}", target.display());
+    if is_file {
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent).map_err(err)?;
+        }
+        fs::File::create(target).map_err(err)?;
+    } else {
+        fs::create_dir_all(target).map_err(err)?;
+    }
+    Ok(())
+}
+
+fn do_mount(rootfs: &Path, m: &MountConfig) -> Result<()> {
+    let target = in_root(rootfs, &m.destination);
+    let data = (!m.data.is_empty()).then_some(m.data.as_str());
+    if m.bind {
+        let src = m
+            .source
+            .as_deref()
+            .ok_or_else(|| format!("bind mount {} has no source", m.destination.display()))?;
+        ensure_target(&target, !src.is_dir())?;
+        let rec = m.flags & MsFlags::MS_REC;
+        mnt(Some(src), &target, None, MsFlags::MS_BIND | rec, None)?;
+        let extra = m.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC);
+        if !extra.is_empty() {
+            mnt(
+                None,
+                &target,
+                None,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | extra,
+                None,
+            )?;
+        }
+    } else {
+        ensure_target(&target, false)?;
+        let fstype = match m.typ.as_str() {
+            "cgroup" => "cgroup2",
+            t => t,
+        };
+        let src = m.source.clone().unwrap_or_else(|| PathBuf::from(fstype));
+        let r = mnt(Some(&src), &target, Some(fstype), m.flags, data);
+        if let Err(e) = r {
+            // cgroup2 and sysfs can be refused in some nestings; they are
+            // not essential to run the workload.
+            if !matches!(fstype, "cgroup2" | "sysfs") {
+                return Err(e);
+            }
+        }
+    }
+    if !m.propagation.is_empty() {
+        mnt(None, &target, None, m.propagation, None)?;
+    }
+    Ok(())
+}
+
+const DEVICES: [(&str, u64, u64); 6] = [
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+fn setup_dev(rootfs: &Path) -> Result<()> {
+    let dev = rootfs.join("dev");
+    for (name, major, minor) in DEVICES {
+        let path = dev.join(name);
+        if path.exists() {
+            continue;
+        }
+        let made = mknod(
+            &path,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(major, minor),
+        );
+        if made.is_err() {
+            // No mknod (e.g. a filesystem that refuses device nodes): bind
+            // the agent's node instead.
+            ensure_target(&path, true)?;
+            mnt(
+                Some(&Path::new("/dev").join(name)),
+                &path,
+                None,
+                MsFlags::MS_BIND,
+                None,
+            )?;
+        }
+        // mknod is subject to the umask.
+        let _ = nix::sys::stat::fchmodat(
+            None,
+            &path,
+            Mode::from_bits_truncate(0o666),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        );
+    }
+    for (name, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        let path = dev.join(name);
+        if fs::symlink_metadata(&path).is_err() {
+            symlink(target, &path).map_err(|e| format!("symlink {}: {e}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Sets up the container's root: mounts, /dev, pivot_root (or MS_MOVE +
+/// chroot when pivot_root is refused, as on an initramfs root), masked and
+/// read-only paths, read-only root. Runs in the new mount namespace.
+pub fn setup_rootfs(cfg: &ContainerConfig) -> Result<()> {
+    // Keep every mount we make out of the agent's namespace.
+    mnt(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
+    let rootfs = cfg.rootfs.as_path();
+    // pivot_root needs the new root to be a mount point.
+    mnt(
+        Some(rootfs),
+        rootfs,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
+    let dev_in_spec = cfg
+        .mounts
+        .iter()
+        .any(|m| m.destination == Path::new("/dev"));
+    if !dev_in_spec {
+        let dev = rootfs.join("dev");
+        ensure_target(&dev, false)?;
+        mnt(
+            Some(Path::new("tmpfs")),
+            &dev,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+            Some("mode=755,size=65536k"),
+        )?;
+    }
+    for m in &cfg.mounts {
+        do_mount(rootfs, m)?;
+    }
+    if !cfg
+        .mounts
+        .iter()
+        .any(|m| m.destination == Path::new("/dev/pts"))
+    {
+        let pts = rootfs.join("dev/pts");
+        ensure_target(&pts, false)?;
+        mnt(
+            Some(Path::new("devpts")),
+            &pts,
+            Some("devpts"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620"),
+        )?;
+    }
+    setup_dev(rootfs)?;
+    enter_root(rootfs)?;
+    for p in &cfg.masked_paths {
+        mask_path(p)?;
+    }
+    for p in &cfg.readonly_paths {
+        readonly_path(p)?;
+    }
+    if cfg.readonly_root {
+        mnt(
+            None,
+            Path::new("/"),
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+fn enter_root(rootfs: &Path) -> Result<()> {
+    chdir(rootfs).map_err(|e| format!("chdir {}: {e}", rootfs.display()))?;
+    match pivot_root(".", ".") {
+        Ok(()) => {
+            // The old root is stacked under the new one: detach it.
+            mnt(
+                None,
+                Path::new("."),
+                None,
+                MsFlags::MS_SLAVE | MsFlags::MS_REC,
+                None,
+            )?;
+            umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("unmount old root: {e}"))?;
+        }
+        Err(_) => {
+            // pivot_root is refused on the initramfs root: move the rootfs
+            // over / and chroot, as runc --no-pivot does.
+            mnt(Some(rootfs), Path::new("/"), None, MsFlags::MS_MOVE, None)?;
+            chroot(".").map_err(|e| format!("chroot {}: {e}", rootfs.display()))?;
+        }
+    }
+    chdir("/").map_err(|e| format!("chdir /: {e}"))
+}
+
+fn mask_path(p: &Path) -> Result<()> {
+    match fs::metadata(p) {
+        Err(_) => Ok(()),
+        Ok(m) if m.is_dir() => mnt(
+            Some(Path::new("tmpfs")),
+            p,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY,
+            None,
+        ),
+        Ok(_) => mnt(
+            Some(Path::new("/dev/null")),
+            p,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        ),
+    }
+}
+
+fn readonly_path(p: &Path) -> Result<()> {
+    if fs::symlink_metadata(p).is_err() {
+        return Ok(());
+    }
+    mnt(Some(p), p, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+    mnt(
+        None,
+        p,
+        None,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None,
+    )
+}

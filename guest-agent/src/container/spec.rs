@@ -1,0 +1,329 @@
+//! Turns OCI runtime-spec values into plain settings the forked container
+//! processes use (computed in the agent, before forking).
+
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+
+use nix::mount::MsFlags;
+use nix::sched::CloneFlags;
+use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
+
+use super::Error;
+
+/// The default `PATH` when the process environment has none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Capability sets of a process (None = leave as inherited).
+#[derive(Clone, Debug, Default)]
+pub struct CapSets {
+    pub bounding: HashSet<caps::Capability>,
+    pub effective: HashSet<caps::Capability>,
+    pub permitted: HashSet<caps::Capability>,
+    pub inheritable: HashSet<caps::Capability>,
+    pub ambient: HashSet<caps::Capability>,
+}
+
+/// What a container process runs as.
+#[derive(Clone, Debug)]
+pub struct ProcessConfig {
+    pub args: Vec<String>,
+    pub env: Vec<CString>,
+    pub path_env: String,
+    pub cwd: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    pub additional_gids: Vec<u32>,
+    pub umask: Option<u32>,
+    pub terminal: bool,
+    pub caps: Option<CapSets>,
+    pub rlimits: Vec<(i32, u64, u64)>,
+    pub no_new_privileges: bool,
+}
+
+/// One mount of `mounts`, with its options decoded.
+#[derive(Clone, Debug)]
+pub struct MountConfig {
+    pub destination: PathBuf,
+    pub typ: String,
+    pub source: Option<PathBuf>,
+    pub flags: MsFlags,
+    pub propagation: MsFlags,
+    pub data: String,
+    pub bind: bool,
+}
+
+/// Everything the container init needs to set up its sandbox.
+#[derive(Clone, Debug)]
+pub struct ContainerConfig {
+    pub rootfs: PathBuf,
+    pub readonly_root: bool,
+    pub hostname: Option<String>,
+    /// Namespaces to create.
+    pub new_ns: CloneFlags,
+    /// Namespaces to join (type, path).
+    pub join_ns: Vec<(CloneFlags, PathBuf)>,
+    pub mounts: Vec<MountConfig>,
+    pub masked_paths: Vec<PathBuf>,
+    pub readonly_paths: Vec<PathBuf>,
+    pub process: ProcessConfig,
+}
+
+fn ns_flag(t: LinuxNamespaceType) -> Option<CloneFlags> {
+    Some(match t {
+        LinuxNamespaceType::Mount => CloneFlags::CLONE_NEWNS,
+        LinuxNamespaceType::Uts => CloneFlags::CLONE_NEWUTS,
+        LinuxNamespaceType::Ipc => CloneFlags::CLONE_NEWIPC,
+        LinuxNamespaceType::Pid => CloneFlags::CLONE_NEWPID,
+        LinuxNamespaceType::Network => CloneFlags::CLONE_NEWNET,
+        LinuxNamespaceType::Cgroup => CloneFlags::CLONE_NEWCGROUP,
+        _ => return None,
+    })
+}
+
+/// Parses config.json and decodes what the agent supports.
+pub fn container_config(spec: &Spec, rootfs: PathBuf) -> Result<ContainerConfig, Error> {
+    let process = spec
+        .process()
+        .as_ref()
+        .ok_or_else(|| Error::InvalidSpec("config.json has no process".into()))?;
+    let mut new_ns = CloneFlags::CLONE_NEWNS;
+    let mut join_ns = Vec::new();
+    let mut masked_paths = Vec::new();
+    let mut readonly_paths = Vec::new();
+    if let Some(linux) = spec.linux() {
+        for ns in linux.namespaces().iter().flatten() {
+            let Some(flag) = ns_flag(ns.typ()) else {
+                return Err(Error::InvalidSpec(format!(
+                    "namespace type {} is not supported by the agent",
+                    ns.typ()
+                )));
+            };
+            match ns.path() {
+                Some(p) if !p.as_os_str().is_empty() => join_ns.push((flag, p.clone())),
+                _ => new_ns |= flag,
+            }
+        }
+        let abs = |v: &Option<Vec<String>>| -> Vec<PathBuf> {
+            v.iter()
+                .flatten()
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+                .collect()
+        };
+        masked_paths = abs(linux.masked_paths());
+        readonly_paths = abs(linux.readonly_paths());
+    }
+    let mut mounts = Vec::new();
+    for m in spec.mounts().iter().flatten() {
+        mounts.push(mount_config(m)?);
+    }
+    Ok(ContainerConfig {
+        rootfs,
+        readonly_root: spec
+            .root()
+            .as_ref()
+            .and_then(|r| r.readonly())
+            .unwrap_or(false),
+        hostname: spec.hostname().clone().filter(|h| !h.is_empty()),
+        new_ns,
+        join_ns,
+        mounts,
+        masked_paths,
+        readonly_paths,
+        process: process_config(process)?,
+    })
+}
+
+fn mount_config(m: &oci_spec::runtime::Mount) -> Result<MountConfig, Error> {
+    let destination = m.destination().clone();
+    if !destination.is_absolute() {
+        return Err(Error::InvalidSpec(format!(
+            "mount destination {} is not absolute",
+            destination.display()
+        )));
+    }
+    let mut flags = MsFlags::empty();
+    let mut propagation = MsFlags::empty();
+    let mut data = Vec::new();
+    let mut bind = m.typ().as_deref() == Some("bind");
+    for o in m.options().iter().flatten() {
+        let (set, clear) = match o.as_str() {
+            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
+            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
+            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
+            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
+            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
+            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
+            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
+            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
+            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
+            "dirsync" => (MsFlags::MS_DIRSYNC, MsFlags::empty()),
+            "noatime" => (MsFlags::MS_NOATIME, MsFlags::empty()),
+            "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty()),
+            "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty()),
+            "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
+            "bind" => {
+                bind = true;
+                (MsFlags::MS_BIND, MsFlags::empty())
+            }
+            "rbind" => {
+                bind = true;
+                (MsFlags::MS_BIND | MsFlags::MS_REC, MsFlags::empty())
+            }
+            "private" | "rprivate" | "slave" | "rslave" | "shared" | "rshared" | "unbindable"
+            | "runbindable" => {
+                let p = match o.trim_start_matches('r') {
+                    "private" => MsFlags::MS_PRIVATE,
+                    "slave" => MsFlags::MS_SLAVE,
+                    "shared" => MsFlags::MS_SHARED,
+                    _ => MsFlags::MS_UNBINDABLE,
+                };
+                propagation = p | if o.starts_with('r') {
+                    MsFlags::MS_REC
+                } else {
+                    MsFlags::empty()
+                };
+                continue;
+            }
+            other => {
+                data.push(other.to_string());
+                continue;
+            }
+        };
+        flags = (flags | set) & !clear;
+    }
+    Ok(MountConfig {
+        destination,
+        typ: m
+            .typ()
+            .clone()
+            .unwrap_or_else(|| if bind { "bind".into() } else { "none".into() }),
+        source: m.source().clone(),
+        flags,
+        propagation,
+        data: data.join(","),
+        bind,
+    })
+}
+
+fn cap_set(
+    set: &Option<oci_spec::runtime::Capabilities>,
+) -> Result<HashSet<caps::Capability>, Error> {
+    let mut out = HashSet::new();
+    for c in set.iter().flatten() {
+        let name = format!("CAP_{c}");
+        let cap = name
+            .parse::<caps::Capability>()
+            .map_err(|_| Error::InvalidSpec(format!("unknown capability {name}")))?;
+        if caps::all().contains(&cap) || caps::runtime::thread_all_supported().contains(&cap) {
+            out.insert(cap);
+        }
+    }
+    Ok(out)
+}
+
+fn rlimit_resource(name: &str) -> Option<i32> {
+    Some(match name {
+        "RLIMIT_CPU" => libc::RLIMIT_CPU,
+        "RLIMIT_FSIZE" => libc::RLIMIT_FSIZE,
+        "RLIMIT_DATA" => libc::RLIMIT_DATA,
+        "RLIMIT_STACK" => libc::RLIMIT_STACK,
+        "RLIMIT_CORE" => libc::RLIMIT_CORE,
+        "RLIMIT_RSS" => libc::RLIMIT_RSS,
+        "RLIMIT_NPROC" => libc::RLIMIT_NPROC,
+        "RLIMIT_NOFILE" => libc::RLIMIT_NOFILE,
+        "RLIMIT_MEMLOCK" => libc::RLIMIT_MEMLOCK,
+        "RLIMIT_AS" => libc::RLIMIT_AS,
+        "RLIMIT_LOCKS" => libc::RLIMIT_LOCKS,
+        "RLIMIT_SIGPENDING" => libc::RLIMIT_SIGPENDING,
+        "RLIMIT_MSGQUEUE" => libc::RLIMIT_MSGQUEUE,
+        "RLIMIT_NICE" => libc::RLIMIT_NICE,
+        "RLIMIT_RTPRIO" => libc::RLIMIT_RTPRIO,
+        "RLIMIT_RTTIME" => libc::RLIMIT_RTTIME,
+        _ => return None,
+    } as i32)
+}
+
+/// Decodes an OCI `process`.
+pub fn process_config(p: &Process) -> Result<ProcessConfig, Error> {
+    let args = p.args().clone().unwrap_or_default();
+    if args.is_empty() || args[0].is_empty() {
+        return Err(Error::InvalidSpec("process.args is empty".into()));
+    }
+    let env_strs = p.env().clone().unwrap_or_default();
+    let path_env = env_strs
+        .iter()
+        .rev()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(DEFAULT_PATH)
+        .to_string();
+    let env = env_strs
+        .iter()
+        .map(|e| CString::new(e.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| Error::InvalidSpec("process.env has a NUL byte".into()))?;
+    let caps = match p.capabilities() {
+        None => None,
+        Some(c) => Some(CapSets {
+            bounding: cap_set(c.bounding())?,
+            effective: cap_set(c.effective())?,
+            permitted: cap_set(c.permitted())?,
+            inheritable: cap_set(c.inheritable())?,
+            ambient: cap_set(c.ambient())?,
+        }),
+    };
+    let mut rlimits = Vec::new();
+    for r in p.rlimits().iter().flatten() {
+        let name = r.typ().to_string();
+        let res = rlimit_resource(&name)
+            .ok_or_else(|| Error::InvalidSpec(format!("unknown rlimit {name}")))?;
+        rlimits.push((res, r.soft(), r.hard()));
+    }
+    let cwd = p.cwd().clone();
+    Ok(ProcessConfig {
+        args,
+        env,
+        path_env,
+        cwd: if cwd.as_os_str().is_empty() {
+            "/".into()
+        } else {
+            cwd
+        },
+        uid: p.user().uid(),
+        gid: p.user().gid(),
+        additional_gids: p.user().additional_gids().clone().unwrap_or_default(),
+        umask: p.user().umask(),
+        terminal: p.terminal().unwrap_or(false),
+        caps,
+        rlimits,
+        no_new_privileges: p.no_new_privileges().unwrap_or(false),
+    })
+}
+
+/// Finds `arg0` like execvp, in the current root (the container's, once
+/// called after pivot_root/chroot). Errors with the message the caller sees.
+pub fn resolve_executable(arg0: &str, path_env: &str) -> Result<CString, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let is_exec = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    let found = if arg0.contains('/') {
+        if !Path::new(arg0).exists() {
+            return Err(format!(
+                "exec: \"{arg0}\": stat {arg0}: no such file or directory"
+            ));
+        }
+        PathBuf::from(arg0)
+    } else {
+        path_env
+            .split(':')
+            .map(|d| Path::new(if d.is_empty() { "." } else { d }).join(arg0))
+            .find(|p| is_exec(p))
+            .ok_or_else(|| format!("exec: \"{arg0}\": executable file not found in $PATH"))?
+    };
+    CString::new(found.into_os_string().into_encoded_bytes())
+        .map_err(|_| format!("exec: \"{arg0}\": NUL byte in path"))
+}

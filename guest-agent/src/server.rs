@@ -1,0 +1,179 @@
+//! The ttrpc `Agent` service.
+
+use std::sync::Arc;
+
+use protocol::agent::*;
+use protocol::agent_ttrpc::{create_agent, Agent};
+use ttrpc::{Code, TtrpcContext};
+
+use crate::container::{Error, Manager, Stream};
+
+/// The service: container manager + what Shutdown does.
+pub struct Service {
+    pub manager: Arc<Manager>,
+    /// PID 1: Shutdown powers the VM off; test mode: it exits the process.
+    pub pid1: bool,
+}
+
+fn status(e: Error) -> ttrpc::Error {
+    let code = match &e {
+        Error::NotFound(_) | Error::ExecNotFound(..) => Code::NOT_FOUND,
+        Error::Exists(_) => Code::ALREADY_EXISTS,
+        Error::InvalidSpec(_) => Code::INVALID_ARGUMENT,
+        Error::State(_) => Code::FAILED_PRECONDITION,
+        _ => Code::INTERNAL,
+    };
+    let msg = e.to_string().replace('\n', " ");
+    log::warn!("request failed: {msg}");
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
+}
+
+type R<T> = ttrpc::Result<T>;
+
+impl Agent for Service {
+    fn create_container(&self, _: &TtrpcContext, r: CreateContainerRequest) -> R<Empty> {
+        self.manager
+            .create(
+                &r.container_id,
+                &r.oci_spec_json,
+                &r.share_tag,
+                &r.rootfs_subpath,
+            )
+            .map_err(status)?;
+        Ok(Empty::new())
+    }
+    fn start_container(&self, _: &TtrpcContext, r: ContainerRequest) -> R<Empty> {
+        self.manager.start(&r.container_id).map_err(status)?;
+        Ok(Empty::new())
+    }
+    fn exec_process(&self, _: &TtrpcContext, r: ExecProcessRequest) -> R<Empty> {
+        self.manager
+            .exec(&r.container_id, &r.exec_id, &r.process_json)
+            .map_err(status)?;
+        Ok(Empty::new())
+    }
+    fn wait_process(&self, _: &TtrpcContext, r: ProcessRequest) -> R<WaitProcessResponse> {
+        let s = self
+            .manager
+            .wait(&r.container_id, &r.exec_id)
+            .map_err(status)?;
+        Ok(WaitProcessResponse {
+            status: s,
+            ..Default::default()
+        })
+    }
+    fn signal_process(&self, _: &TtrpcContext, r: SignalProcessRequest) -> R<Empty> {
+        self.manager
+            .signal(&r.container_id, &r.exec_id, r.signal, r.all)
+            .map_err(status)?;
+        Ok(Empty::new())
+    }
+    fn write_stdin(&self, _: &TtrpcContext, r: WriteStdinRequest) -> R<WriteStdinResponse> {
+        let n = self
+            .manager
+            .write_stdin(&r.container_id, &r.exec_id, &r.data)
+            .map_err(status)?;
+        Ok(WriteStdinResponse {
+            len: n as u32,
+            ..Default::default()
+        })
+    }
+    fn close_stdin(&self, _: &TtrpcContext, r: ProcessRequest) -> R<Empty> {
+        self.manager
+            .close_stdin(&r.container_id, &r.exec_id)
+            .map_err(status)?;
+        Ok(Empty::new())
+    }
+    fn read_stdout(&self, _: &TtrpcContext, r: ReadStreamRequest) -> R<ReadStreamResponse> {
+        let data = self
+            .manager
+            .read(&r.container_id, &r.exec_id, Stream::Stdout, r.len)
+            .map_err(status)?;
+        Ok(ReadStreamResponse {
+            data,
+            ..Default::default()
+        })
+    }
+    fn read_stderr(&self, _: &TtrpcContext, r: ReadStreamRequest) -> R<ReadStreamResponse> {
+        let data = self
+            .manager
+            .read(&r.container_id, &r.exec_id, Stream::Stderr, r.len)
+            .map_err(status)?;
+        Ok(ReadStreamResponse {
+            data,
+            ..Default::default()
+        })
+    }
+    fn tty_win_resize(&self, _: &TtrpcContext, r: TtyWinResizeRequest) -> R<Empty> {
+        self.manager
+            .resize(&r.container_id, &r.exec_id, r.rows, r.cols)
+            .map_err(status)?;
+        Ok(Empty::new())
+    }
+    fn state_container(&self, _: &TtrpcContext, r: ContainerRequest) -> R<StateContainerResponse> {
+        let (s, pid, exit) = self.manager.state(&r.container_id).map_err(status)?;
+        Ok(StateContainerResponse {
+            status: s.to_string(),
+            pid,
+            exit_status: exit,
+            ..Default::default()
+        })
+    }
+    fn remove_container(&self, _: &TtrpcContext, r: ContainerRequest) -> R<Empty> {
+        self.manager.remove(&r.container_id).map_err(status)?;
+        Ok(Empty::new())
+    }
+    fn stats_container(&self, _: &TtrpcContext, r: ContainerRequest) -> R<StatsContainerResponse> {
+        let (cpu, mem, pids) = self.manager.stats(&r.container_id).map_err(status)?;
+        Ok(StatsContainerResponse {
+            cpu_usage_usec: cpu,
+            memory_usage_bytes: mem,
+            pids,
+            ..Default::default()
+        })
+    }
+    fn guest_details(&self, _: &TtrpcContext, _: Empty) -> R<GuestDetailsResponse> {
+        // SAFETY: utsname is plain old data, filled in by uname(2).
+        let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+        // SAFETY: `u` is a valid, writable utsname.
+        let release = if unsafe { libc::uname(&mut u) } == 0 {
+            // SAFETY: the kernel NUL-terminates the release field.
+            unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }
+                .to_string_lossy()
+                .into_owned()
+        } else {
+            String::new()
+        };
+        Ok(GuestDetailsResponse {
+            kernel_release: release,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        })
+    }
+    fn shutdown(&self, _: &TtrpcContext, _: Empty) -> R<Empty> {
+        let manager = self.manager.clone();
+        let pid1 = self.pid1;
+        // Answer first, then go down.
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            for id in manager.ids() {
+                let _ = manager.remove(&id);
+            }
+            if pid1 {
+                crate::init::power_off("shutdown requested");
+            } else {
+                log::info!("shutdown requested: exiting");
+                std::process::exit(0);
+            }
+        });
+        Ok(Empty::new())
+    }
+}
+
+/// Binds `addr` (`vsock://-1:1024`, `unix:///path`) and starts serving.
+pub fn serve(addr: &str, service: Service) -> ttrpc::Result<ttrpc::Server> {
+    let methods = create_agent(Arc::new(service));
+    let mut server = ttrpc::Server::new().bind(addr)?.register_service(methods);
+    server.start()?;
+    Ok(server)
+}
