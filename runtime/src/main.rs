@@ -3,14 +3,20 @@
 //! The CLI only parses arguments and builds configurations; the work is done
 //! by the library crates. Errors are printed once, as one line, here.
 
+mod agent;
+mod artefacts;
+mod bundle;
 mod cli;
+mod sandbox;
+mod signals;
+mod tty;
 
 use clap::Parser;
 
 fn main() {
     let cli = cli::Cli::parse();
     init_logging(cli.verbose);
-    match cli.command.run() {
+    match cli.command.run(cli.verbose) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use vmm::{Console, GuestExit, Vmm, VmmConfig};
+use vmm::{Console, FsConfig, GuestExit, Vmm, VmmConfig, VsockConfig};
 
 /// Boots KERNEL with an optional initramfs. The VM ends when the guest
 /// reboots or powers off (exit 0); a kernel panic, triple fault or KVM error
@@ -33,6 +33,26 @@ pub struct Boot {
     /// The kernel is PVM-enabled: boot it even on a PVM host.
     #[arg(long)]
     pub pvm_guest: bool,
+    /// Add a virtio-vsock device (guest CID 3) whose host side is this Unix
+    /// socket: connect and write `CONNECT <port>\n` to reach a guest port;
+    /// guest connections to host port P go to `<socket>_P`.
+    #[arg(long, value_name = "SOCKET")]
+    pub vsock: Option<PathBuf>,
+    /// Add a virtio-fs device served by a running virtiofsd at SOCKET, mounted
+    /// in the guest by TAG. Repeatable.
+    #[arg(long, value_name = "SOCKET:TAG", value_parser = parse_fs)]
+    pub fs: Vec<FsConfig>,
+}
+
+fn parse_fs(s: &str) -> Result<FsConfig, String> {
+    let (socket, tag) = s
+        .rsplit_once(':')
+        .filter(|(p, t)| !p.is_empty() && !t.is_empty())
+        .ok_or_else(|| format!("expected SOCKET:TAG, got {s:?}"))?;
+    Ok(FsConfig {
+        socket: socket.into(),
+        tag: tag.to_string(),
+    })
 }
 
 impl Boot {
@@ -43,6 +63,8 @@ impl Boot {
         config.vcpus = self.cpus;
         config.memory_mib = self.memory;
         config.pvm_guest = self.pvm_guest;
+        config.vsock = self.vsock.map(|uds| VsockConfig { uds });
+        config.fs = self.fs;
         config.console = match self.console_log {
             Some(path) => Console::File(path),
             None => Console::Stdout,

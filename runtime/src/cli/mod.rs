@@ -2,6 +2,8 @@
 
 mod boot;
 mod check;
+mod run;
+mod spec;
 
 use clap::{Parser, Subcommand};
 
@@ -23,12 +25,18 @@ pub enum Command {
     Boot(boot::Boot),
     /// Tell whether this host can boot sandboxvm guests.
     Check(check::Check),
+    /// Run a container from an OCI bundle in its own micro-VM.
+    Run(run::Run),
+    /// Write a default config.json (like runc spec).
+    Spec(spec::SpecCmd),
 }
 
 impl Command {
     /// Runs the subcommand; returns the process exit code.
-    pub fn run(self) -> anyhow::Result<i32> {
+    pub fn run(self, verbose: u8) -> anyhow::Result<i32> {
         match self {
+            Command::Run(c) => c.run(verbose),
+            Command::Spec(c) => c.run(),
             Command::Boot(c) => c.run(),
             Command::Check(c) => c.run(),
         }

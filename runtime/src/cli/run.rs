@@ -1,0 +1,267 @@
+//! `sandboxvm run`: runs an OCI bundle's process in a fresh micro-VM, like
+//! `runc run`, and exits with its status.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::agent::Agent;
+use crate::bundle::Bundle;
+use crate::sandbox::{Options, Sandbox, ROOTFS_TAG};
+use crate::{artefacts, tty};
+
+/// Runs the container in BUNDLE (config.json + rootfs) inside its own VM,
+/// forwarding stdio (or a terminal) and signals, and exits with the
+/// container's status (128+N if a signal ended it).
+#[derive(Debug, Args)]
+pub struct Run {
+    /// The bundle directory (default: the current directory).
+    #[arg(long, short)]
+    pub bundle: Option<PathBuf>,
+    /// The bundle directory, as a positional argument.
+    #[arg(value_name = "DIR", conflicts_with = "bundle")]
+    pub dir: Option<PathBuf>,
+    /// The container id (default: generated).
+    #[arg(value_name = "ID")]
+    pub id: Option<String>,
+    /// Guest kernel (default: $SANDBOXVM_KERNEL, the build cache, /usr/share/sandboxvm).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Guest initramfs with the agent (default: $SANDBOXVM_INITRD, the build cache, /usr/share/sandboxvm).
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// vCPUs (default: from linux.resources.cpu, else 1).
+    #[arg(long)]
+    pub cpus: Option<u8>,
+    /// Guest memory in MiB (default: linux.resources.memory.limit + 64, at least 256).
+    #[arg(long)]
+    pub memory: Option<u64>,
+    /// Seconds to wait for the guest agent.
+    #[arg(long, default_value_t = 30)]
+    pub boot_timeout: u64,
+    /// State directory root.
+    #[arg(long, default_value = "/run/sandboxvm")]
+    pub root: PathBuf,
+}
+
+impl Run {
+    pub fn run(self, verbose: u8) -> anyhow::Result<i32> {
+        let dir = self
+            .bundle
+            .or(self.dir)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let bundle = Bundle::load(&dir)?;
+        log::debug!(
+            "bundle {}, rootfs {}",
+            bundle.dir.display(),
+            bundle.rootfs.display()
+        );
+        let id = self
+            .id
+            .unwrap_or_else(|| format!("sbx-{}-{}", std::process::id(), now_ms() % 100_000));
+        check_id(&id)?;
+        let kernel = artefacts::kernel(self.kernel.as_deref())?;
+        let initrd = artefacts::initrd(self.initrd.as_deref())?;
+        let virtiofsd = artefacts::virtiofsd()?;
+        std::fs::create_dir_all(&self.root)
+            .with_context(|| format!("cannot create {}", self.root.display()))?;
+
+        // Signals are collected from here on, so that Ctrl-C during boot
+        // still tears everything down.
+        let signals = crate::signals::Forwarder::install()?;
+        let opts = Options {
+            dir: self.root.join(&id),
+            id: id.clone(),
+            kernel,
+            initrd,
+            vcpus: self.cpus.unwrap_or_else(|| bundle.vcpus()),
+            memory_mib: self.memory.unwrap_or_else(|| bundle.memory_mib()),
+            shared_dir: bundle.rootfs.clone(),
+            virtiofsd,
+            cmdline: String::new(),
+            verbose,
+        };
+        let mut sandbox = Sandbox::start(&opts)?;
+        let result = run_in(&mut sandbox, &bundle, &id, &signals, self.boot_timeout);
+        if result.is_err() && verbose > 0 {
+            for line in sandbox.console_tail(20) {
+                log::info!("guest console: {line}");
+            }
+        }
+        drop(sandbox);
+        result
+    }
+}
+
+fn run_in(
+    sandbox: &mut Sandbox,
+    bundle: &Bundle,
+    id: &str,
+    signals: &crate::signals::Forwarder,
+    boot_timeout: u64,
+) -> anyhow::Result<i32> {
+    let stream = wait_for_agent(sandbox, signals, Duration::from_secs(boot_timeout))?;
+    let agent = Agent::new(stream)?;
+    log::info!("agent up: guest kernel {}", agent.kernel_release()?);
+    agent.create(id, &bundle.config_json, ROOTFS_TAG)?;
+    let terminal = bundle.terminal();
+    let _raw = if terminal {
+        let raw = tty::RawMode::enter_stdin();
+        if let Some((rows, cols)) = tty::stdin_size() {
+            agent.resize(id, "", rows, cols)?;
+        }
+        raw
+    } else {
+        None
+    };
+    agent.start(id)?;
+    log::info!("container {id} started");
+
+    // stdout/stderr until EOF; stdin until EOF.
+    let mut pumps = vec![pump_out(agent.clone(), id, false)];
+    if !terminal {
+        pumps.push(pump_out(agent.clone(), id, true));
+    }
+    pump_in(agent.clone(), id);
+
+    let (done_tx, done_rx) = mpsc::channel();
+    {
+        let agent = agent.clone();
+        let id = id.to_string();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(agent.wait(&id, ""));
+        });
+    }
+    let status = loop {
+        match done_rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(r) => break r?,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => anyhow::bail!("lost the guest agent"),
+        }
+        for sig in signals.pending() {
+            if sig == libc::SIGWINCH {
+                if let Some((rows, cols)) = tty::stdin_size() {
+                    let _ = agent.resize(id, "", rows, cols);
+                }
+            } else {
+                log::info!("forwarding signal {sig} to the container");
+                agent.signal(id, "", sig)?;
+            }
+        }
+        if let Err(e) = sandbox.check_alive() {
+            return Err(e.into());
+        }
+    };
+    for p in pumps {
+        let _ = p.join();
+    }
+    let _ = std::io::stdout().flush();
+    log::info!("container {id} exited with status {status}");
+    if let Err(e) = agent.shutdown() {
+        log::debug!("shutdown: {e}");
+    }
+    sandbox.wait_vmm(Duration::from_secs(5));
+    Ok(status)
+}
+
+fn wait_for_agent(
+    sandbox: &mut Sandbox,
+    signals: &crate::signals::Forwarder,
+    timeout: Duration,
+) -> anyhow::Result<std::os::unix::net::UnixStream> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(sig) = signals.pending().into_iter().find(|&s| s != libc::SIGWINCH) {
+            anyhow::bail!("interrupted by signal {sig} while the VM was booting");
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match sandbox.connect_agent(protocol::AGENT_PORT, left.min(Duration::from_millis(200))) {
+            Ok(s) => return Ok(s),
+            Err(crate::sandbox::Error::Timeout(_)) if !left.is_zero() => continue,
+            Err(crate::sandbox::Error::Timeout(_)) => {
+                return Err(crate::sandbox::Error::Timeout(timeout.as_secs()).into())
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Copies the container's stdout (or stderr) to ours until EOF.
+fn pump_out(agent: Agent, id: &str, stderr: bool) -> std::thread::JoinHandle<()> {
+    let id = id.to_string();
+    std::thread::spawn(move || loop {
+        let data = match agent.read_output(&id, "", stderr) {
+            Ok(d) if !d.is_empty() => d,
+            _ => return,
+        };
+        let ok = if stderr {
+            let mut e = std::io::stderr().lock();
+            e.write_all(&data).and_then(|_| e.flush())
+        } else {
+            let mut o = std::io::stdout().lock();
+            o.write_all(&data).and_then(|_| o.flush())
+        };
+        if ok.is_err() {
+            return;
+        }
+    })
+}
+
+/// Copies our stdin to the container until EOF, then closes its stdin.
+fn pump_in(agent: Agent, id: &str) {
+    let id = id.to_string();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 32 * 1024];
+        let mut stdin = std::io::stdin().lock();
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if agent.write_stdin(&id, "", &buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = agent.close_stdin(&id, "");
+    });
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+/// Container ids as runc accepts them.
+fn check_id(id: &str) -> anyhow::Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 1024
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_+-.".contains(c))
+        && !id.starts_with('.');
+    anyhow::ensure!(
+        ok,
+        "invalid container id {id:?} (letters, digits, _+-. only)"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_checked_like_runc() {
+        assert!(check_id("abc-1.2_x").is_ok());
+        for bad in ["", "a/b", "..", ".x", "a b"] {
+            assert!(check_id(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! One sandbox: a state directory, a virtiofsd serving the container's
+//! root filesystem and a VMM process booting the guest, until dropped.
+//!
+//! The VMM runs as a child process (`sandboxvm boot ...`) so that a crash
+//! of either side cannot take the other down silently. Both children get
+//! SIGKILL if the runtime dies (PR_SET_PDEATHSIG); dropping the sandbox
+//! kills and reaps them and removes the state directory.
+
+use std::fs::File;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Errors starting or running a sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The state directory.
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A sandbox with this id exists.
+    #[error("a sandbox with id {0:?} already exists")]
+    Exists(String),
+    /// A child process did not start.
+    #[error("cannot start {what}: {source}")]
+    Spawn {
+        /// Which program.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A child process ended too early.
+    #[error("{what} exited unexpectedly ({status}){detail}")]
+    Died {
+        /// Which one.
+        what: &'static str,
+        /// How it ended.
+        status: String,
+        /// Its last words, as ": ..." or empty.
+        detail: String,
+    },
+    /// The agent did not answer in time.
+    #[error("the guest agent did not come up within {0} s")]
+    Timeout(u64),
+}
+
+/// How to start a sandbox.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// State directory of this sandbox (created; must not exist).
+    pub dir: PathBuf,
+    /// The id (for messages).
+    pub id: String,
+    /// Guest kernel.
+    pub kernel: PathBuf,
+    /// Agent initramfs.
+    pub initrd: PathBuf,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// The directory virtiofsd shares.
+    pub shared_dir: PathBuf,
+    /// virtiofsd binary.
+    pub virtiofsd: PathBuf,
+    /// Extra kernel command line.
+    pub cmdline: String,
+    /// Log level passed to the VMM (`-v` count).
+    pub verbose: u8,
+}
+
+/// The virtio-fs tag of the container's root filesystem.
+pub const ROOTFS_TAG: &str = "sbx-rootfs";
+
+/// A running sandbox.
+pub struct Sandbox {
+    dir: PathBuf,
+    vmm: Option<Child>,
+    virtiofsd: Option<Child>,
+}
+
+fn pdeathsig(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours; it
+    // only sets the child's parent-death signal between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+impl Sandbox {
+    /// Creates the state directory and starts virtiofsd and the VMM.
+    pub fn start(opts: &Options) -> Result<Sandbox, Error> {
+        match std::fs::create_dir(&opts.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(Error::Exists(opts.id.clone()))
+            }
+            Err(source) => {
+                return Err(Error::StateDir {
+                    path: opts.dir.clone(),
+                    source,
+                })
+            }
+        }
+        let mut sandbox = Sandbox {
+            dir: opts.dir.clone(),
+            vmm: None,
+            virtiofsd: None,
+        };
+        let log = |name: &str| -> Result<File, Error> {
+            let path = opts.dir.join(name);
+            File::create(&path).map_err(|source| Error::StateDir { path, source })
+        };
+
+        let fs_sock = opts.dir.join("virtiofsd.sock");
+        let mut cmd = Command::new(&opts.virtiofsd);
+        cmd.arg(format!("--socket-path={}", fs_sock.display()))
+            .arg(format!("--shared-dir={}", opts.shared_dir.display()))
+            .args([
+                "--cache=auto",
+                "--thread-pool-size=1",
+                "--announce-submounts",
+            ])
+            .args(["--log-level=error"])
+            .stdin(Stdio::null())
+            .stdout(log("virtiofsd.log")?)
+            .stderr(
+                log("virtiofsd.log")?
+                    .try_clone()
+                    .map_err(|source| Error::StateDir {
+                        path: opts.dir.join("virtiofsd.log"),
+                        source,
+                    })?,
+            );
+        pdeathsig(&mut cmd);
+        sandbox.virtiofsd = Some(cmd.spawn().map_err(|source| Error::Spawn {
+            what: "virtiofsd",
+            source,
+        })?);
+        log::info!("virtiofsd started on {}", opts.shared_dir.display());
+
+        let exe = std::env::current_exe().map_err(|source| Error::Spawn {
+            what: "the VMM",
+            source,
+        })?;
+        let mut cmd = Command::new(exe);
+        if opts.verbose > 0 {
+            cmd.arg(format!("-{}", "v".repeat(opts.verbose.into())));
+        }
+        cmd.arg("boot")
+            .arg("--kernel")
+            .arg(&opts.kernel)
+            .arg("--initrd")
+            .arg(&opts.initrd)
+            .arg("--cpus")
+            .arg(opts.vcpus.to_string())
+            .arg("--memory")
+            .arg(opts.memory_mib.to_string())
+            .arg("--console-log")
+            .arg(opts.dir.join("console.log"))
+            .arg("--vsock")
+            .arg(opts.dir.join("vsock.sock"))
+            .arg("--fs")
+            .arg(format!("{}:{ROOTFS_TAG}", fs_sock.display()))
+            .arg("--cmdline")
+            .arg(format!("quiet {}", opts.cmdline))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log("vmm.log")?);
+        pdeathsig(&mut cmd);
+        sandbox.vmm = Some(cmd.spawn().map_err(|source| Error::Spawn {
+            what: "the VMM",
+            source,
+        })?);
+        log::info!("VMM started ({} vCPU, {} MiB)", opts.vcpus, opts.memory_mib);
+        Ok(sandbox)
+    }
+
+    /// The host side of the guest's vsock.
+    pub fn vsock_path(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+
+    /// The guest's console log.
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+
+    /// Connects to the agent's vsock port, retrying until `timeout` while
+    /// the VM boots; fails at once if the VMM or virtiofsd dies.
+    pub fn connect_agent(&mut self, port: u32, timeout: Duration) -> Result<UnixStream, Error> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_alive()?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(Error::Timeout(timeout.as_secs()));
+            }
+            match protocol::connect_vsock_bridge(
+                &self.vsock_path(),
+                port,
+                remaining.min(Duration::from_secs(1)),
+            ) {
+                Ok(s) => return Ok(s),
+                Err(e) => log::trace!("agent not there yet: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// An error if the VMM or virtiofsd has exited.
+    pub fn check_alive(&mut self) -> Result<(), Error> {
+        for (what, child, log) in [
+            ("the VMM", &mut self.vmm, "vmm.log"),
+            ("virtiofsd", &mut self.virtiofsd, "virtiofsd.log"),
+        ] {
+            if let Some(c) = child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    *child = None;
+                    return Err(Error::Died {
+                        what,
+                        status: describe(status),
+                        detail: last_words(&self.dir.join(log)),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the VMM to end by itself (after the agent
+    /// shut the guest down); kills it otherwise. Returns its status.
+    pub fn wait_vmm(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut child = self.vmm.take()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(s)) => return Some(s),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                _ => {
+                    log::warn!("the VM did not stop by itself; killing it");
+                    let _ = child.kill();
+                    return child.wait().ok();
+                }
+            }
+        }
+    }
+
+    /// The tail of the guest console (for diagnostics).
+    pub fn console_tail(&self, lines: usize) -> Vec<String> {
+        let text = std::fs::read_to_string(self.console_log()).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        for child in [self.vmm.take(), self.virtiofsd.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            log::warn!("cannot remove {}: {e}", self.dir.display());
+        }
+    }
+}
+
+fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("status {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => status.to_string(),
+    }
+}
+
+/// The last non-empty line of a log, as ": line", or "".
+fn last_words(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(str::to_string)
+        })
+        .map(|l| format!(": {}", l.trim_start_matches("sandboxvm: ")))
+        .unwrap_or_default()
+}

@@ -1,0 +1,338 @@
+//! End to end: `sandboxvm run` of a busybox bundle, with the real guest
+//! kernel, agent initramfs, virtiofsd and KVM (this host if it has hardware
+//! virtualization, else the nested CI host).
+//!
+//! Each test runs a small shell script on the KVM host that runs sandboxvm
+//! with its stdout, stderr and status going to files, then records what is
+//! left behind (state directories, virtiofsd or VMM processes, mounts).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use e2e::{guest_kernel, on_kvm_host, repo_root, sandboxvm_bin};
+use serde_json::{json, Value};
+
+struct Artefacts {
+    kernel: PathBuf,
+    initrd: PathBuf,
+    /// A bundle made by resources/make-busybox-bundle (its rootfs is copied
+    /// per test).
+    template: PathBuf,
+}
+
+fn work_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sandboxvm-e2e-run-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn artefacts() -> &'static Artefacts {
+    static A: OnceLock<Artefacts> = OnceLock::new();
+    A.get_or_init(|| {
+        let kernel = guest_kernel().expect("guest kernel");
+        let out = Command::new(repo_root().join("guest-agent/build-initramfs"))
+            .output()
+            .expect("run guest-agent/build-initramfs");
+        assert!(
+            out.status.success(),
+            "guest-agent/build-initramfs failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let initrd = PathBuf::from(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .last()
+                .unwrap()
+                .trim(),
+        );
+        let template = work_dir().join("template");
+        let out = Command::new(repo_root().join("resources/make-busybox-bundle"))
+            .arg(&template)
+            .env("SANDBOXVM", sandboxvm_bin())
+            .output()
+            .expect("run make-busybox-bundle");
+        assert!(
+            out.status.success(),
+            "make-busybox-bundle failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Artefacts {
+            kernel,
+            initrd,
+            template,
+        }
+    })
+}
+
+/// A fresh bundle named `name` with process.args `args`, the spec tweaked by
+/// `tweak`.
+fn bundle(name: &str, args: &[&str], tweak: impl FnOnce(&mut Value)) -> PathBuf {
+    let a = artefacts();
+    let dir = work_dir().join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(a.template.join("rootfs"))
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut spec: Value =
+        serde_json::from_str(&std::fs::read_to_string(a.template.join("config.json")).unwrap())
+            .unwrap();
+    spec["process"]["args"] = json!(args);
+    tweak(&mut spec);
+    std::fs::write(dir.join("config.json"), spec.to_string()).unwrap();
+    dir
+}
+
+/// What a run left: the command's output and status, and the leftovers.
+#[derive(Debug)]
+struct Ran {
+    stdout: String,
+    stderr: String,
+    code: i32,
+    /// Entries left in the state root, virtiofsd/VMM processes still alive,
+    /// virtiofs/fuse mounts: all must be empty.
+    leftovers: String,
+}
+
+/// Runs `sandboxvm run <extra> <bundle>` on a KVM host with `stdin` on its
+/// standard input (`wrap` may wrap the command, e.g. in `script`).
+fn run_with(bundle: &Path, extra: &str, stdin: &str, wrap: Option<&str>) -> Ran {
+    let a = artefacts();
+    let dir = bundle.with_extension("out");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("stdin"), stdin).unwrap();
+    let root = dir.join("state");
+    let initrd = if extra.contains("--initrd") {
+        String::new()
+    } else {
+        format!("--initrd {}", a.initrd.display())
+    };
+    let cmd = format!(
+        "{} run --root {} --kernel {} {initrd} {extra} {}",
+        sandboxvm_bin().display(),
+        root.display(),
+        a.kernel.display(),
+        bundle.display()
+    );
+    let cmd = match wrap {
+        Some(w) => w.replace("{}", &cmd),
+        None => cmd,
+    };
+    let script = format!(
+        r#"cd {dir}
+{cmd} <stdin >stdout 2>stderr
+echo $? >code
+sleep 0.2
+{{
+  ls -A state 2>/dev/null
+  pgrep -a virtiofsd
+  pgrep -af 'sandboxvm.* boot '
+  grep -E 'virtiofs|fuse' /proc/self/mountinfo
+}} >leftovers 2>&1
+true
+"#,
+        dir = dir.display()
+    );
+    let script_path = dir.join("script.sh");
+    std::fs::write(&script_path, script).unwrap();
+    let out = on_kvm_host(&["bash", script_path.to_str().unwrap()])
+        .output()
+        .expect("run the test script");
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    let code = read("code").trim().parse().unwrap_or_else(|_| {
+        panic!(
+            "the script did not finish: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    Ran {
+        stdout: read("stdout"),
+        stderr: read("stderr"),
+        code,
+        leftovers: read("leftovers"),
+    }
+}
+
+fn run(bundle: &Path) -> Ran {
+    run_with(bundle, "", "", None)
+}
+
+fn assert_clean(r: &Ran) {
+    assert_eq!(r.leftovers, "", "sandboxvm left things behind: {r:?}");
+}
+
+#[test]
+fn echo_output_arrives_and_the_status_is_0() {
+    let r = run(&bundle("echo", &["echo", "hello from the sandbox"], |_| {}));
+    assert_eq!(r.stdout, "hello from the sandbox\n", "{r:?}");
+    assert_eq!(r.stderr, "");
+    assert_eq!(r.code, 0);
+    assert_clean(&r);
+}
+
+#[test]
+fn the_exit_status_is_the_workloads() {
+    let r = run(&bundle(
+        "exit7",
+        &["sh", "-c", "echo to-stderr >&2; exit 7"],
+        |_| {},
+    ));
+    assert_eq!(r.code, 7, "{r:?}");
+    assert_eq!(r.stderr, "to-stderr\n");
+    assert_clean(&r);
+}
+
+#[test]
+fn hostname_and_user_come_from_the_spec() {
+    let r = run(&bundle(
+        "ids",
+        &["sh", "-c", "hostname; cat /etc/hostname; id"],
+        |s| {
+            s["hostname"] = json!("spec-host");
+            s["process"]["user"] = json!({"uid": 1000, "gid": 1000, "additionalGids": [65534]});
+        },
+    ));
+    assert_eq!(r.code, 0, "{r:?}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines[0], "spec-host", "{r:?}");
+    assert_eq!(lines[1], "spec-host", "/etc/hostname: {r:?}");
+    assert!(
+        lines[2].starts_with("uid=1000(user) gid=1000(user) groups="),
+        "{r:?}"
+    );
+    assert!(lines[2].contains("65534(nogroup)"), "{r:?}");
+    assert_clean(&r);
+}
+
+#[test]
+fn stdin_arrives() {
+    let b = bundle("stdin", &["sh", "-c", "tr a-z A-Z; echo done"], |_| {});
+    let r = run_with(&b, "", "piped in\nsecond line\n", None);
+    assert_eq!(r.stdout, "PIPED IN\nSECOND LINE\ndone\n", "{r:?}");
+    assert_eq!(r.code, 0);
+    assert_clean(&r);
+}
+
+#[test]
+fn a_terminal_run_works_under_script() {
+    let b = bundle(
+        "tty",
+        &["sh", "-c", "tty; test -t 0 && echo is-a-tty; stty size"],
+        |s| {
+            s["process"]["terminal"] = json!(true);
+        },
+    );
+    // script gives sandboxvm a terminal of 30x100; its typescript is stdout.
+    let r = run_with(
+        &b,
+        "",
+        "",
+        Some("script -qfec 'stty rows 30 cols 100; {}' /dev/null"),
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("/dev/pts/"), "{r:?}");
+    assert!(r.stdout.contains("is-a-tty"), "{r:?}");
+    assert!(r.stdout.contains("30 100"), "{r:?}");
+    assert_clean(&r);
+}
+
+#[test]
+fn the_guest_kernel_is_not_the_hosts() {
+    let r = run(&bundle(
+        "kernel",
+        &["sh", "-c", "uname -r; dmesg | head -n 3"],
+        |_| {},
+    ));
+    assert_eq!(r.code, 0, "{r:?}");
+    let release =
+        std::fs::read_to_string(artefacts().kernel.with_file_name("release")).unwrap_or_default();
+    let first = r.stdout.lines().next().unwrap_or_default();
+    assert_eq!(first, release.trim(), "{r:?}");
+    let host = String::from_utf8(Command::new("uname").arg("-r").output().unwrap().stdout).unwrap();
+    assert_ne!(first, host.trim());
+    assert!(
+        r.stdout.contains("Linux version"),
+        "dmesg shows the guest's boot log: {r:?}"
+    );
+    assert_clean(&r);
+}
+
+#[test]
+fn files_written_in_the_container_appear_in_the_bundle_rootfs() {
+    let b = bundle(
+        "write",
+        &["sh", "-c", "echo written-inside >/tmp/from-guest"],
+        |_| {},
+    );
+    let r = run(&b);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        std::fs::read_to_string(b.join("rootfs/tmp/from-guest")).unwrap(),
+        "written-inside\n"
+    );
+    assert_clean(&r);
+}
+
+/// Runs a bad bundle (on this host: these fail before any VM is booted, or
+/// in the nested host when they need one) and checks the one-line error.
+fn assert_fails(r: &Ran, expect: &str) {
+    assert_ne!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout, "", "{r:?}");
+    assert_eq!(r.stderr.lines().count(), 1, "one line expected: {r:?}");
+    assert!(r.stderr.starts_with("sandboxvm: "), "{r:?}");
+    assert!(r.stderr.contains(expect), "expected {expect:?} in {r:?}");
+    assert_clean(r);
+}
+
+#[test]
+fn bad_bundles_are_one_line_errors_and_leave_nothing() {
+    let b = bundle("noconfig", &["true"], |_| {});
+    std::fs::remove_file(b.join("config.json")).unwrap();
+    assert_fails(&run(&b), "config.json: no such file");
+
+    let b = bundle("malformed", &["true"], |_| {});
+    std::fs::write(b.join("config.json"), "{\"ociVersion\": ").unwrap();
+    assert_fails(&run(&b), "malformed config");
+
+    let b = bundle("version", &["true"], |s| s["ociVersion"] = json!("9.9.9"));
+    assert_fails(&run(&b), "unsupported ociVersion \"9.9.9\"");
+
+    let b = bundle("noargs", &[], |_| {});
+    assert_fails(&run(&b), "process.args must not be empty");
+
+    let b = bundle("norootfs", &["true"], |_| {});
+    std::fs::remove_dir_all(b.join("rootfs")).unwrap();
+    assert_fails(&run(&b), "rootfs: no such directory");
+}
+
+#[test]
+fn a_missing_binary_is_a_one_line_error() {
+    let r = run(&bundle("nobinary", &["no-such-program"], |_| {}));
+    assert_fails(&r, "no-such-program");
+}
+
+#[test]
+fn a_guest_that_never_comes_up_times_out_cleanly() {
+    // An initramfs without the agent: the kernel boots, nobody listens.
+    let b = bundle("noagent", &["true"], |_| {});
+    let empty = work_dir().join("empty.cpio");
+    std::fs::write(&empty, initramfs::Writer::new(Vec::new()).finish().unwrap()).unwrap();
+    let r = run_with(
+        &b,
+        &format!("--boot-timeout 5 --initrd {}", empty.display()),
+        "",
+        None,
+    );
+    assert_fails(&r, "");
+    assert!(
+        r.stderr.contains("did not come up within 5 s") || r.stderr.contains("exited unexpectedly"),
+        "{r:?}"
+    );
+}
