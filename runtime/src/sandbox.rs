@@ -131,6 +131,10 @@ impl Sandbox {
                 "--cache=auto",
                 "--thread-pool-size=1",
                 "--announce-submounts",
+                // File handles make creating files in sticky directories
+                // fail with ESTALE when the shared directory is itself on
+                // virtiofs (seen in the nested CI host); O_PATH fds work.
+                "--inode-file-handles=never",
             ])
             .args(["--log-level=error"])
             .stdin(Stdio::null())

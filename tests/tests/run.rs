@@ -133,7 +133,7 @@ sleep 0.2
   ls -A state 2>/dev/null
   pgrep -a virtiofsd
   pgrep -af 'sandboxvm.* boot '
-  grep -E 'virtiofs|fuse' /proc/self/mountinfo
+  grep -F -e {dir} -e /run/sandboxvm /proc/self/mountinfo
 }} >leftovers 2>&1
 true
 "#,
@@ -251,8 +251,8 @@ fn the_guest_kernel_is_not_the_hosts() {
         |_| {},
     ));
     assert_eq!(r.code, 0, "{r:?}");
-    let release =
-        std::fs::read_to_string(artefacts().kernel.with_file_name("release")).unwrap_or_default();
+    let kernel = std::fs::canonicalize(&artefacts().kernel).unwrap();
+    let release = std::fs::read_to_string(kernel.with_file_name("release")).unwrap_or_default();
     let first = r.stdout.lines().next().unwrap_or_default();
     assert_eq!(first, release.trim(), "{r:?}");
     let host = String::from_utf8(Command::new("uname").arg("-r").output().unwrap().stdout).unwrap();

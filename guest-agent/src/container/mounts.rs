@@ -214,6 +214,20 @@ pub fn setup_rootfs(cfg: &ContainerConfig) -> Result<()> {
             Some("newinstance,ptmxmode=0666,mode=0620"),
         )?;
     }
+    if cfg.process.terminal {
+        // The terminal was opened in the agent's devpts; show that instance
+        // in the container so `tty`/ttyname() find /dev/pts/N there.
+        mnt(
+            Some(Path::new("/dev/pts")),
+            &rootfs.join("dev/pts"),
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )?;
+    }
+    if let Some(h) = &cfg.hostname {
+        hostname_file(rootfs, h)?;
+    }
     setup_dev(rootfs)?;
     enter_root(rootfs)?;
     for p in &cfg.masked_paths {
@@ -232,6 +246,25 @@ pub fn setup_rootfs(cfg: &ContainerConfig) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Shows the spec's hostname in the container's /etc/hostname (when the
+/// rootfs has one), as Docker and Kubernetes do, without touching the
+/// shared rootfs: a file in the agent's /run bind-mounted over it.
+fn hostname_file(rootfs: &Path, hostname: &str) -> Result<()> {
+    let target = rootfs.join("etc/hostname");
+    if !std::fs::symlink_metadata(&target).is_ok_and(|m| m.is_file()) {
+        return Ok(());
+    }
+    let dir = Path::new("/run/sandboxvm");
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let source = dir.join(format!("hostname-{}", std::process::id()));
+    std::fs::write(&source, format!("{hostname}\n"))
+        .map_err(|e| format!("{}: {e}", source.display()))?;
+    let r = mnt(Some(&source), &target, None, MsFlags::MS_BIND, None);
+    // The mount keeps the file; the name is not needed any more.
+    let _ = std::fs::remove_file(&source);
+    r
 }
 
 fn enter_root(rootfs: &Path) -> Result<()> {
