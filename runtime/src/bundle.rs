@@ -201,7 +201,7 @@ mod tests {
         }
     }
 
-    const GOOD: &str = r#"{"ociVersion":"1.0.2","process":{"args":["echo","hi"],"cwd":"/"},"root":{"path":"rootfs"},
+    const GOOD: &str = r#"{"ociVersion":"1.0.2","process":{"args":["echo","hi"],"cwd":"/","user":{"uid":0,"gid":0}},"root":{"path":"rootfs"},
         "linux":{"resources":{"memory":{"limit":536870912},"cpu":{"quota":150000,"period":100000}}}}"#;
 
     #[test]

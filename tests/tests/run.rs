@@ -102,6 +102,12 @@ struct Ran {
 /// Runs `sandboxvm run <extra> <bundle>` on a KVM host with `stdin` on its
 /// standard input (`wrap` may wrap the command, e.g. in `script`).
 fn run_with(bundle: &Path, extra: &str, stdin: &str, wrap: Option<&str>) -> Ran {
+    run_during(bundle, extra, stdin, wrap, "")
+}
+
+/// As [`run_with`], running the shell code `during` on the KVM host while
+/// sandboxvm runs (in the directory holding its `stdout` file).
+fn run_during(bundle: &Path, extra: &str, stdin: &str, wrap: Option<&str>, during: &str) -> Ran {
     let a = artefacts();
     let dir = bundle.with_extension("out");
     let _ = std::fs::remove_dir_all(&dir);
@@ -126,7 +132,10 @@ fn run_with(bundle: &Path, extra: &str, stdin: &str, wrap: Option<&str>) -> Ran 
     };
     let script = format!(
         r#"cd {dir}
-{cmd} <stdin >stdout 2>stderr
+{cmd} <stdin >stdout 2>stderr &
+pid=$!
+{during}
+wait $pid
 echo $? >code
 sleep 0.2
 {{
@@ -335,4 +344,69 @@ fn a_guest_that_never_comes_up_times_out_cleanly() {
         r.stderr.contains("did not come up within 5 s") || r.stderr.contains("exited unexpectedly"),
         "{r:?}"
     );
+}
+
+/// Waits (in the test script) until the container printed `started`.
+const WAIT_STARTED: &str =
+    "for i in $(seq 300); do grep -q started stdout 2>/dev/null && break; sleep 0.1; done";
+
+#[test]
+fn virtiofsd_dying_ends_the_run_with_a_one_line_error() {
+    let b = bundle("vfsdies", &["sh", "-c", "echo started; sleep 60"], |_| {});
+    let r = run_during(
+        &b,
+        "",
+        "",
+        None,
+        &format!("{WAIT_STARTED}; pkill -KILL -x virtiofsd"),
+    );
+    assert_ne!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout, "started\n", "{r:?}");
+    assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
+    assert!(r.stderr.contains("virtiofsd exited unexpectedly"), "{r:?}");
+    assert_clean(&r);
+}
+
+#[test]
+fn a_killed_vmm_ends_the_run_with_a_one_line_error() {
+    let b = bundle("vmmdies", &["sh", "-c", "echo started; sleep 60"], |_| {});
+    let r = run_during(
+        &b,
+        "",
+        "",
+        None,
+        &format!("{WAIT_STARTED}; pkill -KILL -f 'sandboxvm.* boot '"),
+    );
+    assert_ne!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout, "started\n", "{r:?}");
+    assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
+    assert!(r.stderr.starts_with("sandboxvm: "), "{r:?}");
+    assert!(
+        r.stderr.contains("the VMM exited unexpectedly") || r.stderr.contains("guest agent"),
+        "{r:?}"
+    );
+    assert_clean(&r);
+}
+
+#[test]
+fn sigterm_is_forwarded_to_the_workload() {
+    let b = bundle(
+        "sigterm",
+        &[
+            "sh",
+            "-c",
+            "trap 'echo got TERM; exit 5' TERM; echo started; while true; do sleep 0.1; done",
+        ],
+        |_| {},
+    );
+    let r = run_during(
+        &b,
+        "",
+        "",
+        None,
+        &format!("{WAIT_STARTED}; kill -TERM $pid"),
+    );
+    assert_eq!(r.code, 5, "{r:?}");
+    assert_eq!(r.stdout, "started\ngot TERM\n", "{r:?}");
+    assert_clean(&r);
 }
