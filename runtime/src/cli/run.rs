@@ -138,7 +138,13 @@ fn run_in(
     }
     let status = loop {
         match done_rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(r) => break r?,
+            Ok(Ok(status)) => break status,
+            Ok(Err(e)) => {
+                // A dead VMM or virtiofsd is the better explanation.
+                std::thread::sleep(Duration::from_millis(200));
+                sandbox.check_alive()?;
+                anyhow::bail!("lost the guest agent: {e}");
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => anyhow::bail!("lost the guest agent"),
         }
