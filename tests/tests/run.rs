@@ -382,7 +382,8 @@ fn a_killed_vmm_ends_the_run_with_a_one_line_error() {
     assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
     assert!(r.stderr.starts_with("sandboxvm: "), "{r:?}");
     assert!(
-        r.stderr.contains("the VMM exited unexpectedly (killed by signal 9)"),
+        r.stderr
+            .contains("the VMM exited unexpectedly (killed by signal 9)"),
         "{r:?}"
     );
     assert_clean(&r);
