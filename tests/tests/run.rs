@@ -411,3 +411,27 @@ fn sigterm_is_forwarded_to_the_workload() {
     assert_eq!(r.stdout, "started\ngot TERM\n", "{r:?}");
     assert_clean(&r);
 }
+
+#[test]
+fn resource_limits_become_the_containers_cgroup() {
+    let b = bundle(
+        "limits",
+        &[
+            "sh",
+            "-c",
+            "cat /proc/self/cgroup /sys/fs/cgroup/memory.max /sys/fs/cgroup/pids.max /sys/fs/cgroup/cpu.max; grep -c ^processor /proc/cpuinfo",
+        ],
+        |s| {
+            s["linux"]["resources"] = json!({
+                "memory": {"limit": 64 << 20},
+                "pids": {"limit": 50},
+                "cpu": {"quota": 150000, "period": 100000}
+            });
+        },
+    );
+    let r = run(&b);
+    assert_eq!(r.code, 0, "{r:?}");
+    // Its own cgroup namespace; the limits; 2 vCPUs for a 1.5 CPU quota.
+    assert_eq!(r.stdout, "0::/\n67108864\n50\n150000 100000\n2\n", "{r:?}");
+    assert_clean(&r);
+}
