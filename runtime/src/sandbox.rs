@@ -101,6 +101,9 @@ fn pdeathsig(cmd: &mut Command) {
 impl Sandbox {
     /// Creates the state directory and starts virtiofsd and the VMM.
     pub fn start(opts: &Options) -> Result<Sandbox, Error> {
+        if remove_if_stale(&opts.dir) {
+            log::warn!("removed the state of a dead sandbox {:?}", opts.id);
+        }
         match std::fs::create_dir(&opts.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -118,6 +121,15 @@ impl Sandbox {
             vmm: None,
             virtiofsd: None,
         };
+        // Who owns this state: a later run removes it if that process died
+        // without cleaning up (SIGKILL).
+        let pid_path = opts.dir.join("runtime.pid");
+        std::fs::write(&pid_path, std::process::id().to_string()).map_err(|source| {
+            Error::StateDir {
+                path: pid_path,
+                source,
+            }
+        })?;
         let log = |name: &str| -> Result<File, Error> {
             let path = opts.dir.join(name);
             File::create(&path).map_err(|source| Error::StateDir { path, source })
@@ -290,6 +302,20 @@ impl Drop for Sandbox {
     }
 }
 
+/// Removes `dir` if the runtime that made it is gone; true if it did.
+fn remove_if_stale(dir: &Path) -> bool {
+    let Ok(pid) = std::fs::read_to_string(dir.join("runtime.pid")) else {
+        return false;
+    };
+    let Ok(pid) = pid.trim().parse::<i32>() else {
+        return false;
+    };
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    let alive = unsafe { libc::kill(pid, 0) } == 0
+        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    !alive && std::fs::remove_dir_all(dir).is_ok()
+}
+
 fn describe(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
@@ -311,4 +337,38 @@ fn last_words(path: &Path) -> String {
         })
         .map(|l| format!(": {}", l.trim_start_matches("sandboxvm: ")))
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("sandboxvm-stale-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn state_of_a_dead_runtime_is_removed_and_a_live_ones_kept() {
+        let live = dir("live");
+        std::fs::write(live.join("runtime.pid"), std::process::id().to_string()).unwrap();
+        assert!(!remove_if_stale(&live));
+        assert!(live.exists());
+        std::fs::remove_dir_all(&live).unwrap();
+
+        // A child that has exited and been reaped: its pid is free.
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        let dead = dir("dead");
+        std::fs::write(dead.join("runtime.pid"), pid.to_string()).unwrap();
+        assert!(remove_if_stale(&dead));
+        assert!(!dead.exists());
+
+        let no_pid = dir("nopid");
+        assert!(!remove_if_stale(&no_pid));
+        std::fs::remove_dir_all(&no_pid).unwrap();
+    }
 }
