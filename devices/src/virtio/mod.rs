@@ -82,6 +82,20 @@ impl VirtioInterrupt {
     }
 }
 
+/// Copies the part of `config` at `offset` into `data`; bytes past the end
+/// read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start >= config.len() {
+        return;
+    }
+    let n = data.len().min(config.len() - start);
+    data[..n].copy_from_slice(&config[start..start + n]);
+}
+
 /// A queue that the driver made ready, with the eventfd its notifications
 /// arrive on.
 pub struct ActiveQueue {

@@ -3,79 +3,49 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::virtio::worker::{self, EpollCtl, EventHandler, EventSet, WorkerHandle};
 use crate::virtio::VirtioInterrupt;
 
-/// A thread that waits on the call eventfds and raises the device's
-/// interrupt with the "used buffers" bit set. Stopped and joined on drop.
+/// Waits on the call eventfds (on a [`worker`] thread) and raises the
+/// device's interrupt with the "used buffers" bit set. Stopped and joined
+/// on drop.
 pub(super) struct CallForwarder {
-    kill: EventFd,
-    thread: Option<JoinHandle<()>>,
+    _worker: WorkerHandle,
+}
+
+struct Calls {
+    calls: Vec<EventFd>,
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+impl EventHandler for Calls {
+    fn init(&mut self, ctl: &EpollCtl) -> io::Result<()> {
+        for (i, call) in self.calls.iter().enumerate() {
+            ctl.add(call.as_raw_fd(), i as u64, EventSet::IN)?;
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, _ctl: &EpollCtl, token: u64, _events: EventSet) {
+        let Some(call) = self.calls.get(token as usize) else {
+            return;
+        };
+        // Drain; a spurious wake-up reads EAGAIN.
+        if call.read().is_ok() {
+            if let Err(e) = self.interrupt.signal_used() {
+                log::error!("virtio-fs interrupt: {e}");
+            }
+        }
+    }
 }
 
 impl CallForwarder {
     pub(super) fn spawn(calls: Vec<EventFd>, interrupt: Arc<VirtioInterrupt>) -> io::Result<Self> {
-        let kill = EventFd::new(libc::EFD_NONBLOCK)?;
-        let epoll = Epoll::new()?;
-        let kill_token = calls.len() as u64;
-        for (i, call) in calls.iter().enumerate() {
-            epoll.ctl(
-                ControlOperation::Add,
-                call.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, i as u64),
-            )?;
-        }
-        epoll.ctl(
-            ControlOperation::Add,
-            kill.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, kill_token),
-        )?;
-        let thread = std::thread::Builder::new()
-            .name("virtio-fs-irq".into())
-            .spawn(move || {
-                let mut events = vec![EpollEvent::default(); calls.len() + 1];
-                loop {
-                    let n = match epoll.wait(-1, &mut events) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            log::error!("virtio-fs interrupt forwarder: {e}");
-                            return;
-                        }
-                    };
-                    for ev in &events[..n] {
-                        let token = ev.data();
-                        if token == kill_token {
-                            return;
-                        }
-                        if let Some(call) = calls.get(token as usize) {
-                            // Drain; a spurious wake-up reads EAGAIN.
-                            if call.read().is_ok() {
-                                if let Err(e) = interrupt.signal_used() {
-                                    log::error!("virtio-fs interrupt: {e}");
-                                }
-                            }
-                        }
-                    }
-                }
-            })?;
-        Ok(CallForwarder {
-            kill,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for CallForwarder {
-    fn drop(&mut self) {
-        let _ = self.kill.write(1);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let worker = worker::spawn("virtio-fs-irq", Calls { calls, interrupt })?;
+        Ok(CallForwarder { _worker: worker })
     }
 }
 

@@ -15,7 +15,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::call_forwarder::CallForwarder;
 use super::{NUM_REQUEST_QUEUES, QUEUE_SIZE, TAG_LEN};
 use crate::virtio::{
-    device_type, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    device_type, read_config_bytes, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1,
 };
 
 /// Errors setting up the virtio-fs device.
@@ -230,20 +231,6 @@ impl VirtioDevice for VhostUserFs {
         drop(queues);
         Ok(())
     }
-}
-
-/// Copies the part of `config` at `offset` into `data`; bytes past the end
-/// read as zero.
-pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
-    data.fill(0);
-    let Ok(start) = usize::try_from(offset) else {
-        return;
-    };
-    if start >= config.len() {
-        return;
-    }
-    let n = data.len().min(config.len() - start);
-    data[..n].copy_from_slice(&config[start..start + n]);
 }
 
 #[cfg(test)]
