@@ -45,6 +45,9 @@ pub enum Error {
         /// Its last words, as ": ..." or empty.
         detail: String,
     },
+    /// A signal arrived while waiting for the agent.
+    #[error("interrupted by signal {0} while the VM was booting")]
+    Interrupted(i32),
     /// The agent did not answer in time.
     #[error("the guest agent did not come up within {0} s")]
     Timeout(u64),
@@ -136,6 +139,11 @@ impl Sandbox {
         };
 
         let fs_sock = opts.dir.join("virtiofsd.sock");
+        let vfs_log = log("virtiofsd.log")?;
+        let vfs_err = vfs_log.try_clone().map_err(|source| Error::StateDir {
+            path: opts.dir.join("virtiofsd.log"),
+            source,
+        })?;
         let mut cmd = Command::new(&opts.virtiofsd);
         cmd.arg(format!("--socket-path={}", fs_sock.display()))
             .arg(format!("--shared-dir={}", opts.shared_dir.display()))
@@ -150,15 +158,8 @@ impl Sandbox {
             ])
             .args(["--log-level=error"])
             .stdin(Stdio::null())
-            .stdout(log("virtiofsd.log")?)
-            .stderr(
-                log("virtiofsd.log")?
-                    .try_clone()
-                    .map_err(|source| Error::StateDir {
-                        path: opts.dir.join("virtiofsd.log"),
-                        source,
-                    })?,
-            );
+            .stdout(vfs_log)
+            .stderr(vfs_err);
         pdeathsig(&mut cmd);
         sandbox.virtiofsd = Some(cmd.spawn().map_err(|source| Error::Spawn {
             what: "virtiofsd",
@@ -214,10 +215,19 @@ impl Sandbox {
     }
 
     /// Connects to the agent's vsock port, retrying until `timeout` while
-    /// the VM boots; fails at once if the VMM or virtiofsd dies.
-    pub fn connect_agent(&mut self, port: u32, timeout: Duration) -> Result<UnixStream, Error> {
+    /// the VM boots; fails at once if the VMM or virtiofsd dies or if
+    /// `interrupted` returns a signal.
+    pub fn connect_agent(
+        &mut self,
+        port: u32,
+        timeout: Duration,
+        mut interrupted: impl FnMut() -> Option<i32>,
+    ) -> Result<UnixStream, Error> {
         let deadline = Instant::now() + timeout;
         loop {
+            if let Some(sig) = interrupted() {
+                return Err(Error::Interrupted(sig));
+            }
             self.check_alive()?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
@@ -226,7 +236,7 @@ impl Sandbox {
             match protocol::connect_vsock_bridge(
                 &self.vsock_path(),
                 port,
-                remaining.min(Duration::from_secs(1)),
+                remaining.min(Duration::from_millis(200)),
             ) {
                 Ok(s) => return Ok(s),
                 Err(e) => log::trace!("agent not there yet: {e}"),

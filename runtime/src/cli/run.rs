@@ -104,7 +104,13 @@ fn run_in(
     signals: &crate::signals::Forwarder,
     boot_timeout: u64,
 ) -> anyhow::Result<i32> {
-    let stream = wait_for_agent(sandbox, signals, Duration::from_secs(boot_timeout))?;
+    // Ctrl-C (or any forwarded signal) while the VM boots ends the run.
+    let interrupted = || signals.pending().into_iter().find(|&s| s != libc::SIGWINCH);
+    let stream = sandbox.connect_agent(
+        protocol::AGENT_PORT,
+        Duration::from_secs(boot_timeout),
+        interrupted,
+    )?;
     let agent = Agent::new(stream)?;
     log::info!("agent up: guest kernel {}", agent.kernel_release()?);
     agent.create(id, &bundle.config_json, ROOTFS_TAG)?;
@@ -172,28 +178,6 @@ fn run_in(
     }
     sandbox.wait_vmm(Duration::from_secs(5));
     Ok(status)
-}
-
-fn wait_for_agent(
-    sandbox: &mut Sandbox,
-    signals: &crate::signals::Forwarder,
-    timeout: Duration,
-) -> anyhow::Result<std::os::unix::net::UnixStream> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(sig) = signals.pending().into_iter().find(|&s| s != libc::SIGWINCH) {
-            anyhow::bail!("interrupted by signal {sig} while the VM was booting");
-        }
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match sandbox.connect_agent(protocol::AGENT_PORT, left.min(Duration::from_millis(200))) {
-            Ok(s) => return Ok(s),
-            Err(crate::sandbox::Error::Timeout(_)) if !left.is_zero() => continue,
-            Err(crate::sandbox::Error::Timeout(_)) => {
-                return Err(crate::sandbox::Error::Timeout(timeout.as_secs()).into())
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
 }
 
 /// Copies the container's stdout (or stderr) to ours until EOF.
