@@ -28,7 +28,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// The protobuf messages.
+/// Code generated from `proto/agent.proto` (lints off: not ours to style).
 #[allow(
     clippy::all,
     clippy::pedantic,
@@ -42,27 +42,19 @@ use std::time::{Duration, Instant};
     unused_qualifications,
     trivial_casts
 )]
-pub mod agent {
-    include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+mod generated {
+    /// The protobuf messages.
+    pub mod agent {
+        include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+    }
+
+    /// The sync ttrpc client and server glue.
+    pub mod agent_ttrpc {
+        include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+    }
 }
 
-/// The sync ttrpc client and server glue.
-#[allow(
-    clippy::all,
-    clippy::pedantic,
-    missing_docs,
-    unused_imports,
-    unused_mut,
-    non_camel_case_types,
-    non_snake_case,
-    non_upper_case_globals,
-    unused_results,
-    unused_qualifications,
-    trivial_casts
-)]
-pub mod agent_ttrpc {
-    include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
-}
+pub use generated::{agent, agent_ttrpc};
 
 pub use ttrpc;
 
