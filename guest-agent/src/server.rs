@@ -173,7 +173,14 @@ impl Agent for Service {
 /// Binds `addr` (`vsock://-1:1024`, `unix:///path`) and starts serving.
 pub fn serve(addr: &str, service: Service) -> ttrpc::Result<ttrpc::Server> {
     let methods = create_agent(Arc::new(service));
-    let mut server = ttrpc::Server::new().bind(addr)?.register_service(methods);
+    // WaitProcess, ReadStdout, ReadStderr and WriteStdin block for as long
+    // as a process runs, per process: ttrpc's default of at most 5 handler
+    // threads lets a few of them starve every other call.
+    let mut server = ttrpc::Server::new()
+        .set_thread_count_default(8)
+        .set_thread_count_max(64)
+        .bind(addr)?
+        .register_service(methods);
     server.start()?;
     Ok(server)
 }
