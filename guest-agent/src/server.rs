@@ -132,6 +132,21 @@ impl Agent for Service {
             ..Default::default()
         })
     }
+    fn list_processes(&self, _: &TtrpcContext, r: ContainerRequest) -> R<ListProcessesResponse> {
+        let procs = self.manager.processes(&r.container_id).map_err(status)?;
+        Ok(ListProcessesResponse {
+            processes: procs
+                .into_iter()
+                .map(|(pid, ppid, cmd)| ProcessInfo {
+                    pid,
+                    ppid,
+                    cmd,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
     fn guest_details(&self, _: &TtrpcContext, _: Empty) -> R<GuestDetailsResponse> {
         // SAFETY: utsname is plain old data, filled in by uname(2).
         let mut u: libc::utsname = unsafe { std::mem::zeroed() };

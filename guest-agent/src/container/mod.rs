@@ -470,6 +470,32 @@ impl Manager {
         Ok(c.cgroup.as_deref().map(cgroup::stats).unwrap_or((0, 0, 0)))
     }
 
+    /// ListProcesses: (pid, ppid, command line) of every live process of
+    /// the container, by pid.
+    pub fn processes(&self, id: &str) -> Result<Vec<(u32, u32, String)>, Error> {
+        let c = self.get(id)?;
+        let mut pids: Vec<i32> = match &c.cgroup {
+            Some(cg) => cgroup::procs(cg),
+            None => {
+                let mut v = vec![c.init.pid];
+                v.extend(
+                    c.execs
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .values()
+                        .map(|p| p.pid),
+                );
+                v
+            }
+        };
+        pids.sort_unstable();
+        pids.dedup();
+        Ok(pids
+            .into_iter()
+            .filter_map(|pid| process_info(pid).map(|(ppid, cmd)| (pid as u32, ppid, cmd)))
+            .collect())
+    }
+
     /// RemoveContainer: kills, reaps, removes the cgroup.
     pub fn remove(&self, id: &str) -> Result<(), Error> {
         let c = self.get(id)?;
@@ -525,5 +551,59 @@ impl Manager {
             .keys()
             .cloned()
             .collect()
+    }
+}
+
+/// A live process's parent pid and command line; None if it is gone or a
+/// zombie.
+fn process_info(pid: i32) -> Option<(u32, String)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // pid (comm) state ppid ...: comm may hold spaces and parentheses.
+    let (head, tail) = stat.rsplit_once(')')?;
+    let comm = head.split_once('(')?.1;
+    let mut fields = tail.split_whitespace();
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    let ppid = fields.next()?.parse().ok()?;
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<String> = raw
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let cmd = if args.is_empty() {
+        format!("[{comm}]")
+    } else {
+        args.join(" ")
+    };
+    Some((ppid, cmd))
+}
+
+#[cfg(test)]
+mod process_info_tests {
+    use super::process_info;
+
+    #[test]
+    fn a_live_process_has_its_parent_and_command_line() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        // Right after fork the child may not have exec'd sleep yet.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let (ppid, cmd) = loop {
+            let info = process_info(child.id() as i32).unwrap();
+            if info.1 == "sleep 30" || std::time::Instant::now() > deadline {
+                break info;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert_eq!(ppid, std::process::id());
+        assert_eq!(cmd, "sleep 30");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(process_info(child.id() as i32).is_none());
     }
 }
