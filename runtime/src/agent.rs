@@ -4,8 +4,8 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use protocol::agent::{
-    ContainerRequest, CreateContainerRequest, Empty, ProcessRequest, ReadStreamRequest,
-    SignalProcessRequest, TtyWinResizeRequest, WriteStdinRequest,
+    ContainerRequest, CreateContainerRequest, Empty, ExecProcessRequest, ProcessRequest,
+    ReadStreamRequest, SignalProcessRequest, TtyWinResizeRequest, WriteStdinRequest,
 };
 use protocol::agent_ttrpc::AgentClient;
 
@@ -18,6 +18,28 @@ pub enum Error {
     /// A call failed; the agent's message says why.
     #[error("{0}")]
     Call(String),
+}
+
+/// A container's state in the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerState {
+    /// "created", "running" or "stopped".
+    pub status: String,
+    /// The init process's pid in the guest.
+    pub guest_pid: u32,
+    /// Exit status once stopped (exit code, or 128 + signal).
+    pub exit_status: i32,
+}
+
+/// Resource usage of a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// CPU time used, microseconds.
+    pub cpu_usage_usec: u64,
+    /// Memory in use, bytes.
+    pub memory_usage_bytes: u64,
+    /// Number of processes.
+    pub pids: u64,
 }
 
 /// How long ordinary (non-blocking) calls may take.
@@ -61,10 +83,23 @@ impl Agent {
     /// Creates the container from `spec_json`, its rootfs being the share
     /// `tag`.
     pub fn create(&self, id: &str, spec_json: &str, tag: &str) -> Result<(), Error> {
+        self.create_in(id, spec_json, tag, "")
+    }
+
+    /// Creates the container from `spec_json`, its rootfs being `subpath`
+    /// inside the share `tag` (several containers of a pod share one).
+    pub fn create_in(
+        &self,
+        id: &str,
+        spec_json: &str,
+        tag: &str,
+        subpath: &str,
+    ) -> Result<(), Error> {
         let req = CreateContainerRequest {
             container_id: id.into(),
             oci_spec_json: spec_json.into(),
             share_tag: tag.into(),
+            rootfs_subpath: subpath.into(),
             ..Default::default()
         };
         self.client
@@ -104,10 +139,17 @@ impl Agent {
 
     /// Sends `signal` to a process.
     pub fn signal(&self, id: &str, exec_id: &str, signal: i32) -> Result<(), Error> {
+        self.signal_all(id, exec_id, signal, false)
+    }
+
+    /// Sends `signal` to a process, or with `all` to every process of the
+    /// container.
+    pub fn signal_all(&self, id: &str, exec_id: &str, signal: i32, all: bool) -> Result<(), Error> {
         let req = SignalProcessRequest {
             container_id: id.into(),
             exec_id: exec_id.into(),
             signal: signal as u32,
+            all,
             ..Default::default()
         };
         self.client
@@ -177,6 +219,74 @@ impl Agent {
             .tty_win_resize(Self::ctx(), &req)
             .map_err(call_err)?;
         Ok(())
+    }
+
+    /// Starts another process (an OCI `Process`, as JSON) in a running
+    /// container.
+    pub fn exec(&self, id: &str, exec_id: &str, process_json: &str) -> Result<(), Error> {
+        let req = ExecProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            process_json: process_json.into(),
+            ..Default::default()
+        };
+        self.client
+            .exec_process(Self::ctx(), &req)
+            .map_err(call_err)?;
+        Ok(())
+    }
+
+    /// The container's state as the agent sees it.
+    pub fn state(&self, id: &str) -> Result<ContainerState, Error> {
+        let r = self
+            .client
+            .state_container(Self::ctx(), &Self::container(id))
+            .map_err(call_err)?;
+        Ok(ContainerState {
+            status: r.status,
+            guest_pid: r.pid,
+            exit_status: r.exit_status,
+        })
+    }
+
+    /// CPU, memory and pids of the container's cgroup in the guest.
+    pub fn stats(&self, id: &str) -> Result<Stats, Error> {
+        let r = self
+            .client
+            .stats_container(Self::ctx(), &Self::container(id))
+            .map_err(call_err)?;
+        Ok(Stats {
+            cpu_usage_usec: r.cpu_usage_usec,
+            memory_usage_bytes: r.memory_usage_bytes,
+            pids: r.pids,
+        })
+    }
+
+    /// The container's processes: (guest pid, guest ppid, command line).
+    pub fn processes(&self, id: &str) -> Result<Vec<(u32, u32, String)>, Error> {
+        let r = self
+            .client
+            .list_processes(Self::ctx(), &Self::container(id))
+            .map_err(call_err)?;
+        Ok(r.processes
+            .into_iter()
+            .map(|p| (p.pid, p.ppid, p.cmd))
+            .collect())
+    }
+
+    /// Kills what is left of a container and forgets it.
+    pub fn remove(&self, id: &str) -> Result<(), Error> {
+        self.client
+            .remove_container(Self::ctx(), &Self::container(id))
+            .map_err(call_err)?;
+        Ok(())
+    }
+
+    fn container(id: &str) -> ContainerRequest {
+        ContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        }
     }
 
     /// Asks the guest to shut down (the VM then ends).

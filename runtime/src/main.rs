@@ -3,13 +3,9 @@
 //! The CLI only parses arguments and builds configurations; the work is done
 //! by the library crates. Errors are printed once, as one line, here.
 
-mod agent;
-mod artefacts;
-mod bundle;
 mod cli;
-mod sandbox;
-mod signals;
-mod tty;
+
+use sandboxvm::{agent, artefacts, bundle, sandbox, signals, tty};
 
 use clap::Parser;
 

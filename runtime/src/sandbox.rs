@@ -76,6 +76,9 @@ pub struct Options {
     pub cmdline: String,
     /// Log level passed to the VMM (`-v` count).
     pub verbose: u8,
+    /// The `sandboxvm` binary that runs the VMM (`sandboxvm boot`); None =
+    /// this executable.
+    pub vmm_exe: Option<PathBuf>,
 }
 
 /// The virtio-fs tag of the container's root filesystem.
@@ -86,6 +89,7 @@ pub struct Sandbox {
     dir: PathBuf,
     vmm: Option<Child>,
     virtiofsd: Option<Child>,
+    keep_dir: bool,
 }
 
 fn pdeathsig(cmd: &mut Command) {
@@ -123,6 +127,7 @@ impl Sandbox {
             dir: opts.dir.clone(),
             vmm: None,
             virtiofsd: None,
+            keep_dir: false,
         };
         // Who owns this state: a later run removes it if that process died
         // without cleaning up (SIGKILL).
@@ -161,16 +166,22 @@ impl Sandbox {
             .stdout(vfs_log)
             .stderr(vfs_err);
         pdeathsig(&mut cmd);
-        sandbox.virtiofsd = Some(cmd.spawn().map_err(|source| Error::Spawn {
+        let child = cmd.spawn().map_err(|source| Error::Spawn {
             what: "virtiofsd",
             source,
-        })?);
+        })?;
+        let pid = child.id();
+        sandbox.virtiofsd = Some(child);
+        write_pid(&opts.dir.join("virtiofsd.pid"), pid)?;
         log::info!("virtiofsd started on {}", opts.shared_dir.display());
 
-        let exe = std::env::current_exe().map_err(|source| Error::Spawn {
-            what: "the VMM",
-            source,
-        })?;
+        let exe = match &opts.vmm_exe {
+            Some(exe) => exe.clone(),
+            None => std::env::current_exe().map_err(|source| Error::Spawn {
+                what: "the VMM",
+                source,
+            })?,
+        };
         let mut cmd = Command::new(exe);
         if opts.verbose > 0 {
             cmd.arg(format!("-{}", "v".repeat(opts.verbose.into())));
@@ -196,12 +207,32 @@ impl Sandbox {
             .stdout(Stdio::null())
             .stderr(log("vmm.log")?);
         pdeathsig(&mut cmd);
-        sandbox.vmm = Some(cmd.spawn().map_err(|source| Error::Spawn {
+        let child = cmd.spawn().map_err(|source| Error::Spawn {
             what: "the VMM",
             source,
-        })?);
+        })?;
+        let pid = child.id();
+        sandbox.vmm = Some(child);
+        write_pid(&opts.dir.join("vmm.pid"), pid)?;
         log::info!("VMM started ({} vCPU, {} MiB)", opts.vcpus, opts.memory_mib);
         Ok(sandbox)
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Keep the state directory when dropped (the VM and virtiofsd are
+    /// still stopped): an OCI container's state outlives its VM until
+    /// `delete`.
+    pub fn keep_state_dir(&mut self) {
+        self.keep_dir = true;
+    }
+
+    /// The VMM's host pid, while it runs.
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.vmm.as_ref().map(Child::id)
     }
 
     /// The host side of the guest's vsock.
@@ -306,10 +337,20 @@ impl Drop for Sandbox {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if self.keep_dir {
+            return;
+        }
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             log::warn!("cannot remove {}: {e}", self.dir.display());
         }
     }
+}
+
+fn write_pid(path: &Path, pid: u32) -> Result<(), Error> {
+    std::fs::write(path, pid.to_string()).map_err(|source| Error::StateDir {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Removes `dir` if the runtime that made it is gone; true if it did.

@@ -84,6 +84,7 @@ impl Run {
             virtiofsd,
             cmdline: String::new(),
             verbose,
+            vmm_exe: None,
         };
         let mut sandbox = Sandbox::start(&opts)?;
         let result = run_in(&mut sandbox, &bundle, &id, &signals, self.boot_timeout);

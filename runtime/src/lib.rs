@@ -1,0 +1,14 @@
+//! The sandboxvm host runtime as a library: shared by the `sandboxvm` CLI
+//! (run and the OCI lifecycle) and the containerd shim.
+//!
+//! - [`sandbox`]: one VM with its virtiofsd and state directory;
+//! - [`agent`]: the guest agent's API over the VM's vsock;
+//! - [`bundle`]: OCI bundles; [`artefacts`]: where kernel, initramfs and
+//!   virtiofsd are found; [`signals`], [`tty`]: host-side helpers.
+
+pub mod agent;
+pub mod artefacts;
+pub mod bundle;
+pub mod sandbox;
+pub mod signals;
+pub mod tty;
