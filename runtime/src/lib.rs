@@ -12,3 +12,4 @@ pub mod bundle;
 pub mod sandbox;
 pub mod signals;
 pub mod tty;
+pub mod oci;

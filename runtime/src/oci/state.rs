@@ -1,0 +1,287 @@
+//! A container's persistent state: `<root>/<id>/state.json` written by its
+//! monitor once the container is created, plus markers (`started`,
+//! `paused`, `exit`). The status is derived from them, the monitor's
+//! liveness and the guest agent.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::agent::Agent;
+
+/// Errors reading or using a container's state.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No such container.
+    #[error("container {0:?} does not exist")]
+    NotFound(String),
+    /// state.json is unreadable.
+    #[error("state of container {id:?}: {reason}")]
+    Corrupt {
+        /// The container.
+        id: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The guest agent could not be reached.
+    #[error("container {id:?}: cannot reach its guest agent: {reason}")]
+    Agent {
+        /// The container.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A container's status, as the OCI runtime spec names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Created, process not started.
+    Created,
+    /// The process runs.
+    Running,
+    /// The VM's vCPUs are stopped.
+    Paused,
+    /// The process has exited (or the VM is gone).
+    Stopped,
+}
+
+impl Status {
+    /// The spec's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Created => "created",
+            Status::Running => "running",
+            Status::Paused => "paused",
+            Status::Stopped => "stopped",
+        }
+    }
+}
+
+/// What the monitor records when the container has been created.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Record {
+    /// Container id.
+    pub id: String,
+    /// The bundle directory.
+    pub bundle: PathBuf,
+    /// The root filesystem.
+    pub rootfs: PathBuf,
+    /// The monitor's host pid (the container's pid for callers).
+    pub pid: i32,
+    /// The monitor's start time (/proc/<pid>/stat field 22), against pid reuse.
+    pub pid_start: u64,
+    /// The VMM's host pid.
+    pub vmm_pid: i32,
+    /// virtiofsd's host pid.
+    pub virtiofsd_pid: i32,
+    /// Creation time, RFC 3339.
+    pub created: String,
+    /// The spec's annotations.
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// The state directory of container `id`.
+pub fn dir(root: &Path, id: &str) -> PathBuf {
+    root.join(id)
+}
+
+impl Record {
+    /// Loads the record of `id`.
+    pub fn load(root: &Path, id: &str) -> Result<Record, Error> {
+        let path = dir(root, id).join("state.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NotFound(id.to_string()),
+            _ => Error::Corrupt {
+                id: id.to_string(),
+                reason: e.to_string(),
+            },
+        })?;
+        serde_json::from_str(&text).map_err(|e| Error::Corrupt {
+            id: id.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Writes the record atomically into `dir`.
+    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+        let tmp = dir.join("state.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(tmp, dir.join("state.json"))
+    }
+
+    /// The state directory.
+    pub fn dir(&self, root: &Path) -> PathBuf {
+        dir(root, &self.id)
+    }
+
+    /// Whether the monitor still runs.
+    pub fn monitor_alive(&self) -> bool {
+        start_time(self.pid) == Some(self.pid_start)
+    }
+
+    /// The current status.
+    pub fn status(&self, root: &Path) -> Status {
+        let d = self.dir(root);
+        if !self.monitor_alive() || d.join("exit").exists() {
+            return Status::Stopped;
+        }
+        if d.join("paused").exists() {
+            return Status::Paused;
+        }
+        match self.agent(root).and_then(|a| {
+            a.state(&self.id).map_err(|e| Error::Agent {
+                id: self.id.clone(),
+                reason: e.to_string(),
+            })
+        }) {
+            Ok(s) => match s.status.as_str() {
+                "created" => Status::Created,
+                "running" => Status::Running,
+                _ => Status::Stopped,
+            },
+            Err(e) => {
+                log::debug!("{e}");
+                if d.join("started").exists() {
+                    Status::Running
+                } else {
+                    Status::Created
+                }
+            }
+        }
+    }
+
+    /// A client of the container's guest agent.
+    pub fn agent(&self, root: &Path) -> Result<Agent, Error> {
+        let err = |reason: String| Error::Agent {
+            id: self.id.clone(),
+            reason,
+        };
+        let stream = protocol::connect_vsock_bridge(
+            &self.dir(root).join("vsock.sock"),
+            protocol::AGENT_PORT,
+            Duration::from_secs(5),
+        )
+        .map_err(|e| err(e.to_string()))?;
+        Agent::new(stream).map_err(|e| err(e.to_string()))
+    }
+
+    /// The state JSON of the OCI runtime spec (and runc's extra fields).
+    pub fn oci_state(&self, status: Status) -> serde_json::Value {
+        let pid = if status == Status::Stopped {
+            0
+        } else {
+            self.pid
+        };
+        serde_json::json!({
+            "ociVersion": "1.0.2",
+            "id": self.id,
+            "status": status.as_str(),
+            "pid": pid,
+            "bundle": self.bundle,
+            "rootfs": self.rootfs,
+            "created": self.created,
+            "annotations": self.annotations,
+            "owner": "",
+        })
+    }
+}
+
+/// A process's start time in clock ticks since boot; None if it is gone or
+/// a zombie.
+pub fn start_time(pid: i32) -> Option<u64> {
+    if pid <= 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // fields[0] is field 3 (state); start time is field 22.
+    if matches!(fields.first(), Some(&"Z") | Some(&"X")) {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+/// Ids of the containers under `root` (directories with a state.json).
+pub fn list(root: &Path) -> Vec<String> {
+    let mut ids: Vec<String> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("state.json").exists())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(pid: i32, pid_start: u64) -> Record {
+        Record {
+            id: "c1".into(),
+            bundle: "/b".into(),
+            rootfs: "/b/rootfs".into(),
+            pid,
+            pid_start,
+            vmm_pid: 0,
+            virtiofsd_pid: 0,
+            created: "2026-01-01T00:00:00Z".into(),
+            annotations: BTreeMap::from([("k".to_string(), "v".to_string())]),
+        }
+    }
+
+    #[test]
+    fn start_time_of_self_is_stable_and_of_a_reaped_child_gone() {
+        let me = std::process::id() as i32;
+        assert!(start_time(me).is_some());
+        assert_eq!(start_time(me), start_time(me));
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id() as i32;
+        c.wait().unwrap();
+        assert_eq!(start_time(pid), None);
+    }
+
+    #[test]
+    fn a_dead_monitor_means_stopped_with_pid_0() {
+        let root = std::env::temp_dir().join(format!("sandboxvm-state-{}", std::process::id()));
+        let r = record(std::process::id() as i32, 1);
+        std::fs::create_dir_all(r.dir(&root)).unwrap();
+        r.save(&r.dir(&root)).unwrap();
+        assert_eq!(Record::load(&root, "c1").unwrap(), r);
+        assert_eq!(list(&root), vec!["c1".to_string()]);
+        // Start time 1 is not ours: a reused pid.
+        assert_eq!(r.status(&root), Status::Stopped);
+        let s = r.oci_state(Status::Stopped);
+        assert_eq!(s["pid"], 0);
+        assert_eq!(s["status"], "stopped");
+        assert_eq!(s["annotations"]["k"], "v");
+        assert!(matches!(
+            Record::load(&root, "nope"),
+            Err(Error::NotFound(_))
+        ));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn markers_decide_the_status_of_a_live_monitor_without_an_agent() {
+        let root = std::env::temp_dir().join(format!("sandboxvm-mark-{}", std::process::id()));
+        let me = std::process::id() as i32;
+        let r = record(me, start_time(me).unwrap());
+        let d = r.dir(&root);
+        std::fs::create_dir_all(&d).unwrap();
+        assert_eq!(r.status(&root), Status::Created);
+        std::fs::write(d.join("started"), "").unwrap();
+        assert_eq!(r.status(&root), Status::Running);
+        std::fs::write(d.join("paused"), "").unwrap();
+        assert_eq!(r.status(&root), Status::Paused);
+        std::fs::write(d.join("exit"), "0").unwrap();
+        assert_eq!(r.status(&root), Status::Stopped);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
