@@ -9,7 +9,7 @@
 pub mod agent;
 pub mod artefacts;
 pub mod bundle;
+pub mod oci;
 pub mod sandbox;
 pub mod signals;
 pub mod tty;
-pub mod oci;

@@ -1,11 +1,28 @@
 //! Command-line interface: one clap struct per subcommand, one file each.
+//! The OCI lifecycle commands take runc's flags, so that containerd's runc
+//! shim, podman/conmon and scripts can call `sandboxvm` as they call runc.
 
+mod attach;
 mod boot;
 mod check;
+mod create;
+mod delete;
+mod events;
+mod exec;
+mod kill;
+mod list;
+mod monitor;
+mod pause;
+mod ps;
 mod run;
 mod spec;
+mod start;
+mod state;
 
-use clap::{Parser, Subcommand};
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// sandboxvm: runs containers in lightweight KVM virtual machines.
 #[derive(Debug, Parser)]
@@ -14,8 +31,70 @@ pub struct Cli {
     /// More output: -v one line per phase, -vv debug.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// Directory for container state.
+    #[arg(long, global = true, default_value = "/run/sandboxvm")]
+    pub root: PathBuf,
+    /// Write log messages (and a failure's message) to this file instead
+    /// of stderr.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+    /// Log format: text or json (one JSON object per line, as runc writes).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Accepted for runc compatibility (cgroups live inside the guest).
+    #[arg(long, global = true)]
+    pub systemd_cgroup: bool,
+    /// Same as -vv (runc compatibility).
+    #[arg(long, global = true)]
+    pub debug: bool,
+    /// Accepted for runc compatibility.
+    #[arg(long, global = true, hide = true)]
+    pub rootless: Option<String>,
+    /// Accepted for runc compatibility.
+    #[arg(long, global = true, hide = true)]
+    pub log_level: Option<String>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Plain lines.
+    Text,
+    /// JSON lines: {"level","msg","time"}.
+    Json,
+}
+
+/// Options every subcommand sees.
+#[derive(Debug, Clone)]
+pub struct Globals {
+    /// `-v` count.
+    pub verbose: u8,
+    /// State root.
+    pub root: PathBuf,
+    /// Log file.
+    pub log: Option<PathBuf>,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Globals {
+    /// The global flags again, for a re-executed `sandboxvm` (the monitor).
+    pub fn args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec!["--root".into(), self.root.clone().into()];
+        if self.verbose > 0 {
+            a.push(format!("-{}", "v".repeat(self.verbose.into())).into());
+        }
+        if let Some(log) = &self.log {
+            a.push("--log".into());
+            a.push(log.clone().into());
+        }
+        if self.log_format == LogFormat::Json {
+            a.push("--log-format=json".into());
+        }
+        a
+    }
 }
 
 /// The subcommands.
@@ -29,16 +108,61 @@ pub enum Command {
     Run(run::Run),
     /// Write a default config.json (like runc spec).
     Spec(spec::SpecCmd),
+    /// Create a container: boot its VM and create the process, not started.
+    Create(create::Create),
+    /// Start the process of a created container.
+    Start(start::Start),
+    /// Print a container's state (OCI state JSON).
+    State(state::State),
+    /// Send a signal to a container's process (default SIGTERM).
+    Kill(kill::Kill),
+    /// Delete a stopped (or, with --force, any) container and its VM.
+    Delete(delete::Delete),
+    /// Run another process in a running container.
+    Exec(exec::Exec),
+    /// List the processes of a container.
+    Ps(ps::Ps),
+    /// List containers.
+    #[command(alias = "ls")]
+    List(list::List),
+    /// Print a container's resource usage (--stats once, else periodically).
+    Events(events::Events),
+    /// Pause a container's VM (its vCPUs stop).
+    Pause(pause::Pause),
+    /// Resume a paused container's VM.
+    Resume(pause::Resume),
+    /// (internal) The process that holds a container's VM and stands for
+    /// its process on the host.
+    #[command(name = "_monitor", hide = true)]
+    Monitor(monitor::Monitor),
 }
 
 impl Command {
+    /// Whether this command's stderr belongs to a container (the monitor):
+    /// its own messages must not go there.
+    pub fn is_monitor(&self) -> bool {
+        matches!(self, Command::Monitor(_))
+    }
+
     /// Runs the subcommand; returns the process exit code.
-    pub fn run(self, verbose: u8) -> anyhow::Result<i32> {
+    pub fn run(self, g: &Globals) -> anyhow::Result<i32> {
         match self {
-            Command::Run(c) => c.run(verbose),
+            Command::Run(c) => c.run(g),
             Command::Spec(c) => c.run(),
             Command::Boot(c) => c.run(),
             Command::Check(c) => c.run(),
+            Command::Create(c) => c.run(g),
+            Command::Start(c) => c.run(g),
+            Command::State(c) => c.run(g),
+            Command::Kill(c) => c.run(g),
+            Command::Delete(c) => c.run(g),
+            Command::Exec(c) => c.run(g),
+            Command::Ps(c) => c.run(g),
+            Command::List(c) => c.run(g),
+            Command::Events(c) => c.run(g),
+            Command::Pause(c) => c.run(g),
+            Command::Resume(c) => c.run(g),
+            Command::Monitor(c) => c.run(g),
         }
     }
 }

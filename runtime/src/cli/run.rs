@@ -1,14 +1,14 @@
 //! `sandboxvm run`: runs an OCI bundle's process in a fresh micro-VM, like
 //! `runc run`, and exits with its status.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 
+use super::attach::{attach, HostIo};
 use crate::agent::Agent;
 use crate::bundle::Bundle;
 use crate::sandbox::{Options, Sandbox, ROOTFS_TAG};
@@ -43,13 +43,11 @@ pub struct Run {
     /// Seconds to wait for the guest agent.
     #[arg(long, default_value_t = 30)]
     pub boot_timeout: u64,
-    /// State directory root.
-    #[arg(long, default_value = "/run/sandboxvm")]
-    pub root: PathBuf,
 }
 
 impl Run {
-    pub fn run(self, verbose: u8) -> anyhow::Result<i32> {
+    pub fn run(self, g: &super::Globals) -> anyhow::Result<i32> {
+        let verbose = g.verbose;
         let dir = self
             .bundle
             .or(self.dir)
@@ -67,14 +65,14 @@ impl Run {
         let kernel = artefacts::kernel(self.kernel.as_deref())?;
         let initrd = artefacts::initrd(self.initrd.as_deref())?;
         let virtiofsd = artefacts::virtiofsd()?;
-        std::fs::create_dir_all(&self.root)
-            .with_context(|| format!("cannot create {}", self.root.display()))?;
+        std::fs::create_dir_all(&g.root)
+            .with_context(|| format!("cannot create {}", g.root.display()))?;
 
         // Signals are collected from here on, so that Ctrl-C during boot
         // still tears everything down.
         let signals = crate::signals::Forwarder::install()?;
         let opts = Options {
-            dir: self.root.join(&id),
+            dir: g.root.join(&id),
             id: id.clone(),
             kernel,
             initrd,
@@ -117,61 +115,21 @@ fn run_in(
     agent.create(id, &bundle.config_json, ROOTFS_TAG)?;
     let terminal = bundle.terminal();
     let _raw = if terminal {
-        let raw = tty::RawMode::enter_stdin();
-        if let Some((rows, cols)) = tty::stdin_size() {
-            agent.resize(id, "", rows, cols)?;
-        }
-        raw
+        tty::RawMode::enter_stdin()
     } else {
         None
     };
+    let io = HostIo::inherited(terminal)?;
+    if terminal {
+        if let Some((rows, cols)) = io.size() {
+            agent.resize(id, "", rows, cols)?;
+        }
+    }
     agent.start(id)?;
     log::info!("container {id} started");
-
-    // stdout/stderr until EOF; stdin until EOF.
-    let mut pumps = vec![pump_out(agent.clone(), id, false)];
-    if !terminal {
-        pumps.push(pump_out(agent.clone(), id, true));
-    }
-    pump_in(agent.clone(), id);
-
-    let (done_tx, done_rx) = mpsc::channel();
-    {
-        let agent = agent.clone();
-        let id = id.to_string();
-        std::thread::spawn(move || {
-            let _ = done_tx.send(agent.wait(&id, ""));
-        });
-    }
-    let status = loop {
-        match done_rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(Ok(status)) => break status,
-            Ok(Err(e)) => {
-                // A dead VMM or virtiofsd is the better explanation.
-                std::thread::sleep(Duration::from_millis(200));
-                sandbox.check_alive()?;
-                anyhow::bail!("lost the guest agent: {e}");
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => anyhow::bail!("lost the guest agent"),
-        }
-        for sig in signals.pending() {
-            if sig == libc::SIGWINCH {
-                if let Some((rows, cols)) = tty::stdin_size() {
-                    let _ = agent.resize(id, "", rows, cols);
-                }
-            } else {
-                log::info!("forwarding signal {sig} to the container");
-                agent.signal(id, "", sig)?;
-            }
-        }
-        if let Err(e) = sandbox.check_alive() {
-            return Err(e.into());
-        }
-    };
-    for p in pumps {
-        let _ = p.join();
-    }
+    let status = attach(&agent, id, "", io, terminal, signals, || {
+        sandbox.check_alive().map_err(Into::into)
+    })?;
     let _ = std::io::stdout().flush();
     log::info!("container {id} exited with status {status}");
     if let Err(e) = agent.shutdown() {
@@ -179,47 +137,6 @@ fn run_in(
     }
     sandbox.wait_vmm(Duration::from_secs(5));
     Ok(status)
-}
-
-/// Copies the container's stdout (or stderr) to ours until EOF.
-fn pump_out(agent: Agent, id: &str, stderr: bool) -> std::thread::JoinHandle<()> {
-    let id = id.to_string();
-    std::thread::spawn(move || loop {
-        let data = match agent.read_output(&id, "", stderr) {
-            Ok(d) if !d.is_empty() => d,
-            _ => return,
-        };
-        let ok = if stderr {
-            let mut e = std::io::stderr().lock();
-            e.write_all(&data).and_then(|_| e.flush())
-        } else {
-            let mut o = std::io::stdout().lock();
-            o.write_all(&data).and_then(|_| o.flush())
-        };
-        if ok.is_err() {
-            return;
-        }
-    })
-}
-
-/// Copies our stdin to the container until EOF, then closes its stdin.
-fn pump_in(agent: Agent, id: &str) {
-    let id = id.to_string();
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 32 * 1024];
-        let mut stdin = std::io::stdin().lock();
-        loop {
-            match stdin.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if agent.write_stdin(&id, "", &buf[..n]).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-        let _ = agent.close_stdin(&id, "");
-    });
 }
 
 fn now_ms() -> u128 {
@@ -230,7 +147,7 @@ fn now_ms() -> u128 {
 }
 
 /// Container ids as runc accepts them.
-fn check_id(id: &str) -> anyhow::Result<()> {
+pub(crate) fn check_id(id: &str) -> anyhow::Result<()> {
     let ok = !id.is_empty()
         && id.len() <= 1024
         && id

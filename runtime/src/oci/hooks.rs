@@ -153,20 +153,24 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sandboxvm-hook-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let out = dir.join("out");
-        let h = hook(&format!("cat > {0}; echo $GREETING >> {0}", out.display()), None);
-        run("poststart", &[h], r#"{"id":"x"}"#).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(&out).unwrap(),
-            "{\"id\":\"x\"}hi\n"
+        let h = hook(
+            &format!("cat > {0}; echo $GREETING >> {0}", out.display()),
+            None,
         );
+        run("poststart", &[h], r#"{"id":"x"}"#).unwrap();
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "{\"id\":\"x\"}hi\n");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn a_failing_hook_is_reported_with_its_stderr() {
-        let e = run("prestart", &[hook("echo no network >&2; exit 3", None)], "{}")
-            .unwrap_err()
-            .to_string();
+        let e = run(
+            "prestart",
+            &[hook("echo no network >&2; exit 3", None)],
+            "{}",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("prestart hook /bin/sh failed"), "{e}");
         assert!(e.ends_with(": no network"), "{e}");
     }
