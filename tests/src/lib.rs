@@ -1,6 +1,8 @@
 //! Shared helpers of the end-to-end tests and the boot benchmark: the test
 //! guest's initramfs, and where the binaries, the kernel and the CI host are.
 
+pub mod fixtures;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

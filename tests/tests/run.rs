@@ -6,87 +6,12 @@
 //! with its stdout, stderr and status going to files, then records what is
 //! left behind (state directories, virtiofsd or VMM processes, mounts).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
 
-use e2e::{guest_kernel, on_kvm_host, repo_root, sandboxvm_bin};
-use serde_json::{json, Value};
-
-struct Artefacts {
-    kernel: PathBuf,
-    initrd: PathBuf,
-    /// A bundle made by resources/make-busybox-bundle (its rootfs is copied
-    /// per test).
-    template: PathBuf,
-}
-
-fn work_dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sandboxvm-e2e-run-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn artefacts() -> &'static Artefacts {
-    static A: OnceLock<Artefacts> = OnceLock::new();
-    A.get_or_init(|| {
-        let kernel = guest_kernel().expect("guest kernel");
-        let out = Command::new(repo_root().join("guest-agent/build-initramfs"))
-            .output()
-            .expect("run guest-agent/build-initramfs");
-        assert!(
-            out.status.success(),
-            "guest-agent/build-initramfs failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let initrd = PathBuf::from(
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .last()
-                .unwrap()
-                .trim(),
-        );
-        let template = work_dir().join("template");
-        let out = Command::new(repo_root().join("resources/make-busybox-bundle"))
-            .arg(&template)
-            .env("SANDBOXVM", sandboxvm_bin())
-            .output()
-            .expect("run make-busybox-bundle");
-        assert!(
-            out.status.success(),
-            "make-busybox-bundle failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Artefacts {
-            kernel,
-            initrd,
-            template,
-        }
-    })
-}
-
-/// A fresh bundle named `name` with process.args `args`, the spec tweaked by
-/// `tweak`.
-fn bundle(name: &str, args: &[&str], tweak: impl FnOnce(&mut Value)) -> PathBuf {
-    let a = artefacts();
-    let dir = work_dir().join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(a.template.join("rootfs"))
-        .arg(&dir)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let mut spec: Value =
-        serde_json::from_str(&std::fs::read_to_string(a.template.join("config.json")).unwrap())
-            .unwrap();
-    spec["process"]["args"] = json!(args);
-    tweak(&mut spec);
-    std::fs::write(dir.join("config.json"), spec.to_string()).unwrap();
-    dir
-}
+use e2e::fixtures::{artefacts, bundle, work_dir};
+use e2e::{on_kvm_host, sandboxvm_bin};
+use serde_json::json;
 
 /// What a run left: the command's output and status, and the leftovers.
 #[derive(Debug)]

@@ -1,0 +1,92 @@
+//! Fixtures of the end-to-end tests: the guest kernel, the agent initramfs
+//! and busybox bundles (resources/make-busybox-bundle), built once per test
+//! binary.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use serde_json::{json, Value};
+
+use crate::{guest_kernel, repo_root, sandboxvm_bin};
+
+/// What a sandbox needs.
+pub struct Artefacts {
+    /// The guest kernel.
+    pub kernel: PathBuf,
+    /// The agent initramfs.
+    pub initrd: PathBuf,
+    /// A bundle made by resources/make-busybox-bundle (its rootfs is copied
+    /// per test).
+    pub template: PathBuf,
+}
+
+/// This test process's scratch directory.
+pub fn work_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sandboxvm-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Builds (or finds in the cache) the kernel, initramfs and a template
+/// bundle, once.
+pub fn artefacts() -> &'static Artefacts {
+    static A: OnceLock<Artefacts> = OnceLock::new();
+    A.get_or_init(|| {
+        let kernel = guest_kernel().expect("guest kernel");
+        let out = Command::new(repo_root().join("guest-agent/build-initramfs"))
+            .output()
+            .expect("run guest-agent/build-initramfs");
+        assert!(
+            out.status.success(),
+            "guest-agent/build-initramfs failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let initrd = PathBuf::from(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .last()
+                .unwrap()
+                .trim(),
+        );
+        let template = work_dir().join("template");
+        let out = Command::new(repo_root().join("resources/make-busybox-bundle"))
+            .arg(&template)
+            .env("SANDBOXVM", sandboxvm_bin())
+            .output()
+            .expect("run make-busybox-bundle");
+        assert!(
+            out.status.success(),
+            "make-busybox-bundle failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Artefacts {
+            kernel,
+            initrd,
+            template,
+        }
+    })
+}
+
+/// A fresh bundle named `name` with process.args `args`, the spec tweaked by
+/// `tweak`.
+pub fn bundle(name: &str, args: &[&str], tweak: impl FnOnce(&mut Value)) -> PathBuf {
+    let a = artefacts();
+    let dir = work_dir().join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(a.template.join("rootfs"))
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut spec: Value =
+        serde_json::from_str(&std::fs::read_to_string(a.template.join("config.json")).unwrap())
+            .unwrap();
+    spec["process"]["args"] = json!(args);
+    tweak(&mut spec);
+    std::fs::write(dir.join("config.json"), spec.to_string()).unwrap();
+    dir
+}

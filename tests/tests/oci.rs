@@ -1,0 +1,352 @@
+//! End to end: the runc-compatible OCI lifecycle (`sandboxvm create`,
+//! `start`, `state`, `exec`, `ps`, `events`, `pause`/`resume`, `kill`,
+//! `delete`) on busybox bundles, with the real guest kernel, agent,
+//! virtiofsd and KVM (this host, or the nested CI host).
+//!
+//! Each test runs a shell script on the KVM host under a child subreaper
+//! (tests/scripts/subreaper.py, as containerd's shim and conmon are), so the
+//! exit status of the container's host process (the pid `create` reports)
+//! is observed exactly as a supervisor sees it. Each script ends by
+//! recording what is left behind: state dirs, VMM/virtiofsd/monitor
+//! processes, mounts.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use e2e::fixtures::{artefacts, bundle, work_dir};
+use e2e::{on_kvm_host, repo_root, sandboxvm_bin};
+use serde_json::{json, Value};
+
+/// What a script left in its directory.
+struct Out {
+    dir: PathBuf,
+}
+
+impl Out {
+    fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
+    }
+    fn code(&self, name: &str) -> i32 {
+        self.read(name).trim().parse().unwrap_or(-1000)
+    }
+    fn json(&self, name: &str) -> Value {
+        serde_json::from_str(&self.read(name))
+            .unwrap_or_else(|e| panic!("{name} is not JSON ({e}): {:?}", self.read(name)))
+    }
+    /// Exit codes of the reaped orphans (the monitors), by pid.
+    fn reaped(&self) -> HashMap<i32, i32> {
+        self.read("reaped")
+            .lines()
+            .filter_map(|l| {
+                let (p, c) = l.split_once(' ')?;
+                Some((p.parse().ok()?, c.parse().ok()?))
+            })
+            .collect()
+    }
+    fn assert_clean(&self) {
+        assert_eq!(
+            self.read("leftovers"),
+            "",
+            "sandboxvm left things behind (script output: {})",
+            self.read("script.log")
+        );
+    }
+}
+
+/// Runs `body` (bash; `$S` is sandboxvm with a fresh --root and the test
+/// kernel/initramfs in the environment) in a fresh directory `name` on the
+/// KVM host, under the subreaper.
+fn script(name: &str, body: &str) -> Out {
+    let a = artefacts();
+    let dir = work_dir().join(format!("{name}.out"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = format!(
+        r#"cd {dir}
+export SANDBOXVM_KERNEL={kernel} SANDBOXVM_INITRD={initrd}
+S="{bin} --root {dir}/state"
+# Waits until container $1 is stopped (at most 30 s).
+wait_stopped() {{
+  for _ in $(seq 300); do
+    $S state "$1" 2>/dev/null | grep -q '"stopped"' && return 0
+    sleep 0.1
+  done
+  return 1
+}}
+{body}
+sleep 0.2
+set +x
+{{
+  ls -A state 2>/dev/null
+  pgrep -a virtiofsd
+  pgrep -af 'sandboxvm .*(boot|_monitor) '
+  grep -F -e {dir} /proc/self/mountinfo
+}} >leftovers 2>&1
+true
+"#,
+        dir = dir.display(),
+        kernel = a.kernel.display(),
+        initrd = a.initrd.display(),
+        bin = sandboxvm_bin().display(),
+    );
+    let path = dir.join("script.sh");
+    std::fs::write(&path, text).unwrap();
+    let reaper = repo_root().join("tests/scripts/subreaper.py");
+    let out = on_kvm_host(&[
+        "python3",
+        reaper.to_str().unwrap(),
+        dir.join("reaped").to_str().unwrap(),
+        "bash",
+        "-x",
+        path.to_str().unwrap(),
+    ])
+    .output()
+    .expect("run the test script");
+    std::fs::write(
+        dir.join("script.log"),
+        [out.stdout.as_slice(), out.stderr.as_slice()].concat(),
+    )
+    .unwrap();
+    Out { dir }
+}
+
+fn status_of(v: &Value) -> &str {
+    v["status"].as_str().unwrap_or("?")
+}
+
+#[test]
+fn a_container_goes_through_the_oci_states_and_its_pid_exits_with_its_status() {
+    let hooks_dir = work_dir().join("hooks");
+    std::fs::create_dir_all(&hooks_dir).unwrap();
+    let hook = |name: &str| json!({"path": "/bin/sh", "args": ["sh", "-c", format!("cat > {}/{name}.json", hooks_dir.display())]});
+    let b = bundle(
+        "lifecycle",
+        &[
+            "sh",
+            "-c",
+            "echo started; trap 'echo got TERM; exit 5' TERM; while true; do sleep 0.1; done",
+        ],
+        |s| {
+            s["hooks"] = json!({
+                "prestart": [hook("prestart")],
+                "poststart": [hook("poststart")],
+                "poststop": [hook("poststop")],
+            });
+            s["annotations"] = json!({"org.example/team": "sandboxvm"});
+        },
+    );
+    let o = script(
+        "lifecycle",
+        &format!(
+            r#"
+$S create --bundle {b} --pid-file pid c1 </dev/null >out 2>err; echo $? >create.rc
+$S state c1 >state.created
+$S start c1; echo $? >start.rc
+sleep 0.5
+$S state c1 >state.running
+$S exec c1 sh -c 'echo exec-out; exit 3' >exec.out; echo $? >exec.rc
+$S ps --format json c1 >ps.json
+$S events --stats c1 >stats.json
+$S list --format json >list.json
+$S pause c1; $S state c1 >state.paused; $S resume c1; $S state c1 >state.resumed
+$S kill c1 TERM; echo $? >kill.rc
+wait_stopped c1
+$S state c1 >state.stopped
+$S start c1 2>start2.err; echo $? >start2.rc
+$S delete c1; echo $? >delete.rc
+$S state c1 2>gone.err; echo $? >gone.rc
+"#,
+            b = b.display()
+        ),
+    );
+    assert_eq!(o.code("create.rc"), 0, "create: {}", o.read("script.log"));
+    let pid: i32 = o.read("pid").trim().parse().expect("pid file");
+    let created = o.json("state.created");
+    assert_eq!(status_of(&created), "created");
+    assert_eq!(created["id"], "c1");
+    assert_eq!(created["pid"], pid);
+    assert_eq!(created["bundle"], b.to_str().unwrap());
+    assert_eq!(created["annotations"]["org.example/team"], "sandboxvm");
+    assert!(created["ociVersion"].as_str().unwrap().starts_with("1."));
+    assert_eq!(o.code("start.rc"), 0);
+    assert_eq!(status_of(&o.json("state.running")), "running");
+    assert_eq!(o.read("exec.out"), "exec-out\n");
+    assert_eq!(o.code("exec.rc"), 3);
+    assert!(!o.json("ps.json").as_array().unwrap().is_empty());
+    let stats = o.json("stats.json");
+    assert_eq!(stats["type"], "stats");
+    assert!(stats["data"]["memory"]["usage"]["usage"].as_u64().unwrap() > 0);
+    assert_eq!(o.json("list.json")[0]["id"], "c1");
+    assert_eq!(status_of(&o.json("state.paused")), "paused");
+    assert_eq!(status_of(&o.json("state.resumed")), "running");
+    assert_eq!(o.code("kill.rc"), 0);
+    let stopped = o.json("state.stopped");
+    assert_eq!(status_of(&stopped), "stopped");
+    assert_eq!(stopped["pid"], 0);
+    assert_eq!(o.read("out"), "started\ngot TERM\n");
+    assert_eq!(o.read("err"), "");
+    assert_ne!(o.code("start2.rc"), 0);
+    assert!(o
+        .read("start2.err")
+        .contains("cannot start a container that has stopped"));
+    assert_eq!(o.code("delete.rc"), 0);
+    assert_eq!(o.code("gone.rc"), 1);
+    assert_eq!(
+        o.read("gone.err"),
+        "sandboxvm: container \"c1\" does not exist\n"
+    );
+    // The supervisor sees the container's exit status on the pid.
+    assert_eq!(
+        o.reaped().get(&pid),
+        Some(&5),
+        "reaped: {}",
+        o.read("reaped")
+    );
+    // Hooks ran on the host with the state on stdin.
+    for (hook, status) in [
+        ("prestart", "created"),
+        ("poststart", "running"),
+        ("poststop", "stopped"),
+    ] {
+        let text = std::fs::read_to_string(hooks_dir.join(format!("{hook}.json")))
+            .unwrap_or_else(|_| panic!("{hook} hook did not run"));
+        let st: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(st["id"], "c1", "{hook}");
+        assert_eq!(st["status"], status, "{hook}");
+    }
+    o.assert_clean();
+}
+
+#[test]
+fn delete_force_and_a_killed_vm_leave_nothing() {
+    let b = bundle("force", &["sleep", "1000"], |_| {});
+    let o = script(
+        "force",
+        &format!(
+            r#"
+$S create --bundle {b} --pid-file pid1 c1 </dev/null; $S start c1
+$S create --bundle {b} --pid-file pid2 c2 </dev/null; $S start c2
+$S delete c1 2>delete.err; echo $? >delete.rc
+$S delete --force c1; echo $? >force.rc
+kill -9 $(cat state/c2/vmm.pid)
+wait_stopped c2
+$S state c2 >state.c2
+$S delete c2; echo $? >delete2.rc
+$S delete --force nothing-here; echo $? >force-missing.rc
+"#,
+            b = b.display()
+        ),
+    );
+    assert_eq!(o.code("delete.rc"), 1, "{}", o.read("script.log"));
+    assert!(o
+        .read("delete.err")
+        .contains("cannot delete container c1 that is not stopped: running"));
+    assert_eq!(o.code("force.rc"), 0);
+    assert_eq!(status_of(&o.json("state.c2")), "stopped");
+    assert_eq!(o.code("delete2.rc"), 0);
+    assert_eq!(o.code("force-missing.rc"), 0);
+    let pid2: i32 = o.read("pid2").trim().parse().unwrap();
+    assert_eq!(o.reaped().get(&pid2), Some(&137), "{}", o.read("reaped"));
+    o.assert_clean();
+}
+
+#[test]
+fn a_terminal_goes_to_the_console_socket() {
+    let b = bundle(
+        "tty",
+        &["sh", "-c", "tty; stty size; read x; echo got $x"],
+        |s| s["process"]["terminal"] = json!(true),
+    );
+    let receiver = repo_root().join("tests/scripts/console-receiver.py");
+    let o = script(
+        "tty",
+        &format!(
+            r#"
+python3 {receiver} console.sock console.out &
+rpid=$!
+for _ in $(seq 50); do [ -S console.sock ] && break; sleep 0.1; done
+$S create --bundle {b} --console-socket console.sock c1 </dev/null; echo $? >create.rc
+sleep 0.5
+$S start c1
+wait_stopped c1
+wait $rpid
+$S delete c1
+"#,
+            b = b.display(),
+            receiver = receiver.display()
+        ),
+    );
+    assert_eq!(o.code("create.rc"), 0, "{}", o.read("script.log"));
+    let out = o.read("console.out");
+    let lines: Vec<&str> = out.lines().map(|l| l.trim_end_matches('\r')).collect();
+    // "hello" was typed before start: the guest terminal echoes it.
+    assert!(lines.iter().any(|l| l.starts_with("/dev/pts/")), "{out:?}");
+    assert!(lines.contains(&"30 100"), "{out:?}");
+    assert!(lines.contains(&"got hello"), "{out:?}");
+    o.assert_clean();
+}
+
+#[test]
+fn bad_input_gets_one_line_and_leaves_nothing() {
+    let root = work_dir().join("bad-root");
+    let _ = std::fs::remove_dir_all(&root);
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(sandboxvm_bin())
+            .arg("--root")
+            .arg(&root)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let malformed = bundle("malformed", &["true"], |_| {});
+    std::fs::write(malformed.join("config.json"), "{ nope").unwrap();
+    let no_rootfs = bundle("norootfs", &["true"], |_| {});
+    std::fs::remove_dir_all(no_rootfs.join("rootfs")).unwrap();
+    let tty = bundle("tty-no-socket", &["true"], |s| {
+        s["process"]["terminal"] = json!(true)
+    });
+    let ok = bundle("bad-kernel", &["true"], |_| {});
+    let m = malformed.to_str().unwrap();
+    for (args, want) in [
+        (vec!["create", "--bundle", m, "x"], "malformed config"),
+        (
+            vec!["create", "--bundle", no_rootfs.to_str().unwrap(), "x"],
+            "no such directory",
+        ),
+        (
+            vec!["create", "--bundle", tty.to_str().unwrap(), "x"],
+            "--console-socket is needed",
+        ),
+        (vec!["create", "--bundle", m, "a/b"], "invalid container id"),
+        (
+            // The VMM cannot load this "kernel": the monitor reports it.
+            vec![
+                "create",
+                "--bundle",
+                ok.to_str().unwrap(),
+                "--kernel",
+                "/bin/true",
+                "x",
+            ],
+            "the VMM exited unexpectedly",
+        ),
+        (vec!["start", "x"], "container \"x\" does not exist"),
+        (vec!["kill", "x", "KILL"], "does not exist"),
+        (vec!["state", "x"], "does not exist"),
+        (vec!["delete", "x"], "does not exist"),
+    ] {
+        let (code, err) = run(&args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("sandboxvm: "), "{err}");
+    }
+    let left: Vec<_> = std::fs::read_dir(&root)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in the state root: {left:?}");
+}
