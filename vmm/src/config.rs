@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-pub use crate::virtio::{FsConfig, VsockConfig};
+pub use crate::virtio::{FsConfig, NetConfig, VsockConfig};
 
 /// Kernel command-line parameters the VMM relies on: the console on the
 /// UART, reboot through the i8042 (which ends the VM), reboot right after a
@@ -52,6 +52,8 @@ pub struct VmmConfig {
     pub vsock: Option<VsockConfig>,
     /// virtio-fs shares.
     pub fs: Vec<FsConfig>,
+    /// virtio-net devices, in guest order (eth0 first).
+    pub net: Vec<NetConfig>,
 }
 
 impl VmmConfig {
@@ -69,6 +71,7 @@ impl VmmConfig {
             pvm_guest: false,
             vsock: None,
             fs: Vec::new(),
+            net: Vec::new(),
         }
     }
 }

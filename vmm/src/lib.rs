@@ -29,7 +29,7 @@ use devices::{Bus, EventFdTrigger};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-pub use config::{BootSource, Console, FsConfig, VmmConfig, VsockConfig};
+pub use config::{BootSource, Console, FsConfig, NetConfig, VmmConfig, VsockConfig};
 use event_loop::Ending;
 pub use host::HostKvm;
 use vcpu::{Vcpu, VcpuControl, VcpuStop};
@@ -194,6 +194,9 @@ impl Vmm {
         }
         for fs in &config.fs {
             attacher.fs(fs)?;
+        }
+        for net in &config.net {
+            attacher.net(net)?;
         }
         let device_cmdline = attacher.cmdline.join(" ");
         let mut pio = Bus::new();

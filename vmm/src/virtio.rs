@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use devices::virtio::fs::VhostUserFs;
 use devices::virtio::mmio::{self, MmioTransport};
+use devices::virtio::net::Net;
 use devices::virtio::vsock::Vsock;
 use devices::virtio::{VirtioDevice, VirtioInterrupt};
 use devices::Bus;
@@ -44,6 +45,18 @@ pub struct VsockConfig {
     pub uds: PathBuf,
 }
 
+/// A virtio-net device on a host tap interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The tap's name; attached if it exists (e.g. made with `ip tuntap add
+    /// NAME mode tap`), created (and gone with the VM) if not.
+    pub tap: String,
+    /// The guest interface's MAC; the guest picks a random one without it.
+    pub mac: Option<[u8; 6]>,
+    /// The guest interface's MTU; 1500 without it.
+    pub mtu: Option<u16>,
+}
+
 /// Errors attaching virtio devices.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -70,6 +83,14 @@ pub enum Error {
         tag: String,
         /// The error.
         source: devices::virtio::fs::Error,
+    },
+    /// A virtio-net device.
+    #[error("virtio-net: {source}")]
+    Net {
+        /// The tap's name.
+        tap: String,
+        /// The error.
+        source: devices::virtio::net::device::Error,
     },
     /// The MMIO bus.
     #[error(transparent)]
@@ -116,6 +137,15 @@ impl<'a> Attacher<'a> {
             source,
         })?;
         self.attach("virtio-fs", Box::new(dev))
+    }
+
+    /// Opens the tap and attaches a virtio-net device on it.
+    pub fn net(&mut self, config: &NetConfig) -> Result<(), Error> {
+        let dev = Net::open(&config.tap, config.mac, config.mtu).map_err(|source| Error::Net {
+            tap: config.tap.clone(),
+            source,
+        })?;
+        self.attach("virtio-net", Box::new(dev))
     }
 
     fn attach(&mut self, name: &'static str, device: Box<dyn VirtioDevice>) -> Result<(), Error> {
