@@ -1,0 +1,237 @@
+//! Host mounts: a container's root filesystem from containerd's mount list
+//! (usually one overlay), bind mounts into the pod's shared directory, the
+//! shared mount itself, and finding and removing what is mounted below a
+//! directory.
+
+use std::path::{Path, PathBuf};
+
+use containerd_shim::protos::types::mount::Mount;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use crate::error::{Error, Result};
+
+fn mount_err(what: String) -> impl FnOnce(nix::Error) -> Error {
+    move |source| Error::Mount { what, source }
+}
+
+/// Decodes mount(8)-style options into flags, propagation flags and the
+/// data string for the filesystem.
+pub fn parse_options(options: &[String]) -> (MsFlags, MsFlags, String) {
+    let mut flags = MsFlags::empty();
+    let mut propagation = MsFlags::empty();
+    let mut data = Vec::new();
+    for o in options {
+        let (set, clear) = match o.as_str() {
+            "defaults" => (MsFlags::empty(), MsFlags::empty()),
+            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
+            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
+            "bind" => (MsFlags::MS_BIND, MsFlags::empty()),
+            "rbind" => (MsFlags::MS_BIND | MsFlags::MS_REC, MsFlags::empty()),
+            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
+            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
+            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
+            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
+            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
+            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
+            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
+            "async" => (MsFlags::empty(), MsFlags::MS_SYNCHRONOUS),
+            "dirsync" => (MsFlags::MS_DIRSYNC, MsFlags::empty()),
+            "remount" => (MsFlags::MS_REMOUNT, MsFlags::empty()),
+            "noatime" => (MsFlags::MS_NOATIME, MsFlags::empty()),
+            "atime" => (MsFlags::empty(), MsFlags::MS_NOATIME),
+            "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty()),
+            "diratime" => (MsFlags::empty(), MsFlags::MS_NODIRATIME),
+            "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty()),
+            "norelatime" => (MsFlags::empty(), MsFlags::MS_RELATIME),
+            "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
+            "nostrictatime" => (MsFlags::empty(), MsFlags::MS_STRICTATIME),
+            "private" | "rprivate" | "slave" | "rslave" | "shared" | "rshared" | "unbindable"
+            | "runbindable" => {
+                let p = match o.trim_start_matches('r') {
+                    "private" => MsFlags::MS_PRIVATE,
+                    "slave" => MsFlags::MS_SLAVE,
+                    "shared" => MsFlags::MS_SHARED,
+                    _ => MsFlags::MS_UNBINDABLE,
+                };
+                propagation = p | if o.starts_with('r') {
+                    MsFlags::MS_REC
+                } else {
+                    MsFlags::empty()
+                };
+                continue;
+            }
+            other => {
+                data.push(other.to_string());
+                continue;
+            }
+        };
+        flags = (flags | set) & !clear;
+    }
+    (flags, propagation, data.join(","))
+}
+
+/// Mounts containerd's `mounts` (a snapshot: overlay, or a bind of a
+/// directory) on `target`, in order.
+pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<()> {
+    for m in mounts {
+        let (flags, propagation, data) = parse_options(&m.options);
+        let typ = (!m.type_.is_empty() && m.type_ != "bind").then_some(m.type_.as_str());
+        let flags = if m.type_ == "bind" {
+            flags | MsFlags::MS_BIND
+        } else {
+            flags
+        };
+        let what = format!(
+            "mount {} ({}) on {}",
+            m.source,
+            if m.type_.is_empty() { "none" } else { &m.type_ },
+            target.display()
+        );
+        let data = (!data.is_empty()).then_some(data.as_str());
+        mount(
+            Some(m.source.as_str()),
+            target,
+            typ,
+            flags & !MsFlags::MS_RDONLY,
+            data,
+        )
+        .map_err(mount_err(what.clone()))?;
+        // A bind mount only becomes read-only by a remount.
+        if flags.contains(MsFlags::MS_RDONLY) {
+            let remount = if flags.contains(MsFlags::MS_BIND) {
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY
+            } else {
+                MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY
+            };
+            mount(None::<&str>, target, None::<&str>, remount, data)
+                .map_err(mount_err(format!("{what}: read-only")))?;
+        }
+        if !propagation.is_empty() {
+            mount(
+                None::<&str>,
+                target,
+                None::<&str>,
+                propagation,
+                None::<&str>,
+            )
+            .map_err(mount_err(format!("{what}: propagation")))?;
+        }
+    }
+    Ok(())
+}
+
+/// Bind-mounts `source` (recursively) on `target`.
+pub fn bind(source: &Path, target: &Path) -> Result<()> {
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(mount_err(format!(
+        "bind-mount {} on {}",
+        source.display(),
+        target.display()
+    )))
+}
+
+/// Makes `dir` a mount point of its own peer group (bind on itself, private,
+/// then shared), so that what is mounted below it later also appears in the
+/// mount namespaces that copied it, such as virtiofsd's.
+pub fn make_shared(dir: &Path) -> Result<()> {
+    bind(dir, dir)?;
+    for (flag, what) in [
+        (MsFlags::MS_PRIVATE, "private"),
+        (MsFlags::MS_SHARED, "shared"),
+    ] {
+        if let Err(e) = mount(None::<&str>, dir, None::<&str>, flag, None::<&str>) {
+            let _ = umount2(dir, MntFlags::MNT_DETACH);
+            return Err(mount_err(format!("make {} {what}", dir.display()))(e));
+        }
+    }
+    Ok(())
+}
+
+/// Undoes the octal escapes of /proc/self/mountinfo (`\040` for a space).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Mount points at or below `dir` in this mount namespace, deepest first.
+pub fn mounted_under(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape(p)))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points.dedup();
+    points
+}
+
+/// Lazily unmounts everything at or below `dir` (repeatedly: a mount point
+/// may be stacked).
+pub fn unmount_all(dir: &Path) {
+    for _ in 0..8 {
+        let points = mounted_under(dir);
+        if points.is_empty() {
+            return;
+        }
+        for p in points {
+            if let Err(e) = umount2(&p, MntFlags::MNT_DETACH) {
+                log::debug!("umount {}: {e}", p.display());
+            }
+        }
+    }
+    log::warn!("mounts remain below {}", dir.display());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_become_flags_and_data() {
+        let o = |v: &[&str]| parse_options(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let (f, p, d) = o(&["ro", "rbind", "nosuid", "rprivate"]);
+        assert_eq!(
+            f,
+            MsFlags::MS_RDONLY | MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_NOSUID
+        );
+        assert_eq!(p, MsFlags::MS_PRIVATE | MsFlags::MS_REC);
+        assert_eq!(d, "");
+        let (f, _, d) = o(&["index=off", "lowerdir=/a:/b", "upperdir=/u", "workdir=/w"]);
+        assert_eq!(f, MsFlags::empty());
+        assert_eq!(d, "index=off,lowerdir=/a:/b,upperdir=/u,workdir=/w");
+        let (f, _, _) = o(&["ro", "rw"]);
+        assert_eq!(f, MsFlags::empty());
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape(r"/a\040b"), "/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(unescape(r"/end\04"), r"/end\04");
+    }
+
+    #[test]
+    fn proc_is_mounted_under_root() {
+        assert!(mounted_under(Path::new("/")).contains(&PathBuf::from("/proc")));
+    }
+}
