@@ -59,12 +59,7 @@ struct Share(PathBuf);
 
 impl Drop for Share {
     fn drop(&mut self) {
-        mounts::unmount_all(&self.0);
-        if let Err(e) = std::fs::remove_dir_all(&self.0) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                log::warn!("cannot remove {}: {e}", self.0.display());
-            }
-        }
+        mounts::remove_dir(&self.0);
     }
 }
 

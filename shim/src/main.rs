@@ -4,7 +4,8 @@
 //! through the guest agent, each with its own rootfs in the pod's virtio-fs
 //! share.
 //!
-//! - [`shim`]: start/delete of the shim itself, grouping by pod;
+//! - [`bootstrap`]: containerd's actions; [`shim`]: start/delete of the
+//!   shim itself, grouping by pod;
 //! - [`service`]: the task API (create, start, exec, kill, wait, ...);
 //! - [`pod`]: the pod's VM, state directory and shared mount;
 //! - [`container`]: a container's rootfs and mounts; [`spec`]: its spec as
@@ -12,6 +13,7 @@
 //! - [`stdio`]: the FIFO pumps; [`events`]: task events; [`mounts`]: host
 //!   mount helpers.
 
+mod bootstrap;
 mod container;
 mod error;
 mod events;
@@ -26,12 +28,5 @@ mod stdio;
 pub use error::Error;
 
 fn main() {
-    let config = containerd_shim::Config {
-        // The sandbox reaps its own children (the VMM and virtiofsd); the
-        // library's reaper would take their exit statuses from it.
-        no_reaper: true,
-        no_sub_reaper: true,
-        ..Default::default()
-    };
-    containerd_shim::run::<shim::Shim>(shim::RUNTIME_ID, Some(config));
+    std::process::exit(bootstrap::main());
 }

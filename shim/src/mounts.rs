@@ -202,6 +202,22 @@ pub fn unmount_all(dir: &Path) {
     log::warn!("mounts remain below {}", dir.display());
 }
 
+/// Unmounts everything below `dir`, then removes it; never removes a
+/// directory that still has something mounted below it (a recursive delete
+/// would descend into the container's rootfs or a host bind source).
+pub fn remove_dir(dir: &Path) {
+    unmount_all(dir);
+    if !mounted_under(dir).is_empty() {
+        log::warn!("mounts remain below {}: not removing it", dir.display());
+        return;
+    }
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            log::warn!("cannot remove {}: {e}", dir.display());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -119,12 +119,7 @@ pub fn remove_dead(dir: &Path) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
-    mounts::unmount_all(dir);
-    if let Err(e) = std::fs::remove_dir_all(dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            log::warn!("cannot remove {}: {e}", dir.display());
-        }
-    }
+    mounts::remove_dir(dir);
     if let Some(ns_dir) = dir.parent() {
         let _ = std::fs::remove_dir(ns_dir);
     }
@@ -312,10 +307,7 @@ impl Pod {
         }
         drop(sandbox);
         drop(_keeper);
-        mounts::unmount_all(&self.dir);
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            log::warn!("cannot remove {}: {e}", self.dir.display());
-        }
+        mounts::remove_dir(&self.dir);
         if let Some(ns_dir) = self.dir.parent() {
             let _ = std::fs::remove_dir(ns_dir);
         }

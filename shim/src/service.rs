@@ -364,6 +364,11 @@ impl Service {
         Ok(())
     }
 
+    /// Stops everything and lets the shim exit (on SIGTERM).
+    pub fn shutdown_now(&self) {
+        self.do_shutdown(true);
+    }
+
     fn do_shutdown(&self, now: bool) {
         let _l = lock(&self.lifecycle);
         if !now && !lock(&self.containers).is_empty() {

@@ -72,8 +72,7 @@ impl containerd_shim::Shim for Shim {
         let dir = pod::pod_dir(&self.namespace, &pod_id);
         if dir.exists() {
             if pod::owner_alive(&dir) {
-                mounts::unmount_all(&dir.join("shared").join(&self.id));
-                let _ = std::fs::remove_dir_all(dir.join("shared").join(&self.id));
+                mounts::remove_dir(&dir.join("shared").join(&self.id));
             } else {
                 pod::remove_dead(&dir);
             }

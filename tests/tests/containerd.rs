@@ -1,0 +1,473 @@
+//! End to end: Debian's containerd with the sandboxvm shim, driven by `ctr`.
+//!
+//! Each test runs one script on a host that boots guests (the nested CI
+//! host here): it starts its own containerd (config from
+//! resources/containerd-config.toml plus root, state and socket in a tmpfs,
+//! `containerd-shim-sandboxvm-v2` and `sandboxvm` first on PATH), imports
+//! a busybox OCI image built by the test (no registry), runs the test's
+//! `ctr` steps, stops containerd and records what is left: shims, VMMs,
+//! virtiofsd, mounts, sandboxvm state, shim sockets. Each step's stdout,
+//! stderr and status land in files the test reads.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+use e2e::{guest_kernel, on_kvm_host, repo_root, sandboxvm_bin};
+
+const RUNTIME: &str = "io.containerd.sandboxvm.v2";
+const IMAGE: &str = "docker.io/library/sbx-busybox:latest";
+
+struct Fixture {
+    kernel: PathBuf,
+    initrd: PathBuf,
+    /// Directory holding `sandboxvm` and `containerd-shim-sandboxvm-v2`.
+    bin_dir: PathBuf,
+    /// The OCI image layout tarball.
+    image: PathBuf,
+}
+
+fn work_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sandboxvm-e2e-ctrd-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn last_line(out: &std::process::Output, what: &str) -> PathBuf {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim(),
+    )
+}
+
+/// Builds an OCI image layout tarball (oci-layout, index.json, manifest,
+/// config, one gzipped layer; all by digest) of the busybox rootfs in
+/// `bundle`.
+const MAKE_IMAGE: &str = r#"
+set -euo pipefail
+bundle=$1 out=$2
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$work/layout/blobs/sha256"
+tar --numeric-owner -C "$bundle/rootfs" -cf "$work/layer.tar" .
+diff_id=$(sha256sum "$work/layer.tar" | cut -d' ' -f1)
+gzip -n "$work/layer.tar"
+blob() {  # file -> prints "digest size", stores the blob
+  local d s
+  d=$(sha256sum "$1" | cut -d' ' -f1); s=$(stat -c %s "$1")
+  cp "$1" "$work/layout/blobs/sha256/$d"
+  echo "$d $s"
+}
+read -r layer layer_size < <(blob "$work/layer.tar.gz")
+cat >"$work/config.json" <<EOF
+{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sh"],"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:$diff_id"]}}
+EOF
+read -r config config_size < <(blob "$work/config.json")
+cat >"$work/manifest.json" <<EOF
+{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:$config","size":$config_size},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:$layer","size":$layer_size}]}
+EOF
+read -r manifest manifest_size < <(blob "$work/manifest.json")
+cat >"$work/layout/index.json" <<EOF
+{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:$manifest","size":$manifest_size,"annotations":{"io.containerd.image.name":"IMAGE","org.opencontainers.image.ref.name":"latest"}}]}
+EOF
+echo '{"imageLayoutVersion":"1.0.0"}' >"$work/layout/oci-layout"
+tar -C "$work/layout" -cf "$out" oci-layout index.json blobs
+echo "$out"
+"#;
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let bin_dir = sandboxvm_bin().parent().unwrap().to_path_buf();
+        // The shim is another package's binary: make sure it is current.
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.current_dir(repo_root()).args([
+            "build",
+            "-p",
+            "containerd-shim-sandboxvm-v2",
+            "-p",
+            "sandboxvm",
+        ]);
+        if bin_dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let out = build.output().expect("run cargo build");
+        assert!(
+            out.status.success(),
+            "cargo build of the shim failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let kernel = guest_kernel().expect("guest kernel");
+        let out = Command::new(repo_root().join("guest-agent/build-initramfs"))
+            .output()
+            .expect("run guest-agent/build-initramfs");
+        let initrd = last_line(&out, "guest-agent/build-initramfs");
+        let work = work_dir();
+        let bundle = work.join("busybox");
+        let out = Command::new(repo_root().join("resources/make-busybox-bundle"))
+            .arg(&bundle)
+            .env("SANDBOXVM", sandboxvm_bin())
+            .output()
+            .expect("run make-busybox-bundle");
+        last_line(&out, "make-busybox-bundle");
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(MAKE_IMAGE.replace("IMAGE", IMAGE))
+            .arg("make-image")
+            .arg(&bundle)
+            .arg(work.join("busybox-oci.tar"))
+            .output()
+            .expect("run bash");
+        let image = last_line(&out, "making the OCI image");
+        Fixture {
+            kernel,
+            initrd,
+            bin_dir,
+            image,
+        }
+    })
+}
+
+/// What a test script left: its steps' results, the logs and leftovers.
+#[derive(Debug)]
+struct Ran {
+    dir: PathBuf,
+    /// What was left after containerd stopped (empty = clean).
+    leftovers: String,
+    /// containerd's log (with the shim's lines), for failure messages.
+    log: String,
+    /// `ctr events` during the test.
+    events: String,
+}
+
+/// One step's result.
+#[derive(Debug)]
+struct Step {
+    out: String,
+    err: String,
+    code: i32,
+}
+
+impl Ran {
+    fn step(&self, name: &str) -> Step {
+        let read = |ext: &str| {
+            std::fs::read_to_string(self.dir.join(format!("{name}.{ext}"))).unwrap_or_default()
+        };
+        Step {
+            out: read("out"),
+            err: read("err"),
+            code: read("code").trim().parse().unwrap_or(-1),
+        }
+    }
+
+    /// The tail of containerd's log, for assertion messages.
+    fn tail(&self) -> String {
+        let lines: Vec<&str> = self.log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    fn assert_clean(&self) {
+        assert_eq!(
+            self.leftovers,
+            "",
+            "left behind after containerd stopped; containerd log:\n{}",
+            self.tail()
+        );
+    }
+}
+
+/// The script around a test's steps: containerd up, image imported, `body`,
+/// containerd down, leftovers recorded.
+const SCRIPT: &str = r#"
+set -u
+W=@WORK@
+cd "$W"
+export PATH=@BIN@:$PATH SANDBOXVM_KERNEL=@KERNEL@ SANDBOXVM_INITRD=@INITRD@
+export SANDBOXVM_BOOT_TIMEOUT=120
+# step NAME CMD...: runs CMD, its stdout, stderr and status into NAME.*
+step() { local n=$1; shift; "$@" >"$W/$n.out" 2>"$W/$n.err"; echo $? >"$W/$n.code"; }
+C="ctr --address $W/ctd/containerd.sock -n test"
+mkdir -p ctd
+mount -t tmpfs -o size=1g ctd-test ctd
+# overlayfs is a module of the CI host's kernel: load it from the package
+# ci/nested booted, if it is not there; else the native snapshotter.
+snapshotter=overlayfs
+if ! grep -qw overlay /proc/filesystems && ! modprobe overlay 2>/dev/null; then
+  deb=$(ls "${SANDBOXVM_CACHE:-$HOME/.cache/sandboxvm}"/nested/linux-image-"$(uname -r)"_*/kernel.deb 2>/dev/null | head -n1)
+  if [ -n "$deb" ]; then
+    mkdir -p ctd/mod
+    dpkg-deb --fsys-tarfile "$deb" | tar -x -C ctd/mod --wildcards '*/overlay.ko' 2>/dev/null
+    ko=$(find ctd/mod -name overlay.ko | head -n1)
+    [ -n "$ko" ] && insmod "$ko" 2>/dev/null
+  fi
+  grep -qw overlay /proc/filesystems || snapshotter=native
+fi
+echo "$snapshotter" >snapshotter
+{
+  echo 'version = 2'
+  echo "root = \"$W/ctd/root\""
+  echo "state = \"$W/ctd/state\""
+  echo '[grpc]'
+  echo "  address = \"$W/ctd/containerd.sock\""
+  echo '[debug]'
+  echo '  level = "debug"'
+  echo '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]'
+  echo '  runtime_type = "io.containerd.runc.v2"'
+  cat @SNIPPET@
+} >config.toml
+containerd --config config.toml >containerd.log 2>&1 &
+ctrd=$!
+for _ in $(seq 100); do $C version >/dev/null 2>&1 && break; sleep 0.1; done
+$C events >events.log 2>&1 &
+events=$!
+step import $C images import @IMAGE@
+SN="--snapshotter $snapshotter"
+R="--runtime @RUNTIME@"
+@BODY@
+sleep 0.5
+kill $events 2>/dev/null
+kill -TERM $ctrd; wait $ctrd
+sleep 0.5
+{
+  pgrep -af containerd-shim-sandboxvm
+  pgrep -a virtiofsd
+  pgrep -af 'sandboxvm.* boot '
+  grep -F -e "$W/ctd/" -e /run/sandboxvm /proc/self/mountinfo
+  ls -A /run/sandboxvm/shim 2>/dev/null
+  ls -A /run/containerd/s 2>/dev/null
+} >leftovers 2>&1
+umount ctd
+echo done >finished
+"#;
+
+/// Runs `body` (shell, with `$C` = ctr for the test's containerd and
+/// namespace, `$R` = the runtime flag, `$SN` = the snapshotter flag and
+/// `step NAME CMD...`) around a containerd of its own.
+fn run(name: &str, body: &str) -> Ran {
+    // One nested host at a time: each boots VMs inside on 2 cores.
+    static SERIAL: Mutex<()> = Mutex::new(());
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let f = fixture();
+    let dir = work_dir().join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = SCRIPT
+        .replace("@WORK@", dir.to_str().unwrap())
+        .replace("@BIN@", f.bin_dir.to_str().unwrap())
+        .replace("@KERNEL@", f.kernel.to_str().unwrap())
+        .replace("@INITRD@", f.initrd.to_str().unwrap())
+        .replace(
+            "@SNIPPET@",
+            repo_root()
+                .join("resources/containerd-config.toml")
+                .to_str()
+                .unwrap(),
+        )
+        .replace("@IMAGE@", f.image.to_str().unwrap())
+        .replace("@RUNTIME@", RUNTIME)
+        .replace("@BODY@", body);
+    let path = dir.join("script.sh");
+    std::fs::write(&path, script).unwrap();
+    let out = on_kvm_host(&["bash", path.to_str().unwrap()])
+        .output()
+        .expect("run the test script");
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    assert!(
+        dir.join("finished").exists(),
+        "the script did not finish: {}{}\ncontainerd log: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        read("containerd.log")
+    );
+    let ran = Ran {
+        leftovers: read("leftovers"),
+        log: read("containerd.log"),
+        events: read("events.log"),
+        dir,
+    };
+    let import = ran.step("import");
+    assert_eq!(import.code, 0, "ctr images import: {import:?}");
+    ran
+}
+
+fn guest_release() -> String {
+    let kernel = std::fs::canonicalize(&fixture().kernel).unwrap();
+    std::fs::read_to_string(kernel.with_file_name("release"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn ctr_run_shows_output_exit_code_and_the_guest_kernel() {
+    let r = run(
+        "run",
+        r#"
+step hello $C run $SN $R --rm @IMAGE@ hello sh -c 'echo hello; echo to-stderr >&2; exit 3'
+step kernel $C run $SN $R --rm @IMAGE@ kernel sh -c 'uname -r; dmesg | head -n 3'
+step host_kernel uname -r
+step containers $C containers ls -q
+"#
+        .replace("@IMAGE@", IMAGE)
+        .as_str(),
+    );
+    let hello = r.step("hello");
+    assert_eq!(hello.code, 3, "{hello:?}\n{}", r.tail());
+    assert_eq!(hello.out, "hello\n", "{hello:?}");
+    assert_eq!(hello.err, "to-stderr\n", "{hello:?}");
+
+    let kernel = r.step("kernel");
+    assert_eq!(kernel.code, 0, "{kernel:?}\n{}", r.tail());
+    let first = kernel.out.lines().next().unwrap_or_default();
+    assert_eq!(first, guest_release(), "{kernel:?}");
+    assert_ne!(first, r.step("host_kernel").out.trim());
+    assert!(
+        kernel.out.contains("Linux version"),
+        "dmesg shows the guest's boot log: {kernel:?}"
+    );
+    assert_eq!(r.step("containers").out, "", "--rm removed the containers");
+    for topic in [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/exit",
+        "/tasks/delete",
+    ] {
+        assert!(r.events.contains(topic), "{topic} in {}", r.events);
+    }
+    r.assert_clean();
+}
+
+#[test]
+fn a_detached_task_takes_exec_ps_pause_resume_kill_and_delete() {
+    let r = run(
+        "long",
+        r#"
+step run $C run $SN $R -d @IMAGE@ long sh -c 'echo started; sleep 1000'
+step exec $C task exec --exec-id x long sh -c 'echo from-exec; echo exec-err >&2; exit 5'
+step ps $C task ps long
+step metrics $C task metrics long
+step pause $C task pause long
+step ls_paused $C task ls
+step resume $C task resume long
+step ls_resumed $C task ls
+step exec2 $C task exec --exec-id y long sh -c 'echo after-resume'
+step kill $C task kill -s SIGKILL long
+for _ in $(seq 100); do $C task ls | grep -q 'long.*STOPPED' && break; sleep 0.1; done
+step ls_killed $C task ls
+step delete $C task delete long
+step delete_container $C container delete long
+step tasks $C task ls -q
+step containers $C container ls -q
+"#
+        .replace("@IMAGE@", IMAGE)
+        .as_str(),
+    );
+    let run = r.step("run");
+    assert_eq!(run.code, 0, "{run:?}\n{}", r.tail());
+    let exec = r.step("exec");
+    assert_eq!(exec.code, 5, "{exec:?}\n{}", r.tail());
+    assert_eq!(exec.out, "from-exec\n", "{exec:?}");
+    assert_eq!(exec.err, "exec-err\n", "{exec:?}");
+    let ps = r.step("ps");
+    assert_eq!(ps.code, 0, "{ps:?}");
+    // A header and the container's processes (sh and sleep).
+    assert!(ps.out.lines().count() >= 3, "{ps:?}");
+    let metrics = r.step("metrics");
+    assert_eq!(metrics.code, 0, "{metrics:?}");
+    assert!(metrics.out.contains("memory"), "{metrics:?}");
+    assert_eq!(r.step("pause").code, 0, "{:?}", r.step("pause"));
+    assert!(
+        r.step("ls_paused").out.contains("PAUSED"),
+        "{:?}",
+        r.step("ls_paused")
+    );
+    assert_eq!(r.step("resume").code, 0, "{:?}", r.step("resume"));
+    assert!(
+        r.step("ls_resumed").out.contains("RUNNING"),
+        "{:?}",
+        r.step("ls_resumed")
+    );
+    let exec2 = r.step("exec2");
+    assert_eq!(
+        (exec2.code, exec2.out.as_str()),
+        (0, "after-resume\n"),
+        "{exec2:?}"
+    );
+    assert_eq!(r.step("kill").code, 0, "{:?}", r.step("kill"));
+    assert!(
+        r.step("ls_killed").out.contains("STOPPED"),
+        "{:?}\n{}",
+        r.step("ls_killed"),
+        r.tail()
+    );
+    assert!(
+        r.events
+            .lines()
+            .any(|l| l.contains("/tasks/exit") && l.contains("\"exit_status\":137")),
+        "the kill's exit event: {}",
+        r.events
+    );
+    for topic in [
+        "/tasks/exec-added",
+        "/tasks/exec-started",
+        "/tasks/paused",
+        "/tasks/resumed",
+        "/tasks/delete",
+    ] {
+        assert!(r.events.contains(topic), "{topic} in {}", r.events);
+    }
+    assert_eq!(r.step("delete").code, 0, "{:?}", r.step("delete"));
+    let deleted = r.step("delete_container");
+    assert_eq!(deleted.code, 0, "{deleted:?}");
+    assert_eq!(r.step("tasks").out, "");
+    assert_eq!(r.step("containers").out, "");
+    r.assert_clean();
+}
+
+#[test]
+fn a_missing_entrypoint_fails_clearly_and_leaves_nothing() {
+    let r = run(
+        "missing",
+        r#"
+step missing $C run $SN $R --rm @IMAGE@ missing /no/such/program
+step containers $C containers ls -q
+"#
+        .replace("@IMAGE@", IMAGE)
+        .as_str(),
+    );
+    let m = r.step("missing");
+    assert_ne!(m.code, 0, "{m:?}");
+    assert!(m.err.contains("/no/such/program"), "{m:?}\n{}", r.tail());
+    assert_eq!(r.step("containers").out, "", "--rm removed the container");
+    r.assert_clean();
+}
+
+#[test]
+fn the_image_layout_names_its_blobs_by_digest() {
+    let f = fixture();
+    let out = Command::new("tar")
+        .arg("-tf")
+        .arg(&f.image)
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(list.contains("oci-layout"), "{list}");
+    assert!(list.contains("index.json"), "{list}");
+    assert_eq!(
+        list.lines()
+            .filter(|l| l.starts_with("blobs/sha256/") && l.len() > 20)
+            .count(),
+        3,
+        "manifest, config and layer: {list}"
+    );
+    assert!(Path::new(&f.image).metadata().unwrap().len() > 100_000);
+}
