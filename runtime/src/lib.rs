@@ -11,5 +11,6 @@ pub mod artefacts;
 pub mod bundle;
 pub mod oci;
 pub mod sandbox;
+pub mod share;
 pub mod signals;
 pub mod tty;

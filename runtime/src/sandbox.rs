@@ -108,6 +108,14 @@ fn pdeathsig(cmd: &mut Command) {
 impl Sandbox {
     /// Creates the state directory and starts virtiofsd and the VMM.
     pub fn start(opts: &Options) -> Result<Sandbox, Error> {
+        let mut sandbox = Sandbox::prepare(opts)?;
+        sandbox.launch(opts)?;
+        Ok(sandbox)
+    }
+
+    /// Creates the state directory only (the caller may then fill the
+    /// shared directory before [`Sandbox::launch`]).
+    pub fn prepare(opts: &Options) -> Result<Sandbox, Error> {
         if remove_if_stale(&opts.dir) {
             log::warn!("removed the state of a dead sandbox {:?}", opts.id);
         }
@@ -123,7 +131,7 @@ impl Sandbox {
                 })
             }
         }
-        let mut sandbox = Sandbox {
+        let sandbox = Sandbox {
             dir: opts.dir.clone(),
             vmm: None,
             virtiofsd: None,
@@ -138,6 +146,12 @@ impl Sandbox {
                 source,
             }
         })?;
+        Ok(sandbox)
+    }
+
+    /// Starts virtiofsd on `opts.shared_dir` and the VMM.
+    pub fn launch(&mut self, opts: &Options) -> Result<(), Error> {
+        let sandbox = self;
         let log = |name: &str| -> Result<File, Error> {
             let path = opts.dir.join(name);
             File::create(&path).map_err(|source| Error::StateDir { path, source })
@@ -215,7 +229,7 @@ impl Sandbox {
         sandbox.vmm = Some(child);
         write_pid(&opts.dir.join("vmm.pid"), pid)?;
         log::info!("VMM started ({} vCPU, {} MiB)", opts.vcpus, opts.memory_mib);
-        Ok(sandbox)
+        Ok(())
     }
 
     /// The state directory.
@@ -337,6 +351,16 @@ impl Drop for Sandbox {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // The VM is gone: its share's mounts go too; only then may the
+        // directory be removed (a recursive delete would descend into a
+        // bind-mounted rootfs).
+        if !crate::share::unmount_under(&self.dir) {
+            log::warn!(
+                "mounts remain under {}; not removing it",
+                self.dir.display()
+            );
+            return;
+        }
         if self.keep_dir {
             return;
         }
@@ -364,7 +388,7 @@ fn remove_if_stale(dir: &Path) -> bool {
     // SAFETY: kill with signal 0 only checks that the process exists.
     let alive = unsafe { libc::kill(pid, 0) } == 0
         || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-    !alive && std::fs::remove_dir_all(dir).is_ok()
+    !alive && crate::share::unmount_under(dir) && std::fs::remove_dir_all(dir).is_ok()
 }
 
 fn describe(status: ExitStatus) -> String {

@@ -64,7 +64,7 @@ fn script(name: &str, body: &str) -> Out {
     let text = format!(
         r#"cd {dir}
 export SANDBOXVM_KERNEL={kernel} SANDBOXVM_INITRD={initrd}
-S="{bin} --root {dir}/state"
+S="{bin} --root {dir}/state -v --log {dir}/sandboxvm.log"
 # Waits until container $1 is stopped (at most 30 s).
 wait_stopped() {{
   for _ in $(seq 300); do

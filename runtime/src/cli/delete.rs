@@ -29,7 +29,11 @@ impl Delete {
             Err(state::Error::NotFound(_)) => {
                 // A state dir without state.json: a create in progress (its
                 // runtime.pid lives) or one that died half-way.
-                if self.force && dir.exists() && !owner_alive(&dir) {
+                if self.force
+                    && dir.exists()
+                    && !owner_alive(&dir)
+                    && sandboxvm::share::unmount_under(&dir)
+                {
                     std::fs::remove_dir_all(&dir)
                         .with_context(|| format!("cannot remove {}", dir.display()))?;
                     return Ok(0);
@@ -56,6 +60,11 @@ impl Delete {
                 log::warn!("{e}");
             }
         }
+        anyhow::ensure!(
+            sandboxvm::share::unmount_under(&dir),
+            "mounts remain under {}; not removing it",
+            dir.display()
+        );
         std::fs::remove_dir_all(&dir)
             .with_context(|| format!("cannot remove {}", dir.display()))?;
         Ok(0)

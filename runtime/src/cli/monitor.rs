@@ -21,6 +21,7 @@ use sandboxvm::agent::Agent;
 use sandboxvm::bundle::Bundle;
 use sandboxvm::oci::{console, hooks, state, Record, Status};
 use sandboxvm::sandbox::{Options, Sandbox, ROOTFS_TAG};
+use sandboxvm::share;
 use sandboxvm::signals::Forwarder;
 
 /// Internal; see the module documentation.
@@ -131,15 +132,34 @@ impl Monitor {
             verbose: g.verbose,
             vmm_exe: None,
         };
-        let mut sandbox = Sandbox::start(&opts)?;
+        let mut opts = opts;
+        let mut sandbox = Sandbox::prepare(&opts)?;
+        let (share, spec_json) =
+            share::share_bundle(&sandbox.dir().join("shared"), ROOTFS_TAG, &bundle)?;
+        opts.shared_dir = share.dir().to_path_buf();
+        sandbox.launch(&opts)?;
         let interrupted = || signals.pending().into_iter().find(|&s| s != libc::SIGWINCH);
-        let stream = sandbox.connect_agent(
-            protocol::AGENT_PORT,
-            Duration::from_secs(self.boot_timeout),
-            interrupted,
-        )?;
-        let agent = Agent::new(stream)?;
-        agent.create(&self.id, &bundle.config_json, ROOTFS_TAG)?;
+        let created = sandbox
+            .connect_agent(
+                protocol::AGENT_PORT,
+                Duration::from_secs(self.boot_timeout),
+                interrupted,
+            )
+            .map_err(anyhow::Error::from)
+            .and_then(|stream| Ok(Agent::new(stream)?))
+            .and_then(|agent| {
+                agent.create_in(&self.id, &spec_json, ROOTFS_TAG, "rootfs")?;
+                Ok(agent)
+            });
+        let agent = match created {
+            Ok(a) => a,
+            Err(e) => {
+                for line in sandbox.console_tail(30) {
+                    log::info!("guest console: {line}");
+                }
+                return Err(e);
+            }
+        };
         let terminal = bundle.terminal();
         let io = self.host_io(terminal)?;
         let pid = std::process::id() as i32;

@@ -13,6 +13,7 @@ use crate::agent::Agent;
 use crate::bundle::Bundle;
 use crate::sandbox::{Options, Sandbox, ROOTFS_TAG};
 use crate::{artefacts, tty};
+use sandboxvm::share;
 
 /// Runs the container in BUNDLE (config.json + rootfs) inside its own VM,
 /// forwarding stdio (or a terminal) and signals, and exits with the
@@ -84,8 +85,22 @@ impl Run {
             verbose,
             vmm_exe: None,
         };
-        let mut sandbox = Sandbox::start(&opts)?;
-        let result = run_in(&mut sandbox, &bundle, &id, &signals, self.boot_timeout);
+        let mut opts = opts;
+        let mut sandbox = Sandbox::prepare(&opts)?;
+        let result = share::share_bundle(&sandbox.dir().join("shared"), ROOTFS_TAG, &bundle)
+            .map_err(anyhow::Error::from)
+            .and_then(|(share, spec_json)| {
+                opts.shared_dir = share.dir().to_path_buf();
+                sandbox.launch(&opts)?;
+                run_in(
+                    &mut sandbox,
+                    &bundle,
+                    &spec_json,
+                    &id,
+                    &signals,
+                    self.boot_timeout,
+                )
+            });
         if result.is_err() && verbose > 0 {
             for line in sandbox.console_tail(20) {
                 log::info!("guest console: {line}");
@@ -99,6 +114,7 @@ impl Run {
 fn run_in(
     sandbox: &mut Sandbox,
     bundle: &Bundle,
+    spec_json: &str,
     id: &str,
     signals: &crate::signals::Forwarder,
     boot_timeout: u64,
@@ -112,7 +128,7 @@ fn run_in(
     )?;
     let agent = Agent::new(stream)?;
     log::info!("agent up: guest kernel {}", agent.kernel_release()?);
-    agent.create(id, &bundle.config_json, ROOTFS_TAG)?;
+    agent.create_in(id, spec_json, ROOTFS_TAG, "rootfs")?;
     let terminal = bundle.terminal();
     let _raw = if terminal {
         tty::RawMode::enter_stdin()

@@ -130,10 +130,8 @@ mod tests {
             ws_ypixel: 0,
         };
         // SAFETY: TIOCSWINSZ reads a winsize that outlives the call.
-        assert_eq!(
-            unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
-            0
-        );
+        let r = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        assert_eq!(r, 0);
         assert_eq!(size_of(&pty.slave), Some((24, 80)));
         std::fs::remove_dir_all(&dir).unwrap();
     }
