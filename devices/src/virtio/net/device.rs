@@ -82,6 +82,17 @@ pub fn tap_offload(acked: u64) -> u32 {
     flags
 }
 
+/// Whether `mac` and `mtu` can be a NIC's.
+fn check(mac: Option<[u8; 6]>, mtu: Option<u16>) -> Result<(), Error> {
+    if let Some(m) = mtu.filter(|&m| m < MIN_MTU) {
+        return Err(Error::Mtu(m));
+    }
+    if let Some(m) = mac.filter(|m| m[0] & 1 != 0) {
+        return Err(Error::MulticastMac(format_mac(&m)));
+    }
+    Ok(())
+}
+
 /// The config space (`struct virtio_net_config` up to `mtu`).
 fn config_space(mac: Option<[u8; 6]>, mtu: Option<u16>) -> [u8; 12] {
     let mut c = [0u8; 12];
@@ -107,17 +118,13 @@ impl Net {
     /// with MAC `mac` (else the guest picks a random one) and MTU `mtu`
     /// (else the guest's default, 1500).
     pub fn open(tap_name: &str, mac: Option<[u8; 6]>, mtu: Option<u16>) -> Result<Self, Error> {
+        check(mac, mtu)?; // before touching the host's interfaces
         Net::new(Tap::open(tap_name)?, mac, mtu)
     }
 
     /// A device on an open tap.
     pub fn new(tap: Tap, mac: Option<[u8; 6]>, mtu: Option<u16>) -> Result<Self, Error> {
-        if let Some(m) = mtu.filter(|&m| m < MIN_MTU) {
-            return Err(Error::Mtu(m));
-        }
-        if let Some(m) = mac.filter(|m| m[0] & 1 != 0) {
-            return Err(Error::MulticastMac(format_mac(&m)));
-        }
+        check(mac, mtu)?;
         let offloads = tap.supports_offload(offload::CSUM | offload::TSO4 | offload::TSO6);
         if !offloads {
             log::warn!(
