@@ -174,6 +174,7 @@ impl<T: TapIo + AsRawFd + Send + 'static> EventHandler for QueueHandler<T> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::io::FromRawFd;
     use std::os::unix::net::UnixDatagram;
     use std::time::{Duration, Instant};
 
@@ -354,6 +355,51 @@ mod tests {
             assert_eq!(got, *f, "rx frame {i}");
         }
         assert_ne!(s.irq.status() & INT_VRING, 0);
+        worker.stop();
+    }
+
+    #[test]
+    fn a_tap_that_goes_away_drops_tx_frames_instead_of_stalling_the_guest() {
+        let s = setup();
+        let rxd = Driver::new(&s.mem, 0, 64);
+        let mut txd = Driver::new(&s.mem, 0x1_0000, 64);
+        // A seqpacket pair: the peer's close is EPOLLHUP, like a tap whose
+        // interface was deleted (EPOLLERR).
+        let mut fds = [0; 2];
+        // SAFETY: socketpair writes two fds into the array.
+        let ret = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(ret, 0);
+        // SAFETY: both fds were just created and are owned by nobody else.
+        let (tap, host) = unsafe {
+            (
+                UnixDatagram::from_raw_fd(fds[0]),
+                UnixDatagram::from_raw_fd(fds[1]),
+            )
+        };
+        let worker = start(&rxd, &txd, &s, tap);
+        let f = eth_frame(1, 100);
+        txd.add_tx_frame(BUF, &f, &[f.len()]);
+        s.tx_kick.write(1).unwrap();
+        let mut buf = [0u8; 256];
+        host.set_nonblocking(false).unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(host.recv(&mut buf).unwrap(), f.len());
+        drop(host);
+        std::thread::sleep(Duration::from_millis(50));
+        for i in 0..10 {
+            txd.add_tx_frame(BUF + 0x1000 * (i + 1), &f, &[f.len()]);
+        }
+        s.tx_kick.write(1).unwrap();
+        wait_until("tx chains used", || txd.used_idx() == 11);
+        assert!(!worker.is_finished());
         worker.stop();
     }
 

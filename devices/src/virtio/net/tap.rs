@@ -243,6 +243,26 @@ mod tests {
     }
 
     #[test]
+    fn a_persistent_multi_queue_tap_is_attached_as_made() {
+        in_new_netns(|| {
+            // What `ip tuntap add sbxmq0 mode tap multi_queue` makes.
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(TUN_DEVICE)
+                .unwrap();
+            let flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE;
+            set_iff(&file, "sbxmq0", flags).unwrap();
+            // SAFETY: TUNSETPERSIST takes its argument by value.
+            let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETPERSIST, 1) };
+            assert_eq!(ret, 0);
+            drop(file);
+            let tap = Tap::open("sbxmq0").unwrap();
+            assert_eq!(tap.name(), "sbxmq0");
+        });
+    }
+
+    #[test]
     fn offloads_for_checksum_and_tso_are_supported() {
         in_new_netns(|| {
             let tap = Tap::open("sbxtap1").unwrap();
