@@ -259,6 +259,14 @@ impl Pod {
         }
     }
 
+    /// The last `lines` of the guest console (for diagnostics).
+    pub fn console_tail(&self, lines: usize) -> Vec<String> {
+        let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+        vm.as_ref()
+            .map(|vm| vm.sandbox.console_tail(lines))
+            .unwrap_or_default()
+    }
+
     /// Whether the VM's vCPUs are stopped.
     pub fn is_paused(&self) -> bool {
         self.paused.load(Ordering::SeqCst)

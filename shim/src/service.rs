@@ -126,6 +126,10 @@ impl Service {
         let c = match Container::create(&pod, req, &bundle, rootfs, sandbox_pid) {
             Ok(c) => Arc::new(c),
             Err(e) => {
+                log::warn!("create {}: {e}", req.id);
+                for line in pod.console_tail(30) {
+                    log::warn!("guest console: {line}");
+                }
                 if booted || lock(&self.containers).is_empty() {
                     self.stop_pod();
                 }

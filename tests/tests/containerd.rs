@@ -193,6 +193,7 @@ W=@WORK@
 cd "$W"
 export PATH=@BIN@:$PATH SANDBOXVM_KERNEL=@KERNEL@ SANDBOXVM_INITRD=@INITRD@
 export SANDBOXVM_BOOT_TIMEOUT=120
+@ENV@
 # step NAME CMD...: runs CMD, its stdout, stderr and status into NAME.*
 step() { local n=$1; shift; "$@" >"$W/$n.out" 2>"$W/$n.err"; echo $? >"$W/$n.code"; }
 C="ctr --address $W/ctd/containerd.sock -n test"
@@ -253,6 +254,12 @@ echo done >finished
 /// namespace, `$R` = the runtime flag, `$SN` = the snapshotter flag and
 /// `step NAME CMD...`) around a containerd of its own.
 fn run(name: &str, body: &str) -> Ran {
+    run_with(name, "", body)
+}
+
+/// As [`run`], with the shell code `env` run before containerd starts
+/// (e.g. exports containerd and so the shim inherit).
+fn run_with(name: &str, env: &str, body: &str) -> Ran {
     // One nested host at a time: each boots VMs inside on 2 cores.
     static SERIAL: Mutex<()> = Mutex::new(());
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -274,6 +281,7 @@ fn run(name: &str, body: &str) -> Ran {
         )
         .replace("@IMAGE@", f.image.to_str().unwrap())
         .replace("@RUNTIME@", RUNTIME)
+        .replace("@ENV@", env)
         .replace("@BODY@", body);
     let path = dir.join("script.sh");
     std::fs::write(&path, script).unwrap();
@@ -351,7 +359,7 @@ fn a_detached_task_takes_exec_ps_pause_resume_kill_and_delete() {
     let r = run(
         "long",
         r#"
-step run $C run $SN $R -d @IMAGE@ long sh -c 'echo started; sleep 1000'
+step run $C run $SN $R -d @IMAGE@ long sh -c 'echo started; sleep 1000; echo never'
 step exec $C task exec --exec-id x long sh -c 'echo from-exec; echo exec-err >&2; exit 5'
 step ps $C task ps long
 step metrics $C task metrics long
@@ -379,11 +387,13 @@ step containers $C container ls -q
     assert_eq!(exec.err, "exec-err\n", "{exec:?}");
     let ps = r.step("ps");
     assert_eq!(ps.code, 0, "{ps:?}");
-    // A header and the container's processes (sh and sleep).
+    // A header and the container's processes (sh and its sleep).
     assert!(ps.out.lines().count() >= 3, "{ps:?}");
     let metrics = r.step("metrics");
     assert_eq!(metrics.code, 0, "{metrics:?}");
-    assert!(metrics.out.contains("memory"), "{metrics:?}");
+    for metric in ["cpu.usage_usec", "memory.usage", "pids.current"] {
+        assert!(metrics.out.contains(metric), "{metric}: {metrics:?}");
+    }
     assert_eq!(r.step("pause").code, 0, "{:?}", r.step("pause"));
     assert!(
         r.step("ls_paused").out.contains("PAUSED"),
@@ -447,6 +457,33 @@ step containers $C containers ls -q
     let m = r.step("missing");
     assert_ne!(m.code, 0, "{m:?}");
     assert!(m.err.contains("/no/such/program"), "{m:?}\n{}", r.tail());
+    assert_eq!(r.step("containers").out, "", "--rm removed the container");
+    r.assert_clean();
+}
+
+#[test]
+fn a_vm_that_does_not_boot_fails_create_and_leaves_nothing() {
+    // An initramfs without /init: the guest kernel panics at once.
+    let empty = work_dir().join("empty.cpio");
+    std::fs::write(&empty, b"").unwrap();
+    let r = run_with(
+        "noboot",
+        &format!("export SANDBOXVM_INITRD={}", empty.display()),
+        r#"
+step noboot $C run $SN $R --rm @IMAGE@ noboot echo never
+step containers $C containers ls -q
+"#
+        .replace("@IMAGE@", IMAGE)
+        .as_str(),
+    );
+    let m = r.step("noboot");
+    assert_ne!(m.code, 0, "{m:?}");
+    assert!(
+        m.err.contains("did not boot") && m.err.contains("exited"),
+        "{m:?}\n{}",
+        r.tail()
+    );
+    assert_eq!(m.out, "", "{m:?}");
     assert_eq!(r.step("containers").out, "", "--rm removed the container");
     r.assert_clean();
 }
