@@ -10,7 +10,9 @@
 //! **rx** (tap -> guest): a frame is read from the tap into a staging
 //! buffer, then copied into guest rx buffers: with `VIRTIO_NET_F_MRG_RXBUF`
 //! across as many buffers as it needs (`num_buffers` in its header), else
-//! into one. If the guest has not posted enough buffers, the frame stays
+//! into one; a frame's buffers reach the used ring with one used index
+//! update, so the driver never sees part of a frame. If the guest has not
+//! posted enough buffers, the frame stays
 //! staged and [`Rxtx::rx_blocked`] says to stop reading the tap until the
 //! guest adds buffers (rx queue notification); the kernel then queues (and
 //! eventually drops, as a real link would) in the tap, not the VMM. A frame
@@ -20,10 +22,12 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::num::Wrapping;
+use std::sync::atomic::{fence, Ordering};
 
 use log::{error, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{MAX_FRAME_LEN, VNET_HDR_LEN};
 use crate::virtio::VirtioInterrupt;
@@ -188,9 +192,9 @@ impl Rxtx {
         tap: &mut impl TapIo,
         irq: &impl Signal,
     ) -> RxStop {
-        let mut used = false;
-        let stop = self.rx_loop(mem, queue, tap, &mut used);
-        if used && queue.needs_notification(mem).unwrap_or(true) {
+        let start = Wrapping(queue.next_used());
+        let stop = self.rx_loop(mem, queue, tap);
+        if rx_interrupt_needed(mem, queue, start) {
             irq.signal_used();
         }
         stop
@@ -201,7 +205,6 @@ impl Rxtx {
         mem: &GuestMemoryMmap,
         queue: &mut Queue,
         tap: &mut impl TapIo,
-        used: &mut bool,
     ) -> RxStop {
         for _ in 0..BUDGET {
             if self.rx_pending.is_none() {
@@ -219,7 +222,7 @@ impl Rxtx {
                 }
             }
             loop {
-                match self.deliver(mem, queue, used) {
+                match self.deliver(mem, queue) {
                     Delivery::Done => break,
                     Delivery::NoBuffers => {
                         // Ask the guest to notify us of new buffers; if it
@@ -241,7 +244,7 @@ impl Rxtx {
 
     /// Copies the staged frame into reserved (and newly taken) buffers, or
     /// drops it if it can never fit.
-    fn deliver(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue, used: &mut bool) -> Delivery {
+    fn deliver(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue) -> Delivery {
         let Some(len) = self.rx_pending else {
             return Delivery::Done;
         };
@@ -259,14 +262,12 @@ impl Rxtx {
                 Err(head) => {
                     self.stats.rx_bad_buffers += 1;
                     warn!("virtio-net: unusable rx buffer (head {head}) returned empty");
-                    add_used(mem, queue, head, 0, "rx");
-                    *used = true;
+                    publish_used(mem, queue, &[(head, 0)]);
                 }
             }
         }
         if capacity >= len {
             self.write_frame_to_guest(mem, queue, len);
-            *used = true;
             self.rx_pending = None;
             return Delivery::Done;
         }
@@ -309,6 +310,7 @@ impl Rxtx {
             self.rx_frame[0] = 0;
         }
         let mut off = 0;
+        let mut used = Vec::with_capacity(count);
         for _ in 0..count {
             let buf = self.rx_reserved.pop_front().expect("counted above");
             let start = off;
@@ -323,8 +325,9 @@ impl Rxtx {
                 }
                 off += n;
             }
-            add_used(mem, queue, buf.head, (off - start) as u32, "rx");
+            used.push((buf.head, (off - start) as u32));
         }
+        publish_used(mem, queue, &used);
     }
 
     /// Moves frames from the tx queue to the tap: first a frame the tap
@@ -440,6 +443,52 @@ enum Delivery {
     Done,
     /// Not enough guest buffers yet.
     NoBuffers,
+}
+
+/// Puts `entries` (head, length) on `queue`'s used ring and shows them to
+/// the driver at once, with one used index update: a driver that sees the
+/// first buffer of a frame (`num_buffers` = n) must find the other n - 1
+/// there too (`Queue::add_used` publishes each entry as it goes).
+fn publish_used(mem: &GuestMemoryMmap, queue: &mut Queue, entries: &[(u16, u32)]) {
+    let ring = GuestAddress(queue.used_ring());
+    let base = queue.next_used();
+    for (i, &(head, len)) in entries.iter().enumerate() {
+        let slot = base.wrapping_add(i as u16) % queue.size();
+        let mut elem = [0u8; 8];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        let at = ring.unchecked_add(4 + 8 * u64::from(slot));
+        if let Err(e) = mem.write_slice(&elem, at) {
+            error!("virtio-net: rx used ring: {e}");
+        }
+    }
+    let next = base.wrapping_add(entries.len() as u16);
+    queue.set_next_used(next);
+    // Release: the entries are visible before the index that covers them.
+    if let Err(e) = mem.store(next.to_le(), ring.unchecked_add(2), Ordering::Release) {
+        error!("virtio-net: rx used index: {e}");
+    }
+}
+
+/// Whether the driver wants an interrupt for the rx buffers used since
+/// the used index was `old` (`Queue::needs_notification` counts only what
+/// `add_used` added).
+fn rx_interrupt_needed(mem: &GuestMemoryMmap, queue: &Queue, old: Wrapping<u16>) -> bool {
+    let new = Wrapping(queue.next_used());
+    if new == old {
+        return false;
+    }
+    if !queue.event_idx_enabled() {
+        return true;
+    }
+    // The used index is out before `used_event` is read.
+    fence(Ordering::SeqCst);
+    let at = GuestAddress(queue.avail_ring()).unchecked_add(4 + 2 * u64::from(queue.size()));
+    match mem.read_obj::<u16>(at) {
+        // virtio 1.x 2.7.10: interrupt if used_event is in [old, new).
+        Ok(event) => new - Wrapping(u16::from_le(event)) - Wrapping(1) < new - old,
+        Err(_) => true,
+    }
 }
 
 fn add_used(mem: &GuestMemoryMmap, queue: &mut Queue, head: u16, len: u32, which: &str) {

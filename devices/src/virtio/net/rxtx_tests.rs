@@ -283,6 +283,72 @@ fn a_big_rx_frame_spans_mergeable_buffers() {
 }
 
 #[test]
+fn the_buffers_of_a_frame_reach_the_used_ring_together() {
+    // A driver that sees a frame's first buffer (num_buffers = 3) must find
+    // the other two: a concurrent reader of the used index only ever sees
+    // whole frames.
+    let mem = memory();
+    for round in 0..5 {
+        let mut d = Driver::new(&mem, 0, 256);
+        post_rx(&mut d, 0, 240, 1500);
+        let mut q = d.queue(false);
+        let irq = Irq::default();
+        let mut tap = FakeTap {
+            to_read: (0..80).map(|i| frame([0; 12], 3988, i)).collect(),
+            ..FakeTap::default()
+        };
+        let (watch_mem, at) = (mem.clone(), d.used_idx_addr());
+        let watcher = std::thread::spawn(move || {
+            let mut seen = std::collections::BTreeSet::new();
+            loop {
+                let idx: u16 = watch_mem.read_obj(at).unwrap();
+                seen.insert(idx);
+                if idx == 240 {
+                    return seen;
+                }
+            }
+        });
+        let mut rxtx = Rxtx::new(MRG);
+        while rxtx.process_rx(&mem, &mut q, &mut tap, &irq) != RxStop::TapEmpty {}
+        let seen = watcher.join().unwrap();
+        assert!(
+            seen.iter().all(|i| i % 3 == 0),
+            "round {round}: split frames seen: {seen:?}"
+        );
+        assert_eq!(rxtx.stats(), Default::default());
+    }
+}
+
+#[test]
+fn event_idx_rx_interrupts_count_every_buffer_of_a_frame() {
+    let mem = memory();
+    let mut d = Driver::new(&mem, 0, 16);
+    post_rx(&mut d, 0, 8, 1500);
+    let mut q = d.queue(true);
+    let irq = Irq::default();
+    let mut tap = FakeTap::default();
+    let mut rxtx = Rxtx::new(MRG);
+    // The driver asks for an interrupt as soon as buffer 0 is used: a
+    // 3-buffer frame must raise it.
+    d.set_used_event(0);
+    tap.to_read.push_back(frame([0; 12], 3988, 1));
+    rxtx.process_rx(&mem, &mut q, &mut tap, &irq);
+    assert_eq!(d.used_idx(), 3);
+    assert_eq!(irq.take(), 1);
+    // Not before used index 6 passes: the next 3-buffer frame (3..6) does
+    // not interrupt, the one after (6..9) does.
+    d.set_used_event(6);
+    tap.to_read.push_back(frame([0; 12], 3988, 2));
+    rxtx.process_rx(&mem, &mut q, &mut tap, &irq);
+    assert_eq!(irq.take(), 0);
+    post_rx(&mut d, 8, 1, 1500);
+    tap.to_read.push_back(frame([0; 12], 3988, 3));
+    rxtx.process_rx(&mem, &mut q, &mut tap, &irq);
+    assert_eq!(d.used_idx(), 9);
+    assert_eq!(irq.take(), 1);
+}
+
+#[test]
 fn without_mergeable_buffers_a_frame_takes_one_chain() {
     let mem = memory();
     let mut d = Driver::new(&mem, 0, 16);

@@ -292,6 +292,10 @@ impl<'a> Driver<'a> {
         self.add(&parts)
     }
 
+    pub fn used_idx_addr(&self) -> GuestAddress {
+        GuestAddress(self.used + 2)
+    }
+
     pub fn used_idx(&self) -> u16 {
         self.mem.read_obj(GuestAddress(self.used + 2)).unwrap()
     }
