@@ -38,6 +38,14 @@ pub enum Error {
         /// The error.
         source: nix::Error,
     },
+    /// A signal to a host process.
+    #[error("{what}: {source}")]
+    Signal {
+        /// Which signal to whom.
+        what: String,
+        /// The error.
+        source: nix::Error,
+    },
     /// A host file operation.
     #[error("{what}: {source}")]
     Io {

@@ -200,16 +200,12 @@ impl Pod {
         let stream = match sandbox.connect_agent(protocol::AGENT_PORT, boot_timeout(), || None) {
             Ok(s) => s,
             Err(e) => {
-                let tail = sandbox.console_tail(5).join(" | ");
+                let console = sandbox.console_tail(200);
                 drop(sandbox);
                 drop(keeper);
-                let tail = if tail.is_empty() {
-                    String::new()
-                } else {
-                    format!("; guest console: {tail}")
-                };
                 return Err(Error::State(format!(
-                    "the sandbox VM did not boot: {e}{tail}"
+                    "the sandbox VM did not boot: {e}{}",
+                    console_summary(&console)
                 )));
             }
         };
@@ -273,7 +269,7 @@ impl Pod {
     }
 
     fn signal_vmm(&self, sig: Signal) -> Result<()> {
-        kill(Pid::from_raw(self.vmm_pid as i32), sig).map_err(|source| Error::Mount {
+        kill(Pid::from_raw(self.vmm_pid as i32), sig).map_err(|source| Error::Signal {
             what: format!("send {sig} to the VMM {}", self.vmm_pid),
             source,
         })
@@ -327,6 +323,19 @@ impl Drop for Pod {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// What the guest console says about a failed boot: its kernel panic
+/// line, else its last lines.
+fn console_summary(console: &[String]) -> String {
+    if let Some(panic) = console.iter().find(|l| l.contains("Kernel panic")) {
+        return format!("; guest console: {}", panic.trim());
+    }
+    let tail = &console[console.len().saturating_sub(3)..];
+    if tail.is_empty() {
+        return String::new();
+    }
+    format!("; guest console: {}", tail.join(" | "))
 }
 
 /// Removes a pod directory that failed half way.

@@ -479,7 +479,7 @@ step containers $C containers ls -q
     let m = r.step("noboot");
     assert_ne!(m.code, 0, "{m:?}");
     assert!(
-        m.err.contains("did not boot") && m.err.contains("exited"),
+        m.err.contains("did not boot") && m.err.contains("Kernel panic"),
         "{m:?}\n{}",
         r.tail()
     );
