@@ -444,6 +444,63 @@ step containers $C container ls -q
 }
 
 #[test]
+fn the_containers_of_a_pod_share_one_vm() {
+    // What the CRI plugin does for a pod, by hand: its annotations on a
+    // sandbox container and on a container of the same pod.
+    let r = run(
+        "pod",
+        r#"
+A="--annotation io.kubernetes.cri.sandbox-id=pod1 --annotation io.kubernetes.cri.container-type"
+step sandbox $C run $SN $R -d $A=sandbox @IMAGE@ pod1 sh -c 'sleep 1000; echo never'
+step app $C run $SN $R -d $A=container @IMAGE@ app sh -c 'sleep 1000; echo never'
+count() { pgrep -fc "$1" || true; }
+step vmms count 'sandboxvm.* boot '
+step shims count 'containerd-shim-sandboxvm-v2 .*-id pod1'
+step app_exec $C task exec --exec-id k app sh -c 'uname -r; echo in-app'
+step app_kill $C task kill -s SIGKILL app
+for _ in $(seq 100); do $C task ls | grep -q 'app.*STOPPED' && break; sleep 0.1; done
+step app_delete $C task delete app
+step vmms_after_app count 'sandboxvm.* boot '
+step sandbox_exec $C task exec --exec-id s pod1 echo sandbox-alive
+step sandbox_kill $C task kill -s SIGKILL pod1
+for _ in $(seq 100); do $C task ls | grep -q 'pod1.*STOPPED' && break; sleep 0.1; done
+step sandbox_delete $C task delete pod1
+step vmms_after_pod count 'sandboxvm.* boot '
+$C container delete app pod1
+"#
+        .replace("@IMAGE@", IMAGE)
+        .as_str(),
+    );
+    for s in ["sandbox", "app"] {
+        assert_eq!(r.step(s).code, 0, "{s}: {:?}\n{}", r.step(s), r.tail());
+    }
+    assert_eq!(r.step("vmms").out.trim(), "1", "one VM for the pod");
+    assert_eq!(r.step("shims").out.trim(), "1", "one shim for the pod");
+    let exec = r.step("app_exec");
+    assert_eq!(exec.code, 0, "{exec:?}");
+    assert_eq!(exec.out, format!("{}\nin-app\n", guest_release()));
+    assert_eq!(r.step("app_delete").code, 0, "{:?}", r.step("app_delete"));
+    assert_eq!(
+        r.step("vmms_after_app").out.trim(),
+        "1",
+        "the pod's VM outlives its container"
+    );
+    let exec = r.step("sandbox_exec");
+    assert_eq!(
+        (exec.code, exec.out.as_str()),
+        (0, "sandbox-alive\n"),
+        "{exec:?}"
+    );
+    assert_eq!(r.step("sandbox_delete").code, 0);
+    assert_eq!(
+        r.step("vmms_after_pod").out.trim(),
+        "0",
+        "the last delete stops the VM"
+    );
+    r.assert_clean();
+}
+
+#[test]
 fn a_missing_entrypoint_fails_clearly_and_leaves_nothing() {
     let r = run(
         "missing",
