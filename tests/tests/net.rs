@@ -41,6 +41,8 @@ say "download $(timeout 120 wget -q -O - http://10.77.0.1:8077/blob | md5sum | c
 dd if=/dev/urandom of=/tmp/up bs=64k count=@BLOCKS@ 2>/dev/null
 say "upload $(md5sum /tmp/up | cut -d' ' -f1)"
 timeout 120 nc 10.77.0.1 8078 </tmp/up && say "upload sent"
+say "counters $(grep eth0: /proc/net/dev | tr -s ' ' | cut -d: -f2)"
+say "tcp $(grep ^Tcp: /proc/net/snmp | tail -n1)"
 say "done"
 reboot -f
 "#;
@@ -175,6 +177,21 @@ fn the_guest_gets_eth0_with_our_mac_and_mtu_and_traffic_flows_both_ways() {
     );
     let bytes = 64 * 1024 * BLOCKS;
     assert!(out.contains("net-guest: upload sent"), "{out}");
+    // The guest's eth0 saw no malformed or dropped frames: rx errs, drop,
+    // fifo, frame and tx errs, drop are fields 3-6, 11-12 of /proc/net/dev.
+    let counters: Vec<u64> = field(&out, "net-guest: counters ")
+        .split_whitespace()
+        .map(|c| c.parse().unwrap())
+        .collect();
+    for i in [2, 3, 4, 5, 10, 11] {
+        assert_eq!(counters[i], 0, "eth0 counter {} not 0: {counters:?}", i + 1);
+    }
+    // No TCP segment arrived with a bad checksum (offloads done right):
+    // InErrs and InCsumErrors of /proc/net/snmp's Tcp line.
+    let tcp: Vec<&str> = field(&out, "net-guest: tcp Tcp: ")
+        .split_whitespace()
+        .collect();
+    assert_eq!((tcp[12], tcp[14]), ("0", "0"), "TCP errors: {tcp:?}");
     assert_eq!(
         field(&out, "net-host: up "),
         format!("{} {bytes} bytes", field(&out, "net-guest: upload ")),

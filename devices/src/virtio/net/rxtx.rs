@@ -10,15 +10,14 @@
 //! **rx** (tap -> guest): a frame is read from the tap into a staging
 //! buffer, then copied into guest rx buffers: with `VIRTIO_NET_F_MRG_RXBUF`
 //! across as many buffers as it needs (`num_buffers` in its header), else
-//! into one; a frame's buffers reach the used ring with one used index
+//! into one. A frame's buffers reach the used ring with one used index
 //! update, so the driver never sees part of a frame. If the guest has not
-//! posted enough buffers, the frame stays
-//! staged and [`Rxtx::rx_blocked`] says to stop reading the tap until the
-//! guest adds buffers (rx queue notification); the kernel then queues (and
-//! eventually drops, as a real link would) in the tap, not the VMM. A frame
-//! larger than the guest could ever take (bigger than a whole non-mergeable
-//! buffer, or than every buffer of the ring together) is dropped and
-//! counted, never truncated.
+//! posted enough buffers, the frame stays staged and [`Rxtx::rx_blocked`]
+//! says to stop reading the tap until the guest adds buffers (rx queue
+//! notification); the kernel then queues (and eventually drops, as a real
+//! link would) in the tap, not the VMM. A frame larger than the guest could
+//! ever take (bigger than a whole non-mergeable buffer, or than every buffer
+//! of the ring together) is dropped and counted, never truncated.
 
 use std::collections::VecDeque;
 use std::io;
