@@ -179,3 +179,80 @@ impl<'a> Attacher<'a> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::GuestAddress;
+
+    use super::*;
+
+    /// Runs `f` on a thread in a new network namespace (its taps vanish
+    /// with it); skipped without KVM, /dev/net/tun or the privilege.
+    fn in_new_netns(f: impl FnOnce() + Send + 'static) {
+        if !std::path::Path::new("/dev/kvm").exists()
+            || !std::path::Path::new("/dev/net/tun").exists()
+        {
+            eprintln!("skipped: no /dev/kvm or /dev/net/tun");
+            return;
+        }
+        let result = std::thread::spawn(move || {
+            // SAFETY: unshare only changes this thread's namespaces.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                eprintln!("skipped: {}", std::io::Error::last_os_error());
+                return;
+            }
+            f()
+        })
+        .join();
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    #[test]
+    fn net_devices_get_a_window_an_irq_and_a_cmdline_entry_each() {
+        in_new_netns(|| {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+            let kvm = kvm_ioctls::Kvm::new().unwrap();
+            let vm = crate::vm::create(&kvm, &mem, 1).unwrap();
+            let mut bus = Bus::new();
+            let mut attacher = Attacher::new(&vm, &mem, &mut bus);
+            let net = |tap: &str, mac, mtu| NetConfig {
+                tap: tap.into(),
+                mac,
+                mtu,
+            };
+            attacher
+                .net(&net("sbxvmm0", Some([0x52, 0x54, 0, 0, 0, 1]), Some(1400)))
+                .unwrap();
+            attacher.net(&net("sbxvmm1", None, None)).unwrap();
+            let err = attacher.net(&net("sbxvmm2", None, Some(10))).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "virtio-net: MTU 10 is too small (at least 68)"
+            );
+            // The tap is taken: a second device on it is refused.
+            let err = attacher.net(&net("sbxvmm0", None, None)).unwrap_err();
+            assert!(
+                err.to_string()
+                    .starts_with("virtio-net: cannot attach to tap sbxvmm0: "),
+                "{err}"
+            );
+            assert_eq!(
+                attacher.cmdline,
+                [
+                    "virtio_mmio.device=4K@0xd0000000:5",
+                    "virtio_mmio.device=4K@0xd0001000:6"
+                ]
+            );
+            let read = |addr: u64| {
+                let mut b = [0u8; 4];
+                assert!(bus.read(addr, &mut b));
+                b
+            };
+            assert_eq!(u32::from_le_bytes(read(MMIO_BASE + 8)), 1); // DeviceID: net
+            assert_eq!(u32::from_le_bytes(read(MMIO_BASE + 0x1008)), 1);
+            assert_eq!(read(MMIO_BASE + 0x100), [0x52, 0x54, 0, 0]); // MAC
+        });
+    }
+}
