@@ -78,6 +78,13 @@ impl containerd_shim::Shim for Shim {
             }
         }
         mounts::unmount_all(&bundle.join("rootfs"));
+        // The dead shim's socket, unless a live shim serves it.
+        if let Ok(address) = std::fs::read_to_string(bundle.join("address")) {
+            let path = address.trim().trim_start_matches("unix://");
+            if !path.is_empty() && std::os::unix::net::UnixStream::connect(path).is_err() {
+                let _ = std::fs::remove_file(path);
+            }
+        }
         Ok(DeleteResponse {
             exit_status: KILLED,
             exited_at: Some(timestamp(SystemTime::now())).into(),

@@ -322,6 +322,7 @@ fn ctr_run_shows_output_exit_code_and_the_guest_kernel() {
         r#"
 step hello $C run $SN $R --rm @IMAGE@ hello sh -c 'echo hello; echo to-stderr >&2; exit 3'
 step kernel $C run $SN $R --rm @IMAGE@ kernel sh -c 'uname -r; dmesg | head -n 3'
+step stdin sh -c "echo piped-in | $C run $SN $R --rm @IMAGE@ stdin sh -c 'tr a-z A-Z; echo done'"
 step host_kernel uname -r
 step containers $C containers ls -q
 "#
@@ -341,6 +342,12 @@ step containers $C containers ls -q
     assert!(
         kernel.out.contains("Linux version"),
         "dmesg shows the guest's boot log: {kernel:?}"
+    );
+    let stdin = r.step("stdin");
+    assert_eq!(
+        (stdin.code, stdin.out.as_str()),
+        (0, "PIPED-IN\ndone\n"),
+        "{stdin:?}"
     );
     assert_eq!(r.step("containers").out, "", "--rm removed the containers");
     for topic in [
@@ -497,6 +504,35 @@ $C container delete app pod1
         "0",
         "the last delete stops the VM"
     );
+    r.assert_clean();
+}
+
+#[test]
+fn a_killed_shim_is_cleaned_up_after() {
+    let r = run(
+        "killed",
+        r#"
+step run $C run $SN $R -d @IMAGE@ victim sh -c 'sleep 1000; echo never'
+step kill_shim pkill -KILL -f 'containerd-shim-sandboxvm-v2 .*-id victim'
+for _ in $(seq 100); do $C task ls | grep -q 'victim.*RUNNING' || break; sleep 0.1; done
+sleep 1
+step ls $C task ls
+$C task delete victim >/dev/null 2>&1
+step container_delete $C container delete victim
+"#
+        .replace("@IMAGE@", IMAGE)
+        .as_str(),
+    );
+    assert_eq!(r.step("run").code, 0, "{:?}\n{}", r.step("run"), r.tail());
+    assert_eq!(r.step("kill_shim").code, 0, "{:?}", r.step("kill_shim"));
+    assert!(
+        !r.step("ls").out.contains("RUNNING"),
+        "{:?}\n{}",
+        r.step("ls"),
+        r.tail()
+    );
+    let d = r.step("container_delete");
+    assert_eq!(d.code, 0, "{d:?}");
     r.assert_clean();
 }
 
