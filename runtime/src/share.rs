@@ -176,14 +176,12 @@ pub fn rewrite_mounts(spec: &mut Spec, share: &Share, prefix: &str) -> Result<()
 
 /// Mount points at or below `dir` in this mount namespace, deepest first.
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let prefix = dir.to_string_lossy().into_owned();
     let mut v: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape)
-        .filter(|p| p == &prefix || p.starts_with(&format!("{prefix}/")))
-        .map(PathBuf::from)
+        .map(|p| PathBuf::from(unescape(p)))
+        .filter(|p| p.starts_with(dir))
         .collect();
     v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     v.dedup();
@@ -237,6 +235,13 @@ mod tests {
     fn mountinfo_escapes_are_undone() {
         assert_eq!(unescape(r"/a\040b\011c"), "/a b\tc");
         assert_eq!(unescape(r"/plain"), "/plain");
+        assert_eq!(unescape(r"/end\04"), r"/end\04");
+    }
+
+    #[test]
+    fn proc_is_mounted_under_root_and_not_under_a_sibling_prefix() {
+        assert!(mounts_under(Path::new("/")).contains(&PathBuf::from("/proc")));
+        assert!(mounts_under(Path::new("/pro")).is_empty());
     }
 
     #[test]

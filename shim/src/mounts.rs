@@ -3,7 +3,7 @@
 //! shared mount itself, and finding and removing what is mounted below a
 //! directory.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use containerd_shim::protos::types::mount::Mount;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -153,61 +153,11 @@ pub fn make_shared(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Undoes the octal escapes of /proc/self/mountinfo (`\040` for a space).
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Mount points at or below `dir` in this mount namespace, deepest first.
-pub fn mounted_under(dir: &Path) -> Vec<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut points: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(unescape(p)))
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    points.dedup();
-    points
-}
-
-/// Lazily unmounts everything at or below `dir` (repeatedly: a mount point
-/// may be stacked).
-pub fn unmount_all(dir: &Path) {
-    for _ in 0..8 {
-        let points = mounted_under(dir);
-        if points.is_empty() {
-            return;
-        }
-        for p in points {
-            if let Err(e) = umount2(&p, MntFlags::MNT_DETACH) {
-                log::debug!("umount {}: {e}", p.display());
-            }
-        }
-    }
-    log::warn!("mounts remain below {}", dir.display());
-}
-
 /// Unmounts everything below `dir`, then removes it; never removes a
 /// directory that still has something mounted below it (a recursive delete
 /// would descend into the container's rootfs or a host bind source).
 pub fn remove_dir(dir: &Path) {
-    unmount_all(dir);
-    if !mounted_under(dir).is_empty() {
+    if !sandboxvm::share::unmount_under(dir) {
         log::warn!("mounts remain below {}: not removing it", dir.display());
         return;
     }
@@ -237,17 +187,5 @@ mod tests {
         assert_eq!(d, "index=off,lowerdir=/a:/b,upperdir=/u,workdir=/w");
         let (f, _, _) = o(&["ro", "rw"]);
         assert_eq!(f, MsFlags::empty());
-    }
-
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape(r"/a\040b"), "/a b");
-        assert_eq!(unescape("/plain"), "/plain");
-        assert_eq!(unescape(r"/end\04"), r"/end\04");
-    }
-
-    #[test]
-    fn proc_is_mounted_under_root() {
-        assert!(mounted_under(Path::new("/")).contains(&PathBuf::from("/proc")));
     }
 }

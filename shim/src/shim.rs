@@ -77,7 +77,7 @@ impl containerd_shim::Shim for Shim {
                 pod::remove_dead(&dir);
             }
         }
-        mounts::unmount_all(&bundle.join("rootfs"));
+        sandboxvm::share::unmount_under(&bundle.join("rootfs"));
         // The dead shim's socket, unless a live shim serves it.
         if let Ok(address) = std::fs::read_to_string(bundle.join("address")) {
             let path = address.trim().trim_start_matches("unix://");
