@@ -601,3 +601,55 @@ fn the_image_layout_names_its_blobs_by_digest() {
     );
     assert!(Path::new(&f.image).metadata().unwrap().len() > 100_000);
 }
+
+#[test]
+fn containerds_runc_shim_drives_sandboxvm_as_its_runc() {
+    // The runc-compatible CLI under containerd's own runc shim: create with
+    // --pid-file, start, state, exec --detach, kill, delete; the shim reaps
+    // the pid sandboxvm reports and takes its exit status.
+    let r = run(
+        "runc-shim",
+        r#"
+mountpoint -q /sys/fs/cgroup || mount -t cgroup2 none /sys/fs/cgroup
+RC="--runtime io.containerd.runc.v2 --runc-binary @BIN@/sandboxvm"
+step run $C run $SN $RC --rm @IMAGE@ rs1 sh -c 'echo via the runc shim; uname -r; exit 6'
+step detached $C run $SN $RC -d @IMAGE@ rs2 sleep 1000
+step exec $C task exec --exec-id e1 rs2 sh -c 'echo exec out; exit 4'
+step kill $C task kill -s SIGKILL rs2
+step wait sh -c "for i in \$(seq 100); do $C task ls | grep -q 'rs2.*STOPPED' && exit 0; sleep 0.2; done; exit 1"
+step delete $C task delete rs2
+step rm $C container rm rs2
+step left sh -c "ls -A /run/containerd/runc/test 2>/dev/null; pgrep -af '[s]andboxvm .*_monitor '"
+"#
+        .replace("@IMAGE@", IMAGE)
+        .replace("@BIN@", fixture().bin_dir.to_str().unwrap())
+        .as_str(),
+    );
+    let run = r.step("run");
+    assert_eq!(run.code, 6, "{run:?}\n{}", r.tail());
+    let lines: Vec<&str> = run.out.lines().collect();
+    assert_eq!(
+        lines,
+        ["via the runc shim", guest_release().as_str()],
+        "{run:?}"
+    );
+    assert_eq!(
+        r.step("detached").code,
+        0,
+        "{:?}\n{}",
+        r.step("detached"),
+        r.tail()
+    );
+    let exec = r.step("exec");
+    assert_eq!(
+        (exec.code, exec.out.as_str()),
+        (4, "exec out\n"),
+        "{exec:?}"
+    );
+    for s in ["kill", "wait", "delete", "rm"] {
+        assert_eq!(r.step(s).code, 0, "{s}: {:?}\n{}", r.step(s), r.tail());
+    }
+    // No container state (runc's --root) and no monitor left.
+    assert_eq!(r.step("left").out, "", "{:?}", r.step("left"));
+    r.assert_clean();
+}
