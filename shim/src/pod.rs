@@ -33,9 +33,42 @@ pub fn root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT))
 }
 
-/// The state directory of pod `pod` in containerd namespace `ns`.
+/// The longest path a Unix socket may have (`sun_path` less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The state directory of pod `pod` in containerd namespace `ns`:
+/// `<root>/shim/<ns>/<pod>`, each name shortened by [`short_name`] so that
+/// the VM's sockets in it stay within a Unix socket path's 107 bytes.
 pub fn pod_dir(ns: &str, pod: &str) -> PathBuf {
-    root().join("shim").join(ns).join(pod)
+    root()
+        .join("shim")
+        .join(short_name(ns, 24))
+        .join(short_name(pod, 32))
+}
+
+/// `name` if it has at most `max` bytes, else its first characters, a dash
+/// and a hash of the whole name (16 hex digits), `max` bytes in all. The
+/// CRI's pod ids are 64 hex digits: with them whole, the VM's sockets
+/// (`.../k8s.io/<id>/vm/virtiofsd.sock`) would not fit a `sockaddr_un`.
+pub fn short_name(name: &str, max: usize) -> String {
+    if name.len() <= max {
+        return name.to_string();
+    }
+    // FNV-1a: the same in every build, as the directory must be for
+    // `delete` by another shim binary.
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let keep = max.saturating_sub(17);
+    let end = (0..=keep.min(name.len()))
+        .rev()
+        .find(|&i| name.is_char_boundary(i))
+        .unwrap_or(0);
+    let mut prefix = &name[..end];
+    if prefix.is_empty() {
+        prefix = "x";
+    }
+    format!("{prefix}-{hash:016x}")
 }
 
 /// How long the guest agent may take to come up
@@ -154,6 +187,15 @@ impl Pod {
     /// its agent. On failure nothing is left behind.
     pub fn boot(ns: &str, id: &str, bundle: &Bundle) -> Result<Pod> {
         let dir = pod_dir(ns, id);
+        // The longest socket path in it: a guest connection to host port N.
+        let longest = dir.join("vm").join("vsock.sock_4294967295");
+        if longest.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(Error::Invalid(format!(
+                "the pod's state directory {} is too long for the VM's Unix sockets \
+                 (at most {MAX_SOCKET_PATH} bytes): set a shorter SANDBOXVM_ROOT",
+                dir.display()
+            )));
+        }
         if dir.exists() {
             if owner_alive(&dir) {
                 return Err(Error::Exists(format!("pod {id}")));
@@ -345,6 +387,47 @@ impl Drop for DirGuard {
     fn drop(&mut self) {
         if let Some(dir) = self.0.take() {
             remove_dead(&dir);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_names_are_shortened_with_a_hash() {
+        assert_eq!(short_name("pod1", 32), "pod1");
+        let id = "a".repeat(32);
+        assert_eq!(short_name(&id, 32), id);
+        let cri = "3f1c0e4b9d2a7c6e5f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6";
+        let short = short_name(cri, 32);
+        assert_eq!(short.len(), 32);
+        assert!(short.starts_with("3f1c0e4b9d2a7c6-"), "{short}");
+        assert_eq!(short, short_name(cri, 32), "stable");
+        let other = format!("{}7", &cri[..63]);
+        assert_ne!(
+            short_name(&other, 32),
+            short,
+            "the hash covers the whole id"
+        );
+        assert!(short_name("é".repeat(20).as_str(), 24).len() <= 24);
+    }
+
+    #[test]
+    fn a_cri_pods_sockets_fit_a_unix_socket_path() {
+        let dir = root()
+            .join("shim")
+            .join(short_name(&"n".repeat(76), 24))
+            .join(short_name(&"f".repeat(64), 32))
+            .join("vm");
+        for sock in ["virtiofsd.sock", "vsock.sock", "vsock.sock_4294967295"] {
+            let path = dir.join(sock);
+            assert!(
+                path.as_os_str().len() <= MAX_SOCKET_PATH,
+                "{}",
+                path.display()
+            );
         }
     }
 }
