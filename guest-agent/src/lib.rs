@@ -3,5 +3,6 @@
 
 pub mod container;
 pub mod init;
+pub mod network;
 pub mod reaper;
 pub mod server;

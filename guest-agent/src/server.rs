@@ -165,6 +165,19 @@ impl Agent for Service {
             ..Default::default()
         })
     }
+    fn configure_network(&self, _: &TtrpcContext, r: NetworkConfig) -> R<Empty> {
+        crate::network::configure(&r).map_err(|e| {
+            let code = match &e {
+                crate::network::Error::Invalid(_) => Code::INVALID_ARGUMENT,
+                crate::network::Error::NoInterface(_) => Code::NOT_FOUND,
+                _ => Code::INTERNAL,
+            };
+            let msg = format!("configure the network: {e}");
+            log::warn!("request failed: {msg}");
+            ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
+        })?;
+        Ok(Empty::new())
+    }
     fn shutdown(&self, _: &TtrpcContext, _: Empty) -> R<Empty> {
         let manager = self.manager.clone();
         let pid1 = self.pid1;

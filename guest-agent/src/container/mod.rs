@@ -234,7 +234,16 @@ impl Manager {
                 rootfs.display()
             )));
         }
-        let cfg = spec::container_config(&spec, rootfs)?;
+        let mut cfg = spec::container_config(&spec, rootfs)?;
+        if cfg.in_guest_netns() {
+            // The pod network: its DNS and hosts, unless the spec (CRI)
+            // mounts its own.
+            for (rel, text) in crate::network::etc_files(cfg.hostname.as_deref()) {
+                if !cfg.mounts_at(&Path::new("/").join(rel)) {
+                    cfg.etc_files.push((PathBuf::from(rel), text));
+                }
+            }
+        }
         let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
         let cgroup = cgroup::create(&self.cgroup_root, id, resources)?;
         let cleanup = |cg: &Option<PathBuf>| {

@@ -226,7 +226,10 @@ pub fn setup_rootfs(cfg: &ContainerConfig) -> Result<()> {
         )?;
     }
     if let Some(h) = &cfg.hostname {
-        hostname_file(rootfs, h)?;
+        etc_file(rootfs, Path::new("etc/hostname"), &format!("{h}\n"), false)?;
+    }
+    for (rel, text) in &cfg.etc_files {
+        etc_file(rootfs, rel, text, true)?;
     }
     setup_dev(rootfs)?;
     enter_root(rootfs)?;
@@ -248,19 +251,31 @@ pub fn setup_rootfs(cfg: &ContainerConfig) -> Result<()> {
     Ok(())
 }
 
-/// Shows the spec's hostname in the container's /etc/hostname (when the
-/// rootfs has one), as Docker and Kubernetes do, without touching the
-/// shared rootfs: a file in the agent's /run bind-mounted over it.
-fn hostname_file(rootfs: &Path, hostname: &str) -> Result<()> {
-    let target = rootfs.join("etc/hostname");
-    if !std::fs::symlink_metadata(&target).is_ok_and(|m| m.is_file()) {
-        return Ok(());
+/// Shows `text` as the file `rel` of the rootfs without touching the
+/// shared rootfs: a file in the agent's /run bind-mounted over it. Used for
+/// the spec's hostname in /etc/hostname (when the rootfs has one, as Docker
+/// and Kubernetes do) and the pod network's /etc/resolv.conf and
+/// /etc/hosts (`create`: the mount point is made if /etc exists). A
+/// symlink there is left alone.
+fn etc_file(rootfs: &Path, rel: &Path, text: &str, create: bool) -> Result<()> {
+    let target = rootfs.join(rel);
+    match std::fs::symlink_metadata(&target) {
+        Ok(m) if m.is_file() => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
+            let parent_is_dir = target
+                .parent()
+                .is_some_and(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()));
+            if !parent_is_dir || fs::File::create(&target).is_err() {
+                return Ok(());
+            }
+        }
+        _ => return Ok(()),
     }
     let dir = Path::new("/run/sandboxvm");
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let source = dir.join(format!("hostname-{}", std::process::id()));
-    std::fs::write(&source, format!("{hostname}\n"))
-        .map_err(|e| format!("{}: {e}", source.display()))?;
+    let name = rel.file_name().unwrap_or_default().to_string_lossy();
+    let source = dir.join(format!("{name}-{}", std::process::id()));
+    std::fs::write(&source, text).map_err(|e| format!("{}: {e}", source.display()))?;
     let r = mnt(Some(&source), &target, None, MsFlags::MS_BIND, None);
     // The mount keeps the file; the name is not needed any more.
     let _ = std::fs::remove_file(&source);

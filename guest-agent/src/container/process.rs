@@ -200,6 +200,11 @@ fn intermediate(
                         .map_err(|e| format!("join namespace {}: {e}", path.display()))?;
                 }
                 unshare(cfg.new_ns).map_err(|e| format!("unshare namespaces: {e}"))?;
+                if cfg.new_ns.contains(CloneFlags::CLONE_NEWNET) {
+                    // A network namespace of its own: loopback only, up.
+                    crate::init::loopback_up()
+                        .map_err(|e| format!("loopback up in the new network namespace: {e}"))?;
+                }
             }
             Kind::Exec { init_pid } => {
                 let open_o = |p: String| -> Result<OwnedFd, String> {

@@ -67,6 +67,25 @@ pub struct ContainerConfig {
     pub masked_paths: Vec<PathBuf>,
     pub readonly_paths: Vec<PathBuf>,
     pub process: ProcessConfig,
+    /// Files shown over the rootfs's own (path relative to the rootfs,
+    /// content): /etc/resolv.conf and /etc/hosts of the pod network.
+    pub etc_files: Vec<(PathBuf, String)>,
+}
+
+impl ContainerConfig {
+    /// Whether the container stays in the guest's network namespace.
+    pub fn in_guest_netns(&self) -> bool {
+        !self.new_ns.contains(CloneFlags::CLONE_NEWNET)
+            && !self
+                .join_ns
+                .iter()
+                .any(|(f, _)| f.contains(CloneFlags::CLONE_NEWNET))
+    }
+
+    /// Whether the spec mounts something at `dest` (absolute).
+    pub fn mounts_at(&self, dest: &Path) -> bool {
+        self.mounts.iter().any(|m| m.destination == dest)
+    }
 }
 
 fn ns_flag(t: LinuxNamespaceType) -> Option<CloneFlags> {
@@ -132,6 +151,7 @@ pub fn container_config(spec: &Spec, rootfs: PathBuf) -> Result<ContainerConfig,
         masked_paths,
         readonly_paths,
         process: process_config(process)?,
+        etc_files: Vec::new(),
     })
 }
 
