@@ -289,6 +289,16 @@ impl Agent {
         }
     }
 
+    /// Configures the guest's network: interfaces (found by MAC),
+    /// addresses, routes, and the DNS settings for containers' resolv.conf
+    /// (see [`crate::net::PodNetwork::guest_config`]).
+    pub fn configure_network(&self, config: &protocol::agent::NetworkConfig) -> Result<(), Error> {
+        self.client
+            .configure_network(Self::ctx(), config)
+            .map_err(call_err)?;
+        Ok(())
+    }
+
     /// Asks the guest to shut down (the VM then ends).
     pub fn shutdown(&self) -> Result<(), Error> {
         self.client

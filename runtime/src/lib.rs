@@ -4,11 +4,13 @@
 //! - [`sandbox`]: one VM with its virtiofsd and state directory;
 //! - [`agent`]: the guest agent's API over the VM's vsock;
 //! - [`bundle`]: OCI bundles; [`artefacts`]: where kernel, initramfs and
-//!   virtiofsd are found; [`signals`], [`tty`]: host-side helpers.
+//!   virtiofsd are found; [`signals`], [`tty`]: host-side helpers;
+//! - [`net`]: pod networking (a host network namespace mirrored into the VM).
 
 pub mod agent;
 pub mod artefacts;
 pub mod bundle;
+pub mod net;
 pub mod oci;
 pub mod sandbox;
 pub mod share;

@@ -4,14 +4,18 @@
 //! The VMM runs as a child process (`sandboxvm boot ...`) so that a crash
 //! of either side cannot take the other down silently. Both children get
 //! SIGKILL if the runtime dies (PR_SET_PDEATHSIG); dropping the sandbox
-//! kills and reaps them and removes the state directory.
+//! kills and reaps them, tears down its pod network (if any) and removes
+//! the state directory.
 
 use std::fs::File;
+use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::net::Network;
 
 /// Errors starting or running a sandbox.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +94,7 @@ pub struct Sandbox {
     vmm: Option<Child>,
     virtiofsd: Option<Child>,
     keep_dir: bool,
+    network: Network,
 }
 
 fn pdeathsig(cmd: &mut Command) {
@@ -136,6 +141,7 @@ impl Sandbox {
             vmm: None,
             virtiofsd: None,
             keep_dir: false,
+            network: Network::None,
         };
         // Who owns this state: a later run removes it if that process died
         // without cleaning up (SIGKILL).
@@ -220,16 +226,49 @@ impl Sandbox {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log("vmm.log")?);
+        for dev in sandbox.network.devices() {
+            cmd.arg("--net").arg(dev.arg());
+        }
         pdeathsig(&mut cmd);
+        // The VMM opens its taps by name: it runs in their namespace.
+        let netns = match sandbox.network.netns() {
+            Some(path) => Some(File::open(path).map_err(|source| Error::Spawn {
+                what: "the VMM (network namespace)",
+                source,
+            })?),
+            None => None,
+        };
+        if let Some(ns) = &netns {
+            let fd = ns.as_raw_fd();
+            // SAFETY: setns(2) is async-signal-safe and only reads the fd,
+            // which `netns` keeps open until after spawn returns.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd.spawn().map_err(|source| Error::Spawn {
             what: "the VMM",
             source,
         })?;
+        drop(netns);
         let pid = child.id();
         sandbox.vmm = Some(child);
         write_pid(&opts.dir.join("vmm.pid"), pid)?;
         log::info!("VMM started ({} vCPU, {} MiB)", opts.vcpus, opts.memory_mib);
         Ok(())
+    }
+
+    /// Gives the VM a network (before [`Sandbox::launch`]): its devices
+    /// become `--net` options of the VMM, which runs in the pod network's
+    /// namespace, if any. A pod network is torn down when the sandbox is
+    /// dropped, after the VMM is gone.
+    pub fn attach_network(&mut self, network: Network) {
+        self.network = network;
     }
 
     /// The state directory.
@@ -351,6 +390,11 @@ impl Drop for Sandbox {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if let Network::Pod(pod) = std::mem::take(&mut self.network) {
+            if let Err(e) = pod.teardown() {
+                log::warn!("pod network: {e}");
+            }
+        }
         // The VM is gone: its share's mounts go too; only then may the
         // directory be removed (a recursive delete would descend into a
         // bind-mounted rootfs).
@@ -388,7 +432,13 @@ fn remove_if_stale(dir: &Path) -> bool {
     // SAFETY: kill with signal 0 only checks that the process exists.
     let alive = unsafe { libc::kill(pid, 0) } == 0
         || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-    !alive && crate::share::unmount_under(dir) && std::fs::remove_dir_all(dir).is_ok()
+    if alive {
+        return false;
+    }
+    if let Err(e) = crate::net::teardown_recorded(dir) {
+        log::warn!("the pod network of a dead sandbox: {e}");
+    }
+    crate::share::unmount_under(dir) && std::fs::remove_dir_all(dir).is_ok()
 }
 
 fn describe(status: ExitStatus) -> String {
