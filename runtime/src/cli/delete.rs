@@ -32,6 +32,7 @@ impl Delete {
                 if self.force
                     && dir.exists()
                     && !owner_alive(&dir)
+                    && teardown_network(&dir)
                     && sandboxvm::share::unmount_under(&dir)
                 {
                     std::fs::remove_dir_all(&dir)
@@ -54,6 +55,9 @@ impl Delete {
             );
         }
         stop(&record, &dir);
+        // A monitor that died (or was killed just now) left its pod
+        // network: the state dir records what it made.
+        teardown_network(&dir);
         if let Some(h) = super::state::spec_hooks(&record) {
             let st = record.oci_state(Status::Stopped).to_string();
             if let Err(e) = hooks::run("poststop", h.poststop().as_deref().unwrap_or(&[]), &st) {
@@ -68,6 +72,18 @@ impl Delete {
         std::fs::remove_dir_all(&dir)
             .with_context(|| format!("cannot remove {}", dir.display()))?;
         Ok(0)
+    }
+}
+
+/// Tears down the pod network recorded in `dir`; false (with a warning)
+/// if that failed.
+fn teardown_network(dir: &Path) -> bool {
+    match sandboxvm::net::teardown_recorded(dir) {
+        Ok(_) => true,
+        Err(e) => {
+            log::warn!("pod network: {e}");
+            false
+        }
     }
 }
 

@@ -16,6 +16,7 @@ use anyhow::Context;
 use clap::Args;
 
 use super::attach::{attach, HostIo};
+use super::run::{wire_network, NetMode};
 use super::Globals;
 use sandboxvm::agent::Agent;
 use sandboxvm::bundle::Bundle;
@@ -137,6 +138,14 @@ impl Monitor {
         let (share, spec_json) =
             share::share_bundle(&sandbox.dir().join("shared"), ROOTFS_TAG, &bundle)?;
         opts.shared_dir = share.dir().to_path_buf();
+        // A network namespace path in the spec is what podman or a CNI
+        // caller made for the container: mirror it into the VM.
+        let mode = if sandboxvm::net::spec_netns(&bundle.spec).is_some() {
+            NetMode::HostNetns
+        } else {
+            NetMode::None
+        };
+        let (spec_json, net) = wire_network(&mut sandbox, &bundle, &mode, &spec_json)?;
         sandbox.launch(&opts)?;
         let interrupted = || signals.pending().into_iter().find(|&s| s != libc::SIGWINCH);
         let created = sandbox
@@ -148,6 +157,9 @@ impl Monitor {
             .map_err(anyhow::Error::from)
             .and_then(|stream| Ok(Agent::new(stream)?))
             .and_then(|agent| {
+                if let Some(net) = &net {
+                    agent.configure_network(net)?;
+                }
                 agent.create_in(&self.id, &spec_json, ROOTFS_TAG, "rootfs")?;
                 Ok(agent)
             });

@@ -44,6 +44,72 @@ pub struct Run {
     /// Seconds to wait for the guest agent.
     #[arg(long, default_value_t = 30)]
     pub boot_timeout: u64,
+    /// The container's network: `none` (loopback only), `host-netns` (the
+    /// network namespace named in the spec, e.g. made by CNI: its
+    /// interfaces, addresses, routes and MTU mirrored into the VM through
+    /// taps and tc), or `tap=NAME` (an existing tap of this namespace,
+    /// attached as the guest's eth0, not configured).
+    #[arg(long, value_name = "none|host-netns|tap=NAME", default_value = "none", value_parser = parse_net_mode)]
+    pub net: NetMode,
+}
+
+/// How a container gets its network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetMode {
+    /// Loopback only (a namespace of its own in the guest).
+    None,
+    /// The spec's network namespace on the host, mirrored into the VM.
+    HostNetns,
+    /// An existing tap in the runtime's namespace, not configured.
+    Tap(String),
+}
+
+fn parse_net_mode(s: &str) -> Result<NetMode, String> {
+    match s {
+        "none" => Ok(NetMode::None),
+        "host-netns" => Ok(NetMode::HostNetns),
+        _ => match s.strip_prefix("tap=") {
+            Some(name) if !name.is_empty() && name.len() < 16 && !name.contains(',') => {
+                Ok(NetMode::Tap(name.to_string()))
+            }
+            _ => Err(format!(
+                "expected none, host-netns or tap=NAME (NAME up to 15 bytes), got {s:?}"
+            )),
+        },
+    }
+}
+
+/// Wires `mode` into `sandbox` (before launch) and rewrites the spec's
+/// network namespace for the guest; returns the spec and the agent's
+/// network configuration, if the guest needs one.
+pub(crate) fn wire_network(
+    sandbox: &mut Sandbox,
+    bundle: &Bundle,
+    mode: &NetMode,
+    spec_json: &str,
+) -> anyhow::Result<(String, Option<protocol::agent::NetworkConfig>)> {
+    use sandboxvm::net::{guest_spec, GuestNetns, NetDevice, Network, PodNetwork};
+    match mode {
+        NetMode::None => Ok((guest_spec(spec_json, GuestNetns::Isolated)?, None)),
+        NetMode::Tap(tap) => {
+            sandbox.attach_network(Network::Taps(vec![NetDevice {
+                tap: tap.clone(),
+                mac: None,
+                mtu: None,
+            }]));
+            Ok((guest_spec(spec_json, GuestNetns::Pod)?, None))
+        }
+        NetMode::HostNetns => {
+            let path = sandboxvm::net::spec_netns(&bundle.spec).context(
+                "--net host-netns: the spec's linux.namespaces has no network namespace with a path",
+            )?;
+            let pod = PodNetwork::setup(&path, sandbox.dir())
+                .with_context(|| format!("cannot wire the network of {}", path.display()))?;
+            let config = pod.guest_config();
+            sandbox.attach_network(Network::Pod(pod));
+            Ok((guest_spec(spec_json, GuestNetns::Pod)?, Some(config)))
+        }
+    }
 }
 
 impl Run {
@@ -91,11 +157,13 @@ impl Run {
             .map_err(anyhow::Error::from)
             .and_then(|(share, spec_json)| {
                 opts.shared_dir = share.dir().to_path_buf();
+                let (spec_json, net) = wire_network(&mut sandbox, &bundle, &self.net, &spec_json)?;
                 sandbox.launch(&opts)?;
                 run_in(
                     &mut sandbox,
                     &bundle,
                     &spec_json,
+                    net.as_ref(),
                     &id,
                     &signals,
                     self.boot_timeout,
@@ -115,6 +183,7 @@ fn run_in(
     sandbox: &mut Sandbox,
     bundle: &Bundle,
     spec_json: &str,
+    net: Option<&protocol::agent::NetworkConfig>,
     id: &str,
     signals: &crate::signals::Forwarder,
     boot_timeout: u64,
@@ -128,6 +197,10 @@ fn run_in(
     )?;
     let agent = Agent::new(stream)?;
     log::info!("agent up: guest kernel {}", agent.kernel_release()?);
+    if let Some(net) = net {
+        agent.configure_network(net)?;
+        log::info!("guest network configured");
+    }
     agent.create_in(id, spec_json, ROOTFS_TAG, "rootfs")?;
     let terminal = bundle.terminal();
     let _raw = if terminal {
@@ -180,6 +253,16 @@ pub(crate) fn check_id(id: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn net_modes_parse() {
+        assert_eq!(parse_net_mode("none"), Ok(NetMode::None));
+        assert_eq!(parse_net_mode("host-netns"), Ok(NetMode::HostNetns));
+        assert_eq!(parse_net_mode("tap=tap0"), Ok(NetMode::Tap("tap0".into())));
+        for bad in ["", "tap=", "bridge", "tap=a,mac=x", "tap=0123456789abcdef"] {
+            assert!(parse_net_mode(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn ids_are_checked_like_runc() {
