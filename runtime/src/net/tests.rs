@@ -119,9 +119,10 @@ fn can_run() -> bool {
     let ok = nix::unistd::geteuid().is_root()
         && Path::new("/dev/net/tun").exists()
         && Command::new("ip").arg("-V").output().is_ok()
-        && Command::new("tc").arg("-V").output().is_ok();
+        && Command::new("tc").arg("-V").output().is_ok()
+        && Path::new("/bin/busybox").exists();
     if !ok {
-        eprintln!("skipped: needs root, /dev/net/tun, ip and tc");
+        eprintln!("skipped: needs root, /dev/net/tun, ip, tc and busybox");
     }
     ok
 }
