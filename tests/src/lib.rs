@@ -1,6 +1,7 @@
 //! Shared helpers of the end-to-end tests and the boot benchmark: the test
 //! guest's initramfs, and where the binaries, the kernel and the CI host are.
 
+pub mod containerd;
 pub mod fixtures;
 
 use std::path::{Path, PathBuf};
