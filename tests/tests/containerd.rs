@@ -166,6 +166,40 @@ step containers $C container ls -q
 }
 
 #[test]
+fn a_terminal_gets_the_clients_size_through_resize_pty() {
+    // `ctr -t` in a terminal of a known size (script's pty): it resizes the
+    // task's pty after start (ResizePty), so the container waits for a
+    // size other than the initial 0x0.
+    let r = run(
+        "tty",
+        r#"
+WAIT='for i in $(seq 100); do s=$(stty size); [ "$s" != "0 0" ] && break; sleep 0.1; done; echo "size $s"; tty'
+step run_t script -qec "stty rows 33 cols 77; $C run $SN $R -t --rm @IMAGE@ tty1 sh -c '$WAIT'" /dev/null
+step detached $C run $SN $R -d @IMAGE@ tty2 sleep 1000
+step exec_t script -qec "stty rows 20 cols 50; $C task exec -t --exec-id t1 tty2 sh -c '$WAIT; exit 4'" /dev/null
+step kill $C task kill -s SIGKILL tty2
+for _ in $(seq 100); do $C task ls | grep -q 'tty2.*STOPPED' && break; sleep 0.1; done
+step delete $C task delete tty2
+step rm $C container rm tty2
+"#
+        .replace("@IMAGE@", IMAGE)
+        .as_str(),
+    );
+    let run = r.step("run_t");
+    assert_eq!(run.code, 0, "{run:?}\n{}", r.tail());
+    assert!(run.out.contains("size 33 77\r"), "{run:?}");
+    assert!(run.out.contains("/dev/pts/0"), "a pty: {run:?}");
+    assert_eq!(r.step("detached").code, 0, "{:?}", r.step("detached"));
+    let exec = r.step("exec_t");
+    assert_eq!(exec.code, 4, "{exec:?}\n{}", r.tail());
+    assert!(exec.out.contains("size 20 50\r"), "{exec:?}");
+    for s in ["kill", "delete", "rm"] {
+        assert_eq!(r.step(s).code, 0, "{s}: {:?}\n{}", r.step(s), r.tail());
+    }
+    r.assert_clean();
+}
+
+#[test]
 fn the_containers_of_a_pod_share_one_vm() {
     // What the CRI plugin does for a pod, by hand: its annotations on a
     // sandbox container and on a container of the same pod.
