@@ -1,0 +1,349 @@
+//! End to end: what the kubelet does for a pod with `runtimeClassName:
+//! sandboxvm`, through containerd's CRI plugin (Debian's containerd with
+//! resources/containerd-config.toml, the harness of e2e::containerd) and
+//! the CRI v1 gRPC API (tests/cri-client): RunPodSandbox with runtime
+//! handler `sandboxvm`, CreateContainer and StartContainer of two
+//! containers, ExecSync, ContainerStatus, ListContainers, StopContainer,
+//! StopPodSandbox, RemovePodSandbox.
+//!
+//! The pod uses the host's network namespace (`hostNetwork: true`), so no
+//! CNI plugin is needed; its sandbox (pause) image is a busybox image whose
+//! entrypoint sleeps, imported with the test's busybox image into
+//! containerd's `k8s.io` namespace (no registry).
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use e2e::containerd::{
+    cargo_build, fixture, guest_release, make_image, work_dir, Ran, Script, IMAGE,
+};
+use serde_json::Value;
+
+/// The sandbox image containerd's CRI plugin runs as each pod's first
+/// container (its `sandbox_image`).
+const PAUSE_IMAGE: &str = "docker.io/library/sbx-pause:latest";
+
+/// The containerd config lines of the CRI tests: the local pause image,
+/// the snapshotter the harness found.
+const CRI_CONFIG: &str = r#"[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "docker.io/library/sbx-pause:latest"
+[plugins."io.containerd.grpc.v1.cri".containerd]
+  snapshotter = "$snapshotter""#;
+
+struct Images {
+    pause: PathBuf,
+    client: PathBuf,
+}
+
+fn images() -> &'static Images {
+    static I: OnceLock<Images> = OnceLock::new();
+    I.get_or_init(|| {
+        let f = fixture();
+        cargo_build(&["cri-client"]);
+        let pause = make_image(
+            &f.bundle,
+            &work_dir().join("pause-oci.tar"),
+            PAUSE_IMAGE,
+            r#"{"Entrypoint":["/bin/sleep"],"Cmd":["infinity"],"WorkingDir":"/"}"#,
+        );
+        Images {
+            pause,
+            client: f.bin_dir.join("cri-client"),
+        }
+    })
+}
+
+/// Runs `body` with `$CC` = the CRI client on containerd's socket and
+/// `$POD` = the pod's metadata flags (pod "web" in namespace "e2e", its
+/// container logs in `$W/logs`).
+fn run(name: &str, body: &str) -> Ran {
+    let i = images();
+    let body = format!(
+        "CC=\"{} --socket $W/ctd/containerd.sock\"\n\
+         POD=\"--pod-name web --pod-namespace e2e --log-dir $W/logs\"\n\
+         mkdir -p \"$W/logs\"\n\
+         count() {{ pgrep -fc \"$1\" || true; }}\n{body}",
+        i.client.display()
+    );
+    e2e::containerd::run(&Script {
+        name,
+        config: CRI_CONFIG,
+        namespace: "k8s.io",
+        images: &[&fixture().image, &i.pause],
+        body: &body,
+        ..Script::default()
+    })
+}
+
+fn json(ran: &Ran, step: &str) -> Value {
+    let s = ran.step(step);
+    assert_eq!(s.code, 0, "{step}: {s:?}\n{}", ran.tail());
+    serde_json::from_str(&s.out).unwrap_or_else(|e| panic!("{step}: {e}: {s:?}"))
+}
+
+/// A step that must succeed; its stdout, trimmed.
+fn ok(ran: &Ran, step: &str) -> String {
+    let s = ran.step(step);
+    assert_eq!(s.code, 0, "{step}: {s:?}\n{}", ran.tail());
+    s.out.trim().to_string()
+}
+
+#[test]
+fn a_pod_of_two_containers_runs_in_one_vm_through_cri() {
+    let r = run(
+        "pod",
+        r#"
+mkdir -p "$W/empty-dir"
+step version $CC version
+step images $CC images
+POD="$POD --share-pid"
+step runpod $CC run-pod $POD --handler sandboxvm
+P=$(cat runpod.out)
+step podstatus $CC pod-status "$P"
+M="--mount $W/empty-dir:/data"
+step create1 $CC create --pod-id "$P" $POD --name one --image @IMAGE@ $M -- \
+  sh -c 'echo one up; echo written-by-one >/data/note; exec sleep 1000'
+C1=$(cat create1.out)
+step start1 $CC start "$C1"
+step create2 $CC create --pod-id "$P" $POD --name two --image @IMAGE@ $M --env WHO=two -- \
+  sh -c 'echo two up; echo two-err >&2; exec sleep 1000'
+C2=$(cat create2.out)
+step start2 $CC start "$C2"
+for _ in $(seq 50); do [ -s empty-dir/note ] && break; sleep 0.1; done
+step exec1 $CC exec "$C1" -- sh -c 'uname -r; cat /proc/sys/kernel/random/boot_id; echo one-err >&2; exit 3'
+step exec2 $CC exec "$C2" -- sh -c 'uname -r; cat /proc/sys/kernel/random/boot_id; cat /data/note; echo $WHO'
+step host_kernel uname -r
+step host_boot_id cat /proc/sys/kernel/random/boot_id
+step vmms count 'sandboxvm.* boot '
+step shims count 'containerd-shim-sandboxvm-v2 .*-id '"$P"
+step all_shims count 'containerd-shim-sandboxvm-v2'
+step status1 $CC status "$C1"
+step list $CC list --pod-id "$P"
+step pods $CC pods
+step ps2 $CC exec "$C2" -- ps -o pid,args
+step stop2 $CC stop "$C2" --timeout 2
+step status2 $CC status "$C2"
+step vmms_after_stop2 count 'sandboxvm.* boot '
+step exec1_after $CC exec "$C1" -- echo still-running
+step stoppod $CC stop-pod "$P"
+step list_stopped $CC list --pod-id "$P"
+step status1_stopped $CC status "$C1"
+step podstatus_stopped $CC pod-status "$P"
+step vmms_after_stoppod count 'sandboxvm.* boot '
+step removepod $CC remove-pod "$P"
+step list_removed $CC list
+step pods_removed $CC pods
+step left leftovers
+"#
+        .replace("@IMAGE@", IMAGE)
+        .as_str(),
+    );
+    let version = json(&r, "version");
+    assert_eq!(version["runtime_name"], "containerd", "{version}");
+    let images = json(&r, "images");
+    for i in [IMAGE, PAUSE_IMAGE] {
+        assert!(images.as_array().unwrap().contains(&i.into()), "{images}");
+    }
+
+    let pod = ok(&r, "runpod");
+    assert_eq!(pod.len(), 64, "a pod sandbox id: {pod}");
+    let status = json(&r, "podstatus");
+    assert_eq!(status["state"], "SANDBOX_READY", "{status}");
+    assert_eq!(status["runtime_handler"], "sandboxvm", "{status}");
+    assert_eq!(status["network"], "NODE", "{status}");
+    for s in ["create1", "start1", "create2", "start2"] {
+        ok(&r, s);
+    }
+    let (c1, c2) = (ok(&r, "create1"), ok(&r, "create2"));
+
+    // ExecSync: output, stderr and exit status; the guest kernel, not the
+    // nested host's; one boot (one kernel) for both containers.
+    let exec1 = r.step("exec1");
+    assert_eq!(exec1.code, 3, "{exec1:?}\n{}", r.tail());
+    assert_eq!(exec1.err, "one-err\n", "{exec1:?}");
+    let exec2 = r.step("exec2");
+    assert_eq!(exec2.code, 0, "{exec2:?}\n{}", r.tail());
+    let out1: Vec<&str> = exec1.out.lines().collect();
+    let out2: Vec<&str> = exec2.out.lines().collect();
+    assert_eq!(out1.len(), 2, "{exec1:?}");
+    assert_eq!(out1[0], guest_release(), "{exec1:?}");
+    assert_ne!(
+        out1[0],
+        ok(&r, "host_kernel"),
+        "the guest's kernel, not the host's"
+    );
+    assert_eq!(
+        out2,
+        [out1[0], out1[1], "written-by-one", "two"],
+        "the same kernel boot in both containers, the shared volume, the env: {exec2:?}"
+    );
+    assert_ne!(
+        out1[1],
+        ok(&r, "host_boot_id"),
+        "the guest's boot, not the host's"
+    );
+    assert_eq!(ok(&r, "vmms"), "1", "one VMM for the pod");
+    assert_eq!(ok(&r, "shims"), "1", "one shim for the pod");
+    assert_eq!(ok(&r, "all_shims"), "1", "and no other");
+
+    let status1 = json(&r, "status1");
+    assert_eq!(status1["state"], "CONTAINER_RUNNING", "{status1}");
+    assert_eq!(status1["name"], "one", "{status1}");
+    assert_eq!(status1["image"], IMAGE, "{status1}");
+    let list = json(&r, "list");
+    let mut listed: Vec<(String, String)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().into(),
+                c["state"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        [
+            ("one".into(), "CONTAINER_RUNNING".into()),
+            ("two".into(), "CONTAINER_RUNNING".into())
+        ],
+        "{list}"
+    );
+    let mut ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    let mut created = [c1.as_str(), c2.as_str()];
+    created.sort();
+    assert_eq!(ids, created, "{list}");
+    assert_eq!(status1["id"], c1.as_str(), "{status1}");
+    let pods = json(&r, "pods");
+    assert_eq!(pods.as_array().unwrap().len(), 1, "{pods}");
+    assert_eq!(pods[0]["id"], pod.as_str(), "{pods}");
+
+    // The containers' stdout and stderr reach the CRI log files.
+    let log = |name: &str| std::fs::read_to_string(r.dir.join("logs").join(name)).unwrap();
+    assert!(
+        log("one.log").contains(" stdout F one up"),
+        "{}",
+        log("one.log")
+    );
+    let two = log("two.log");
+    assert!(two.contains(" stdout F two up"), "{two}");
+    assert!(two.contains(" stderr F two-err"), "{two}");
+    assert_eq!(
+        std::fs::read_to_string(r.dir.join("empty-dir/note")).unwrap(),
+        "written-by-one\n",
+        "the volume is the host directory"
+    );
+
+    // One PID namespace for the pod (shareProcessNamespace), the guest's:
+    // the pause process is its PID 1, both containers' processes are in it.
+    let ps = ok(&r, "ps2");
+    let procs: Vec<&str> = ps.lines().map(str::trim).collect();
+    assert!(procs.contains(&"1 /bin/sleep infinity"), "{ps}");
+    assert_eq!(
+        procs.iter().filter(|p| p.ends_with(" sleep 1000")).count(),
+        2,
+        "{ps}"
+    );
+
+    // StopContainer: SIGTERM ends `sleep` (not its namespace's PID 1); the
+    // pod's VM and other container stay.
+    ok(&r, "stop2");
+    let status2 = json(&r, "status2");
+    assert_eq!(status2["state"], "CONTAINER_EXITED", "{status2}");
+    assert_eq!(status2["exit_code"], 143, "{status2}");
+    assert_eq!(ok(&r, "vmms_after_stop2"), "1");
+    assert_eq!(ok(&r, "exec1_after"), "still-running");
+
+    // StopPodSandbox stops the containers and the VM; RemovePodSandbox
+    // removes them; nothing is left.
+    ok(&r, "stoppod");
+    let stopped = json(&r, "list_stopped");
+    assert!(
+        stopped
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["state"] == "CONTAINER_EXITED"),
+        "{stopped}"
+    );
+    let status1 = json(&r, "status1_stopped");
+    assert_eq!(status1["exit_code"], 137, "killed: {status1}");
+    let status = json(&r, "podstatus_stopped");
+    assert_eq!(status["state"], "SANDBOX_NOTREADY", "{status}");
+    assert_eq!(ok(&r, "vmms_after_stoppod"), "0", "the pod's VM stopped");
+    ok(&r, "removepod");
+    assert_eq!(json(&r, "list_removed"), serde_json::json!([]));
+    assert_eq!(json(&r, "pods_removed"), serde_json::json!([]));
+    assert_eq!(
+        r.step("left").out,
+        "",
+        "left after RemovePodSandbox:\n{}",
+        r.tail()
+    );
+    r.assert_clean();
+}
+
+#[test]
+fn a_tty_container_with_its_own_pid_namespace_stops_and_is_removed() {
+    // The Kubernetes defaults: a PID namespace per container, where `sleep`
+    // is PID 1 and ignores SIGTERM, so StopContainer ends in SIGKILL.
+    let r = run(
+        "tty",
+        r#"
+step runpod $CC run-pod $POD --handler sandboxvm
+P=$(cat runpod.out)
+step create $CC create --pod-id "$P" $POD --name term --image @IMAGE@ --tty -- \
+  sh -c 'tty; echo in-a-tty; exec sleep 1000'
+C=$(cat create.out)
+step start $CC start "$C"
+step pid1 $CC exec "$C" -- sh -c 'tr "\0" " " </proc/1/cmdline; echo; test -t 0 || echo no-tty-for-exec'
+step stop $CC stop "$C" --timeout 1
+step status $CC status "$C"
+step remove $CC remove "$C"
+step list $CC list
+step vmms count 'sandboxvm.* boot '
+step stoppod $CC stop-pod "$P"
+step removepod $CC remove-pod "$P"
+step left leftovers
+"#
+        .replace("@IMAGE@", IMAGE)
+        .as_str(),
+    );
+    for s in [
+        "runpod",
+        "create",
+        "start",
+        "stop",
+        "remove",
+        "stoppod",
+        "removepod",
+    ] {
+        ok(&r, s);
+    }
+    assert_eq!(
+        ok(&r, "pid1"),
+        "sleep 1000 \nno-tty-for-exec",
+        "the container's own PID namespace"
+    );
+    let status = json(&r, "status");
+    assert_eq!(status["state"], "CONTAINER_EXITED", "{status}");
+    assert_eq!(
+        status["exit_code"], 137,
+        "SIGKILL after the grace period: {status}"
+    );
+    let log = std::fs::read_to_string(r.dir.join("logs/term.log")).unwrap();
+    assert!(log.contains(" stdout F /dev/pts/0"), "{log}");
+    assert!(log.contains(" stdout F in-a-tty"), "{log}");
+    assert_eq!(json(&r, "list"), serde_json::json!([]), "removed");
+    assert_eq!(ok(&r, "vmms"), "1", "the pod's VM outlives its container");
+    assert_eq!(r.step("left").out, "", "{}", r.tail());
+    r.assert_clean();
+}
