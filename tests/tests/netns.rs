@@ -305,10 +305,12 @@ pod_net >after-kill
 $S delete --force c1
 echo $? >delete.rc
 pod_net >after-delete
-# A container that ends by itself: its monitor tears down at once.
-$S create --bundle {b2} c2 >c2.out 2>&1 </dev/null
+# A container that ends by itself: its monitor tears down before it
+# exits (supervisors wait for that pid).
+$S create --bundle {b2} --pid-file pid2 c2 >c2.out 2>&1 </dev/null
 $S start c2
 wait_stopped c2
+for _ in $(seq 300); do kill -0 $(cat pid2) 2>/dev/null || break; sleep 0.1; done
 pod_net >after-exit
 $S delete c2
 "#,
