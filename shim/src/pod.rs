@@ -152,6 +152,10 @@ pub fn remove_dead(dir: &Path) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
+    // The pod network's tap and tc mirroring, as the dead shim recorded them.
+    if let Err(e) = sandboxvm::net::teardown_recorded(&vm) {
+        log::warn!("pod network of {}: {e}", dir.display());
+    }
     mounts::remove_dir(dir);
     if let Some(ns_dir) = dir.parent() {
         let _ = std::fs::remove_dir(ns_dir);
@@ -179,6 +183,21 @@ fn create_dir(dir: &Path) -> Result<()> {
             r => return r.map_err(io_err("create", dir)),
         }
     }
+}
+
+/// The network namespace path of the pod's sandbox container, if any.
+fn pod_netns(bundle: &Bundle) -> Option<PathBuf> {
+    use oci_spec::runtime::LinuxNamespaceType;
+    bundle
+        .spec
+        .linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|n| n.typ() == LinuxNamespaceType::Network)?
+        .path()
+        .clone()
 }
 
 impl Pod {
@@ -225,17 +244,34 @@ impl Pod {
             verbose: u8::from(log::log_enabled!(log::Level::Debug)),
             vmm_exe: Some(vmm_exe()?),
         };
+        // The pod's network namespace (CNI made it; its path is in the
+        // sandbox container's spec): mirrored into the VM and configured in
+        // the guest. Host-network pods have none.
+        let netns = pod_netns(bundle);
         let (result_tx, result_rx) = channel();
         let (keeper, stop) = channel::<()>();
         std::thread::Builder::new()
             .name(format!("vm-{id}"))
             .spawn(move || {
-                let _ = result_tx.send(Sandbox::start(&opts));
+                let start = || -> Result<(Sandbox, Option<protocol::agent::NetworkConfig>)> {
+                    let mut sb = Sandbox::prepare(&opts)?;
+                    let mut config = None;
+                    if let Some(ns) = &netns {
+                        let pod = sandboxvm::net::PodNetwork::setup(ns, sb.dir()).map_err(|e| {
+                            Error::State(format!("pod network {}: {e}", ns.display()))
+                        })?;
+                        config = Some(pod.guest_config());
+                        sb.attach_network(sandboxvm::net::Network::Pod(pod));
+                    }
+                    sb.launch(&opts)?;
+                    Ok((sb, config))
+                };
+                let _ = result_tx.send(start());
                 // Until the pod is torn down (the sender is dropped).
                 let _ = stop.recv();
             })
             .map_err(|e| Error::io("spawn the VM keeper thread", e))?;
-        let mut sandbox = result_rx
+        let (mut sandbox, net_config) = result_rx
             .recv()
             .map_err(|_| Error::State("the VM keeper thread died".into()))??;
         let started = Instant::now();
@@ -252,6 +288,15 @@ impl Pod {
             }
         };
         let agent = Agent::new(stream)?;
+        if let Some(cfg) = &net_config {
+            if let Err(e) = agent.configure_network(cfg) {
+                drop(sandbox);
+                drop(keeper);
+                return Err(Error::State(format!(
+                    "cannot configure the pod network: {e}"
+                )));
+            }
+        }
         match agent.kernel_release() {
             Ok(r) => log::info!(
                 "pod {id}: VM up in {:.1} s, guest kernel {r}",

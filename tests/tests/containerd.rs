@@ -402,3 +402,36 @@ step left sh -c "ls -A /run/containerd/runc/test 2>/dev/null; pgrep -af '[s]andb
     assert_eq!(r.step("left").out, "", "{:?}", r.step("left"));
     r.assert_clean();
 }
+
+#[test]
+fn a_pods_network_namespace_is_mirrored_into_its_vm() {
+    // What CNI leaves for a pod: a namespace with a veth and an address.
+    // The shim mirrors it into the VM (tap + tc) and configures the guest.
+    let r = run(
+        "pod-net",
+        r#"
+ip netns add sbxctd
+ip link add sbxctd0 type veth peer name eth0 netns sbxctd
+ip addr add 10.231.7.1/24 dev sbxctd0; ip link set sbxctd0 up
+ip -n sbxctd addr add 10.231.7.2/24 dev eth0
+ip -n sbxctd link set eth0 up; ip -n sbxctd link set lo up
+ip netns exec sbxctd cat /sys/class/net/eth0/address >mac
+step net $C run $SN $R --rm --with-ns network:/var/run/netns/sbxctd @IMAGE@ n1 sh -c 'cat /sys/class/net/eth0/address; ip -4 addr show eth0 | grep -o "inet [0-9./]*"; ping -c 1 -W 10 10.231.7.1 >/dev/null && echo ping-ok'
+step left sh -c "ip netns exec sbxctd tc filter show dev eth0 ingress; ip netns exec sbxctd ip -o link show type tun"
+ip netns del sbxctd; ip link del sbxctd0 2>/dev/null
+"#
+        .replace("@IMAGE@", IMAGE)
+        .as_str(),
+    );
+    let net = r.step("net");
+    assert_eq!(net.code, 0, "{net:?}\n{}", r.tail());
+    let mac = std::fs::read_to_string(r.dir.join("mac")).unwrap();
+    assert_eq!(
+        net.out,
+        format!("{}inet 10.231.7.2/24\nping-ok\n", mac),
+        "{net:?}"
+    );
+    let left = r.step("left");
+    assert_eq!(left.out, "", "tap or tc filter left: {left:?}");
+    r.assert_clean();
+}
