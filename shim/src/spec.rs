@@ -1,7 +1,8 @@
 //! The container's config.json as the guest needs it: host namespace paths
 //! and the network namespace go (the pod shares the guest's network), host
-//! bind-mount sources become paths in the pod's virtio-fs share, /dev/shm
-//! from the host becomes a tmpfs, cgroupsPath and hooks are the guest's.
+//! bind-mount sources become paths in the pod's virtio-fs share (a CRI pod's
+//! /dev/shm among them), a stand-alone container's /dev/shm from the host
+//! becomes a tmpfs, cgroupsPath and hooks are the guest's.
 
 use std::path::{Path, PathBuf};
 
@@ -107,6 +108,10 @@ pub fn for_guest(spec: &mut Value, cid: &str, sandbox_pid: Option<u32>) -> Resul
         "{GUEST_SHARES_DIR}/{}/{cid}/mounts",
         sandboxvm::sandbox::ROOTFS_TAG
     );
+    // A CRI pod's containers all bind the pod's shm directory (a host
+    // tmpfs): through the share it stays one for the pod, as Kubernetes
+    // has it. A stand-alone container's /dev/shm is a tmpfs of its own.
+    let pod_shm = spec["annotations"][CONTAINER_TYPE].is_string();
     let mut binds = Vec::new();
     if let Some(mounts) = spec["mounts"].as_array_mut() {
         for m in mounts.iter_mut() {
@@ -114,7 +119,7 @@ pub fn for_guest(spec: &mut Value, cid: &str, sandbox_pid: Option<u32>) -> Resul
                 continue;
             }
             let dest = m["destination"].as_str().unwrap_or_default();
-            if dest == "/dev/shm" {
+            if dest == "/dev/shm" && !pod_shm {
                 *m = json!({
                     "destination": "/dev/shm",
                     "type": "tmpfs",
@@ -179,7 +184,7 @@ mod tests {
                 {"destination": "/etc/hosts", "type": "bind", "source": "/etc/hosts",
                  "options": ["rbind", "rprivate", "rw"]},
                 {"destination": "/dev/shm", "type": "bind",
-                 "source": "/run/containerd/sandboxes/pod1/shm", "options": ["rbind", "ro"]},
+                 "source": "/tmp", "options": ["rbind", "ro"]},
                 {"destination": "/etc/resolv.conf", "source": "/etc/resolv.conf",
                  "options": ["bind", "ro"]},
             ],
@@ -221,36 +226,41 @@ mod tests {
     }
 
     #[test]
-    fn host_binds_move_into_the_share_and_shm_becomes_a_tmpfs() {
+    fn host_binds_move_into_the_share_with_a_pods_shm() {
         let mut s = cri_spec();
         let binds = for_guest(&mut s, "c1", None).unwrap();
+        let bind = |source: &str, name: &str| HostBind {
+            source: source.into(),
+            name: name.into(),
+        };
         assert_eq!(
             binds,
             vec![
-                HostBind {
-                    source: "/etc/hosts".into(),
-                    name: "0-hosts".into()
-                },
-                HostBind {
-                    source: "/etc/resolv.conf".into(),
-                    name: "1-resolv.conf".into()
-                },
+                bind("/etc/hosts", "0-hosts"),
+                bind("/tmp", "1-tmp"),
+                bind("/etc/resolv.conf", "2-resolv.conf"),
             ]
         );
         let m = &s["mounts"];
         assert_eq!(m[0]["source"], "proc");
-        assert_eq!(
-            m[1]["source"],
-            "/run/sandboxvm/shares/sbx-rootfs/c1/mounts/0-hosts"
-        );
-        assert_eq!(m[2]["type"], "tmpfs");
+        let share = "/run/sandboxvm/shares/sbx-rootfs/c1/mounts";
+        assert_eq!(m[1]["source"], format!("{share}/0-hosts"));
         assert_eq!(m[2]["destination"], "/dev/shm");
-        assert_eq!(
-            m[3]["source"],
-            "/run/sandboxvm/shares/sbx-rootfs/c1/mounts/1-resolv.conf"
-        );
+        assert_eq!(m[2]["source"], format!("{share}/1-tmp"));
+        assert_eq!(m[3]["source"], format!("{share}/2-resolv.conf"));
         assert_eq!(s["linux"]["cgroupsPath"], "/sandboxvm/c1");
         assert!(s.get("hooks").is_none());
+    }
+
+    #[test]
+    fn a_stand_alone_containers_shm_becomes_a_tmpfs() {
+        let mut s = cri_spec();
+        s.as_object_mut().unwrap().remove("annotations");
+        let binds = for_guest(&mut s, "c1", None).unwrap();
+        assert_eq!(binds.len(), 2, "{binds:?}");
+        let shm = &s["mounts"][2];
+        assert_eq!(shm["destination"], "/dev/shm");
+        assert_eq!(shm["type"], "tmpfs");
     }
 
     #[test]
