@@ -102,7 +102,7 @@ P=$(cat runpod.out)
 step podstatus $CC pod-status "$P"
 M="--mount $W/empty-dir:/data"
 step create1 $CC create --pod-id "$P" $POD --name one --image @IMAGE@ $M -- \
-  sh -c 'echo one up; echo written-by-one >/data/note; exec sleep 1000'
+  sh -c 'echo one up; echo shm-of-one >/dev/shm/one; echo written-by-one >/data/note; exec sleep 1000'
 C1=$(cat create1.out)
 step start1 $CC start "$C1"
 step create2 $CC create --pod-id "$P" $POD --name two --image @IMAGE@ $M --env WHO=two -- \
@@ -111,7 +111,7 @@ C2=$(cat create2.out)
 step start2 $CC start "$C2"
 for _ in $(seq 50); do [ -s empty-dir/note ] && break; sleep 0.1; done
 step exec1 $CC exec "$C1" -- sh -c 'uname -r; cat /proc/sys/kernel/random/boot_id; echo one-err >&2; exit 3'
-step exec2 $CC exec "$C2" -- sh -c 'uname -r; cat /proc/sys/kernel/random/boot_id; cat /data/note; echo $WHO'
+step exec2 $CC exec "$C2" -- sh -c 'uname -r; cat /proc/sys/kernel/random/boot_id; cat /data/note; cat /dev/shm/one; echo $WHO'
 step host_kernel uname -r
 step host_boot_id cat /proc/sys/kernel/random/boot_id
 step vmms count 'sandboxvm.* boot '
@@ -174,8 +174,8 @@ step left leftovers
     );
     assert_eq!(
         out2,
-        [out1[0], out1[1], "written-by-one", "two"],
-        "the same kernel boot in both containers, the shared volume, the env: {exec2:?}"
+        [out1[0], out1[1], "written-by-one", "shm-of-one", "two"],
+        "the same kernel boot in both containers, the shared volume and /dev/shm, the env: {exec2:?}"
     );
     assert_ne!(
         out1[1],
