@@ -118,6 +118,7 @@ step vmms count 'sandboxvm.* boot '
 step shims count 'containerd-shim-sandboxvm-v2 .*-id '"$P"
 step all_shims count 'containerd-shim-sandboxvm-v2'
 step status1 $CC status "$C1"
+step stats1 $CC stats "$C1"
 step list $CC list --pod-id "$P"
 step pods $CC pods
 step ps2 $CC exec "$C2" -- ps -o pid,args
@@ -190,6 +191,14 @@ step left leftovers
     assert_eq!(status1["state"], "CONTAINER_RUNNING", "{status1}");
     assert_eq!(status1["name"], "one", "{status1}");
     assert_eq!(status1["image"], IMAGE, "{status1}");
+    // ContainerStats (the kubelet polls it): the guest cgroup's figures.
+    let stats = json(&r, "stats1");
+    assert_eq!(stats["id"], c1.as_str(), "{stats}");
+    assert!(
+        stats["cpu_usage_core_nano_seconds"].as_u64() > Some(0),
+        "{stats}"
+    );
+    assert!(stats["memory_usage_bytes"].as_u64() > Some(0), "{stats}");
     let list = json(&r, "list");
     let mut listed: Vec<(String, String)> = list
         .as_array()

@@ -18,13 +18,14 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerFilter, ContainerMetadata, ContainerState, ContainerStatusRequest,
-    CreateContainerRequest, ExecSyncRequest, ImageSpec, KeyValue, LinuxContainerConfig,
-    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
-    ListContainersRequest, ListImagesRequest, ListPodSandboxRequest, Mount, NamespaceMode,
-    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxState,
+    ContainerConfig, ContainerFilter, ContainerMetadata, ContainerState, ContainerStatsRequest,
+    ContainerStatusRequest, CreateContainerRequest, ExecSyncRequest, ImageSpec, KeyValue,
+    LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, ListContainersRequest, ListImagesRequest, ListPodSandboxRequest,
+    Mount, NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxState,
     PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest, VersionRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest, UInt64Value,
+    VersionRequest,
 };
 use serde_json::{json, Value};
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -127,6 +128,8 @@ enum Call {
     },
     /// ContainerStatus, as JSON.
     Status { id: String },
+    /// ContainerStats (what the kubelet polls), as JSON.
+    Stats { id: String },
     /// ListContainers (of one pod with `--pod-id`), as JSON.
     List {
         #[arg(long)]
@@ -453,6 +456,24 @@ async fn call(cli: Cli) -> Result<Outcome> {
                 "finished": s.finished_at != 0,
                 "image": s.image.map(|i| i.image).unwrap_or_default(),
                 "log_path": s.log_path,
+            }))
+        }
+        Call::Stats { id } => {
+            let r = ContainerStatsRequest { container_id: id };
+            let s = rt
+                .container_stats(req(r, d))
+                .await
+                .map_err(rpc_err("ContainerStats"))?
+                .into_inner()
+                .stats
+                .unwrap_or_default();
+            let v = |x: Option<UInt64Value>| x.map(|x| x.value);
+            let (cpu, mem) = (s.cpu.unwrap_or_default(), s.memory.unwrap_or_default());
+            line(json!({
+                "id": s.attributes.map(|a| a.id).unwrap_or_default(),
+                "cpu_usage_core_nano_seconds": v(cpu.usage_core_nano_seconds),
+                "memory_usage_bytes": v(mem.usage_bytes),
+                "memory_working_set_bytes": v(mem.working_set_bytes),
             }))
         }
         Call::List { pod_id } => {
