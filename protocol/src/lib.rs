@@ -56,6 +56,8 @@ mod generated {
 
 pub use generated::{agent, agent_ttrpc};
 
+pub mod mount_options;
+
 pub use ttrpc;
 
 /// The vsock port the guest agent listens on (`VMADDR_CID_ANY:1024`).

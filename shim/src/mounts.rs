@@ -14,67 +14,11 @@ fn mount_err(what: String) -> impl FnOnce(nix::Error) -> Error {
     move |source| Error::Mount { what, source }
 }
 
-/// Decodes mount(8)-style options into flags, propagation flags and the
-/// data string for the filesystem.
-pub fn parse_options(options: &[String]) -> (MsFlags, MsFlags, String) {
-    let mut flags = MsFlags::empty();
-    let mut propagation = MsFlags::empty();
-    let mut data = Vec::new();
-    for o in options {
-        let (set, clear) = match o.as_str() {
-            "defaults" => (MsFlags::empty(), MsFlags::empty()),
-            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
-            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
-            "bind" => (MsFlags::MS_BIND, MsFlags::empty()),
-            "rbind" => (MsFlags::MS_BIND | MsFlags::MS_REC, MsFlags::empty()),
-            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
-            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
-            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
-            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
-            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
-            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
-            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
-            "async" => (MsFlags::empty(), MsFlags::MS_SYNCHRONOUS),
-            "dirsync" => (MsFlags::MS_DIRSYNC, MsFlags::empty()),
-            "remount" => (MsFlags::MS_REMOUNT, MsFlags::empty()),
-            "noatime" => (MsFlags::MS_NOATIME, MsFlags::empty()),
-            "atime" => (MsFlags::empty(), MsFlags::MS_NOATIME),
-            "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty()),
-            "diratime" => (MsFlags::empty(), MsFlags::MS_NODIRATIME),
-            "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty()),
-            "norelatime" => (MsFlags::empty(), MsFlags::MS_RELATIME),
-            "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
-            "nostrictatime" => (MsFlags::empty(), MsFlags::MS_STRICTATIME),
-            "private" | "rprivate" | "slave" | "rslave" | "shared" | "rshared" | "unbindable"
-            | "runbindable" => {
-                let p = match o.trim_start_matches('r') {
-                    "private" => MsFlags::MS_PRIVATE,
-                    "slave" => MsFlags::MS_SLAVE,
-                    "shared" => MsFlags::MS_SHARED,
-                    _ => MsFlags::MS_UNBINDABLE,
-                };
-                propagation = p | if o.starts_with('r') {
-                    MsFlags::MS_REC
-                } else {
-                    MsFlags::empty()
-                };
-                continue;
-            }
-            other => {
-                data.push(other.to_string());
-                continue;
-            }
-        };
-        flags = (flags | set) & !clear;
-    }
-    (flags, propagation, data.join(","))
-}
-
 /// Mounts containerd's `mounts` (a snapshot: overlay, or a bind of a
 /// directory) on `target`, in order.
 pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<()> {
     for m in mounts {
-        let (flags, propagation, data) = parse_options(&m.options);
+        let (flags, propagation, data) = protocol::mount_options::parse(&m.options);
         let typ = (!m.type_.is_empty() && m.type_ != "bind").then_some(m.type_.as_str());
         let flags = if m.type_ == "bind" {
             flags | MsFlags::MS_BIND
@@ -165,27 +109,5 @@ pub fn remove_dir(dir: &Path) {
         if e.kind() != std::io::ErrorKind::NotFound {
             log::warn!("cannot remove {}: {e}", dir.display());
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn options_become_flags_and_data() {
-        let o = |v: &[&str]| parse_options(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
-        let (f, p, d) = o(&["ro", "rbind", "nosuid", "rprivate"]);
-        assert_eq!(
-            f,
-            MsFlags::MS_RDONLY | MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_NOSUID
-        );
-        assert_eq!(p, MsFlags::MS_PRIVATE | MsFlags::MS_REC);
-        assert_eq!(d, "");
-        let (f, _, d) = o(&["index=off", "lowerdir=/a:/b", "upperdir=/u", "workdir=/w"]);
-        assert_eq!(f, MsFlags::empty());
-        assert_eq!(d, "index=off,lowerdir=/a:/b,upperdir=/u,workdir=/w");
-        let (f, _, _) = o(&["ro", "rw"]);
-        assert_eq!(f, MsFlags::empty());
     }
 }

@@ -163,56 +163,9 @@ fn mount_config(m: &oci_spec::runtime::Mount) -> Result<MountConfig, Error> {
             destination.display()
         )));
     }
-    let mut flags = MsFlags::empty();
-    let mut propagation = MsFlags::empty();
-    let mut data = Vec::new();
-    let mut bind = m.typ().as_deref() == Some("bind");
-    for o in m.options().iter().flatten() {
-        let (set, clear) = match o.as_str() {
-            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
-            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
-            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
-            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
-            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
-            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
-            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
-            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
-            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
-            "dirsync" => (MsFlags::MS_DIRSYNC, MsFlags::empty()),
-            "noatime" => (MsFlags::MS_NOATIME, MsFlags::empty()),
-            "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty()),
-            "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty()),
-            "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
-            "bind" => {
-                bind = true;
-                (MsFlags::MS_BIND, MsFlags::empty())
-            }
-            "rbind" => {
-                bind = true;
-                (MsFlags::MS_BIND | MsFlags::MS_REC, MsFlags::empty())
-            }
-            "private" | "rprivate" | "slave" | "rslave" | "shared" | "rshared" | "unbindable"
-            | "runbindable" => {
-                let p = match o.trim_start_matches('r') {
-                    "private" => MsFlags::MS_PRIVATE,
-                    "slave" => MsFlags::MS_SLAVE,
-                    "shared" => MsFlags::MS_SHARED,
-                    _ => MsFlags::MS_UNBINDABLE,
-                };
-                propagation = p | if o.starts_with('r') {
-                    MsFlags::MS_REC
-                } else {
-                    MsFlags::empty()
-                };
-                continue;
-            }
-            other => {
-                data.push(other.to_string());
-                continue;
-            }
-        };
-        flags = (flags | set) & !clear;
-    }
+    let options = m.options().clone().unwrap_or_default();
+    let (flags, propagation, data) = protocol::mount_options::parse(&options);
+    let bind = m.typ().as_deref() == Some("bind") || flags.contains(MsFlags::MS_BIND);
     Ok(MountConfig {
         destination,
         typ: m
@@ -222,7 +175,7 @@ fn mount_config(m: &oci_spec::runtime::Mount) -> Result<MountConfig, Error> {
         source: m.source().clone(),
         flags,
         propagation,
-        data: data.join(","),
+        data,
         bind,
     })
 }
