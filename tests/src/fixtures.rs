@@ -2,13 +2,13 @@
 //! and busybox bundles (resources/make-busybox-bundle), built once per test
 //! binary.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
 use serde_json::{json, Value};
 
-use crate::{guest_kernel, repo_root, sandboxvm_bin};
+use crate::{guest_kernel, on_kvm_host, repo_root, sandboxvm_bin};
 
 /// What a sandbox needs.
 pub struct Artefacts {
@@ -89,4 +89,30 @@ pub fn bundle(name: &str, args: &[&str], tweak: impl FnOnce(&mut Value)) -> Path
     tweak(&mut spec);
     std::fs::write(dir.join("config.json"), spec.to_string()).unwrap();
     dir
+}
+
+/// Writes `text` as `dir/script.sh` and runs it (`bash -x`) on the KVM host
+/// under a child subreaper (tests/scripts/subreaper.py, as containerd's
+/// shims and conmon are), which writes "pid exit-code" of each orphan it
+/// reaped (the container monitors) to `dir/reaped`; the script's output
+/// goes to `dir/script.log`.
+pub fn run_reaped(dir: &Path, text: &str) {
+    let path = dir.join("script.sh");
+    std::fs::write(&path, text).unwrap();
+    let reaper = repo_root().join("tests/scripts/subreaper.py");
+    let out = on_kvm_host(&[
+        "python3",
+        reaper.to_str().unwrap(),
+        dir.join("reaped").to_str().unwrap(),
+        "bash",
+        "-x",
+        path.to_str().unwrap(),
+    ])
+    .output()
+    .expect("run the test script");
+    std::fs::write(
+        dir.join("script.log"),
+        [out.stdout.as_slice(), out.stderr.as_slice()].concat(),
+    )
+    .unwrap();
 }

@@ -14,8 +14,8 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use e2e::fixtures::{artefacts, bundle, work_dir};
-use e2e::{on_kvm_host, repo_root, sandboxvm_bin};
+use e2e::fixtures::{artefacts, bundle, run_reaped, work_dir};
+use e2e::sandboxvm_bin;
 use serde_json::json;
 
 /// The test's side of the KVM host, before and after the test's body.
@@ -161,24 +161,7 @@ fn script(name: &str, body: &str) -> Out {
         .replace("@BIN@", sandboxvm_bin().to_str().unwrap())
         .replace("@POD@", &pod_ns(name))
         .replace("@HOST@", &format!("sbxh-{}-{name}", std::process::id()));
-    let path = dir.join("script.sh");
-    std::fs::write(&path, text).unwrap();
-    let reaper = repo_root().join("tests/scripts/subreaper.py");
-    let out = on_kvm_host(&[
-        "python3",
-        reaper.to_str().unwrap(),
-        dir.join("reaped").to_str().unwrap(),
-        "bash",
-        "-x",
-        path.to_str().unwrap(),
-    ])
-    .output()
-    .expect("run the test script");
-    std::fs::write(
-        dir.join("script.log"),
-        [out.stdout.as_slice(), out.stderr.as_slice()].concat(),
-    )
-    .unwrap();
+    run_reaped(&dir, &text);
     Out { dir }
 }
 

@@ -13,8 +13,8 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use e2e::fixtures::{artefacts, bundle, work_dir};
-use e2e::{on_kvm_host, repo_root, sandboxvm_bin};
+use e2e::fixtures::{artefacts, bundle, run_reaped, work_dir};
+use e2e::{repo_root, sandboxvm_bin};
 use serde_json::{json, Value};
 
 /// What a script left in its directory.
@@ -89,24 +89,7 @@ true
         initrd = a.initrd.display(),
         bin = sandboxvm_bin().display(),
     );
-    let path = dir.join("script.sh");
-    std::fs::write(&path, text).unwrap();
-    let reaper = repo_root().join("tests/scripts/subreaper.py");
-    let out = on_kvm_host(&[
-        "python3",
-        reaper.to_str().unwrap(),
-        dir.join("reaped").to_str().unwrap(),
-        "bash",
-        "-x",
-        path.to_str().unwrap(),
-    ])
-    .output()
-    .expect("run the test script");
-    std::fs::write(
-        dir.join("script.log"),
-        [out.stdout.as_slice(), out.stderr.as_slice()].concat(),
-    )
-    .unwrap();
+    run_reaped(&dir, &text);
     Out { dir }
 }
 
