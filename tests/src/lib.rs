@@ -14,7 +14,10 @@ pub const MARKER: &str = "SANDBOXVM-GUEST-INIT-REACHED";
 /// line parameters to init as environment variables: `sbxtest=panic` makes
 /// init exit, which panics the kernel; `sbxtest=poweroff` powers off;
 /// otherwise it prints the marker and a few facts, then reboots (which ends
-/// the VM).
+/// the VM). `sbxhold=S` makes it sleep S seconds after the marker, then print
+/// a `timer-check:` line with the timer softirq and local timer interrupt
+/// counts (`ci/stall-count` reads it: a guest whose timer wheel is dead still
+/// has a timer softirq count of 1 or so after the sleep).
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t sysfs sysfs /sys
@@ -32,6 +35,13 @@ echo SANDBOXVM-GUEST-INIT-REACHED
 echo "guest kernel: $(/bin/busybox uname -r)"
 echo "guest cpus: $(/bin/busybox grep -c ^processor /proc/cpuinfo)"
 echo "guest memory: $(/bin/busybox grep MemTotal /proc/meminfo)"
+if [ -n "$sbxhold" ]; then
+    /bin/busybox sleep "$sbxhold"
+    timer=$(/bin/busybox awk '$1 == "TIMER:" { n = 0; for (i = 2; i <= NF; i++) n += $i; print n }' /proc/softirqs)
+    loc=$(/bin/busybox awk '$1 == "LOC:" { n = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i; print n }' /proc/interrupts)
+    read -r up _ </proc/uptime
+    echo "timer-check: timer_softirq=$timer local_timer_irqs=$loc uptime=$up"
+fi
 /bin/busybox reboot -f
 "#;
 
@@ -100,6 +110,29 @@ pub fn guest_kernel() -> Result<PathBuf, String> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let last = stdout.lines().last().unwrap_or_default().trim();
     Ok(PathBuf::from(last))
+}
+
+/// The guest agent's initramfs, as users get it (release build):
+/// `$SANDBOXVM_INITRD`, or what `guest-agent/build-initramfs --release`
+/// builds (or finds in its cache).
+pub fn agent_initramfs() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("SANDBOXVM_INITRD") {
+        return Ok(PathBuf::from(p));
+    }
+    let out = Command::new(repo_root().join("guest-agent/build-initramfs"))
+        .arg("--release")
+        .output()
+        .map_err(|e| format!("cannot run guest-agent/build-initramfs: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "guest-agent/build-initramfs failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    Ok(PathBuf::from(
+        stdout.lines().last().unwrap_or_default().trim(),
+    ))
 }
 
 /// Whether this host boots standard guests itself (`sandboxvm check` says
