@@ -1,6 +1,7 @@
 //! The runtime's side of the guest agent API (ttrpc over the vsock bridge).
 
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use protocol::agent::{
@@ -18,6 +19,16 @@ pub enum Error {
     /// A call failed; the agent's message says why.
     #[error("{0}")]
     Call(String),
+    /// A call was not answered in time.
+    #[error("the guest agent did not answer {call} within {secs} s{diagnosis}")]
+    Timeout {
+        /// The call.
+        call: &'static str,
+        /// Its limit.
+        secs: u64,
+        /// What the guest console says, as "; ..." or "".
+        diagnosis: String,
+    },
 }
 
 /// A container's state in the guest.
@@ -42,8 +53,9 @@ pub struct Stats {
     pub pids: u64,
 }
 
-/// How long ordinary (non-blocking) calls may take.
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the guest may take to acknowledge a shutdown (the VMM is killed
+/// after that).
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How much output one read call returns at most.
 const READ_CHUNK: u32 = 64 * 1024;
 
@@ -51,32 +63,87 @@ const READ_CHUNK: u32 = 64 * 1024;
 #[derive(Clone)]
 pub struct Agent {
     client: AgentClient,
+    /// The limit of ordinary (non-blocking) calls.
+    call_timeout: Duration,
+    /// The guest console log, read to explain a call that timed out.
+    console: Option<PathBuf>,
 }
 
-fn call_err(e: protocol::ttrpc::Error) -> Error {
+/// Whether a ttrpc error is a call's deadline passing.
+fn is_timeout(e: &protocol::ttrpc::Error) -> bool {
     match e {
-        protocol::ttrpc::Error::RpcStatus(s) => Error::Call(s.message().to_string()),
-        other => Error::Call(format!("the guest agent: {other}")),
+        protocol::ttrpc::Error::RpcStatus(s) => {
+            s.code() == protocol::ttrpc::Code::DEADLINE_EXCEEDED
+        }
+        protocol::ttrpc::Error::Others(m) => m.contains("timeout") || m.contains("timed out"),
+        _ => false,
     }
 }
 
 impl Agent {
-    /// A client on a stream connected to the agent's port.
+    /// A client on a stream connected to the agent's port, with the default
+    /// call limit and no console to explain time-outs.
     pub fn new(stream: UnixStream) -> Result<Agent, Error> {
         let client = protocol::agent_client(stream).map_err(|e| Error::Connect(e.to_string()))?;
-        Ok(Agent { client })
+        Ok(Agent {
+            client,
+            call_timeout: crate::timeouts::DEFAULT_CALL,
+            console: None,
+        })
     }
 
-    fn ctx() -> protocol::ttrpc::context::Context {
-        protocol::ctx(CALL_TIMEOUT)
+    /// The same client with ordinary calls limited to `timeout`, and a
+    /// call that times out explained from the guest console at `console`.
+    pub fn with_limits(mut self, timeout: Duration, console: Option<PathBuf>) -> Agent {
+        self.call_timeout = timeout;
+        self.console = console;
+        self
+    }
+
+    fn ctx(&self) -> protocol::ttrpc::context::Context {
+        protocol::ctx(self.call_timeout)
+    }
+
+    /// Turns a failed `call` into an [`Error`]; a time-out says what the
+    /// guest console shows (a stall report, its last line).
+    fn call_err(&self, call: &'static str) -> impl Fn(protocol::ttrpc::Error) -> Error + '_ {
+        self.call_err_within(call, self.call_timeout)
+    }
+
+    /// As [`Agent::call_err`] for a call limited to `limit`.
+    fn call_err_within(
+        &self,
+        call: &'static str,
+        limit: Duration,
+    ) -> impl Fn(protocol::ttrpc::Error) -> Error + '_ {
+        move |e| {
+            if is_timeout(&e) {
+                let diagnosis = self
+                    .console
+                    .as_deref()
+                    .map(crate::guest_console::diagnose)
+                    .filter(|d| !d.is_empty())
+                    .map(|d| format!("; {d}"))
+                    .unwrap_or_default();
+                return Error::Timeout {
+                    call,
+                    secs: limit.as_secs(),
+                    diagnosis,
+                };
+            }
+            match e {
+                protocol::ttrpc::Error::RpcStatus(s) => Error::Call(s.message().to_string()),
+                other => Error::Call(format!("the guest agent: {other}")),
+            }
+        }
     }
 
     /// The guest kernel's release.
     pub fn kernel_release(&self) -> Result<String, Error> {
         let r = self
             .client
-            .guest_details(Self::ctx(), &Empty::new())
-            .map_err(call_err)?;
+            .guest_details(self.ctx(), &Empty::new())
+            .map_err(self.call_err("GuestDetails"))?;
         Ok(r.kernel_release)
     }
 
@@ -103,8 +170,8 @@ impl Agent {
             ..Default::default()
         };
         self.client
-            .create_container(Self::ctx(), &req)
-            .map_err(call_err)?;
+            .create_container(self.ctx(), &req)
+            .map_err(self.call_err("CreateContainer"))?;
         Ok(())
     }
 
@@ -115,8 +182,8 @@ impl Agent {
             ..Default::default()
         };
         self.client
-            .start_container(Self::ctx(), &req)
-            .map_err(call_err)?;
+            .start_container(self.ctx(), &req)
+            .map_err(self.call_err("StartContainer"))?;
         Ok(())
     }
 
@@ -133,7 +200,7 @@ impl Agent {
         let r = self
             .client
             .wait_process(protocol::ctx(Duration::ZERO), &Self::process(id, exec_id))
-            .map_err(call_err)?;
+            .map_err(self.call_err("WaitProcess"))?;
         Ok(r.status)
     }
 
@@ -153,8 +220,8 @@ impl Agent {
             ..Default::default()
         };
         self.client
-            .signal_process(Self::ctx(), &req)
-            .map_err(call_err)?;
+            .signal_process(self.ctx(), &req)
+            .map_err(self.call_err("SignalProcess"))?;
         Ok(())
     }
 
@@ -170,7 +237,7 @@ impl Agent {
             let r = self
                 .client
                 .write_stdin(protocol::ctx(Duration::ZERO), &req)
-                .map_err(call_err)?;
+                .map_err(self.call_err("WriteStdin"))?;
             let n = (r.len as usize).min(data.len());
             if n == 0 {
                 return Err(Error::Call("the container's stdin is closed".into()));
@@ -183,8 +250,8 @@ impl Agent {
     /// Closes a process's stdin.
     pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), Error> {
         self.client
-            .close_stdin(Self::ctx(), &Self::process(id, exec_id))
-            .map_err(call_err)?;
+            .close_stdin(self.ctx(), &Self::process(id, exec_id))
+            .map_err(self.call_err("CloseStdin"))?;
         Ok(())
     }
 
@@ -202,7 +269,7 @@ impl Agent {
         } else {
             self.client.read_stdout(ctx, &req)
         }
-        .map_err(call_err)?;
+        .map_err(self.call_err(if stderr { "ReadStderr" } else { "ReadStdout" }))?;
         Ok(r.data)
     }
 
@@ -216,8 +283,8 @@ impl Agent {
             ..Default::default()
         };
         self.client
-            .tty_win_resize(Self::ctx(), &req)
-            .map_err(call_err)?;
+            .tty_win_resize(self.ctx(), &req)
+            .map_err(self.call_err("TtyWinResize"))?;
         Ok(())
     }
 
@@ -231,8 +298,8 @@ impl Agent {
             ..Default::default()
         };
         self.client
-            .exec_process(Self::ctx(), &req)
-            .map_err(call_err)?;
+            .exec_process(self.ctx(), &req)
+            .map_err(self.call_err("ExecProcess"))?;
         Ok(())
     }
 
@@ -240,8 +307,8 @@ impl Agent {
     pub fn state(&self, id: &str) -> Result<ContainerState, Error> {
         let r = self
             .client
-            .state_container(Self::ctx(), &Self::container(id))
-            .map_err(call_err)?;
+            .state_container(self.ctx(), &Self::container(id))
+            .map_err(self.call_err("StateContainer"))?;
         Ok(ContainerState {
             status: r.status,
             guest_pid: r.pid,
@@ -253,8 +320,8 @@ impl Agent {
     pub fn stats(&self, id: &str) -> Result<Stats, Error> {
         let r = self
             .client
-            .stats_container(Self::ctx(), &Self::container(id))
-            .map_err(call_err)?;
+            .stats_container(self.ctx(), &Self::container(id))
+            .map_err(self.call_err("StatsContainer"))?;
         Ok(Stats {
             cpu_usage_usec: r.cpu_usage_usec,
             memory_usage_bytes: r.memory_usage_bytes,
@@ -266,8 +333,8 @@ impl Agent {
     pub fn processes(&self, id: &str) -> Result<Vec<(u32, u32, String)>, Error> {
         let r = self
             .client
-            .list_processes(Self::ctx(), &Self::container(id))
-            .map_err(call_err)?;
+            .list_processes(self.ctx(), &Self::container(id))
+            .map_err(self.call_err("ListProcesses"))?;
         Ok(r.processes
             .into_iter()
             .map(|p| (p.pid, p.ppid, p.cmd))
@@ -277,8 +344,8 @@ impl Agent {
     /// Kills what is left of a container and forgets it.
     pub fn remove(&self, id: &str) -> Result<(), Error> {
         self.client
-            .remove_container(Self::ctx(), &Self::container(id))
-            .map_err(call_err)?;
+            .remove_container(self.ctx(), &Self::container(id))
+            .map_err(self.call_err("RemoveContainer"))?;
         Ok(())
     }
 
@@ -294,16 +361,16 @@ impl Agent {
     /// (see [`crate::net::PodNetwork::guest_config`]).
     pub fn configure_network(&self, config: &protocol::agent::NetworkConfig) -> Result<(), Error> {
         self.client
-            .configure_network(Self::ctx(), config)
-            .map_err(call_err)?;
+            .configure_network(self.ctx(), config)
+            .map_err(self.call_err("ConfigureNetwork"))?;
         Ok(())
     }
 
     /// Asks the guest to shut down (the VM then ends).
     pub fn shutdown(&self) -> Result<(), Error> {
         self.client
-            .shutdown(protocol::ctx(Duration::from_secs(5)), &Empty::new())
-            .map_err(call_err)?;
+            .shutdown(protocol::ctx(SHUTDOWN_TIMEOUT), &Empty::new())
+            .map_err(self.call_err_within("Shutdown", SHUTDOWN_TIMEOUT))?;
         Ok(())
     }
 }

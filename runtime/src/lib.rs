@@ -5,14 +5,18 @@
 //! - [`agent`]: the guest agent's API over the VM's vsock;
 //! - [`bundle`]: OCI bundles; [`artefacts`]: where kernel, initramfs and
 //!   virtiofsd are found; [`signals`], [`tty`]: host-side helpers;
+//! - [`timeouts`]: how long the host waits for the guest;
+//!   [`guest_console`]: the guest console read for diagnostics;
 //! - [`net`]: pod networking (a host network namespace mirrored into the VM).
 
 pub mod agent;
 pub mod artefacts;
 pub mod bundle;
+pub mod guest_console;
 pub mod net;
 pub mod oci;
 pub mod sandbox;
 pub mod share;
 pub mod signals;
+pub mod timeouts;
 pub mod tty;

@@ -5,7 +5,7 @@
 
 mod cli;
 
-use sandboxvm::{agent, artefacts, bundle, sandbox, signals, tty};
+use sandboxvm::{artefacts, bundle, sandbox, signals, timeouts, tty};
 
 use clap::Parser;
 

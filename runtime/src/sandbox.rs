@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::agent::Agent;
 use crate::net::Network;
+use crate::timeouts::Timeouts;
 
 /// Errors starting or running a sandbox.
 #[derive(Debug, thiserror::Error)]
@@ -53,8 +55,16 @@ pub enum Error {
     #[error("interrupted by signal {0} while the VM was booting")]
     Interrupted(i32),
     /// The agent did not answer in time.
-    #[error("the guest agent did not come up within {0} s")]
-    Timeout(u64),
+    #[error("the guest agent did not come up within {secs} s{diagnosis}")]
+    Timeout {
+        /// The limit.
+        secs: u64,
+        /// What the guest console says, as "; ..." or "".
+        diagnosis: String,
+    },
+    /// The agent connection could not be set up.
+    #[error(transparent)]
+    Agent(#[from] crate::agent::Error),
 }
 
 /// How to start a sandbox.
@@ -91,6 +101,8 @@ pub const ROOTFS_TAG: &str = "sbx-rootfs";
 /// A running sandbox.
 pub struct Sandbox {
     dir: PathBuf,
+    /// When the VMM was started.
+    launched: Option<Instant>,
     vmm: Option<Child>,
     virtiofsd: Option<Child>,
     keep_dir: bool,
@@ -138,6 +150,7 @@ impl Sandbox {
         }
         let sandbox = Sandbox {
             dir: opts.dir.clone(),
+            launched: None,
             vmm: None,
             virtiofsd: None,
             keep_dir: false,
@@ -258,6 +271,7 @@ impl Sandbox {
         drop(netns);
         let pid = child.id();
         sandbox.vmm = Some(child);
+        sandbox.launched = Some(Instant::now());
         write_pid(&opts.dir.join("vmm.pid"), pid)?;
         log::info!("VMM started ({} vCPU, {} MiB)", opts.vcpus, opts.memory_mib);
         Ok(())
@@ -315,7 +329,15 @@ impl Sandbox {
             self.check_alive()?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                return Err(Error::Timeout(timeout.as_secs()));
+                let diagnosis = crate::guest_console::diagnose(&self.console_log());
+                return Err(Error::Timeout {
+                    secs: timeout.as_secs(),
+                    diagnosis: if diagnosis.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; {diagnosis}")
+                    },
+                });
             }
             match protocol::connect_vsock_bridge(
                 &self.vsock_path(),
@@ -327,6 +349,29 @@ impl Sandbox {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Connects to the guest agent, waiting up to `timeouts.boot` from the
+    /// VMM's start (see [`Sandbox::connect_agent`]). The client's calls are
+    /// limited by `timeouts.call`, or longer after a slow boot
+    /// ([`Timeouts::call_after_boot`]), and a call that times out is
+    /// explained from the guest console.
+    pub fn agent(
+        &mut self,
+        timeouts: &Timeouts,
+        interrupted: impl FnMut() -> Option<i32>,
+    ) -> Result<Agent, Error> {
+        let launched = self.launched.unwrap_or_else(Instant::now);
+        let left = timeouts.boot.saturating_sub(launched.elapsed());
+        let stream = self.connect_agent(protocol::AGENT_PORT, left, interrupted)?;
+        let booted = launched.elapsed();
+        let call = timeouts.call_after_boot(booted);
+        log::info!(
+            "guest agent up after {} ms (agent calls limited to {} s)",
+            booted.as_millis(),
+            call.as_secs()
+        );
+        Ok(Agent::new(stream)?.with_limits(call, Some(self.console_log())))
     }
 
     /// An error if the VMM or virtiofsd has exited.
@@ -369,14 +414,10 @@ impl Sandbox {
         }
     }
 
-    /// The tail of the guest console (for diagnostics).
+    /// The tail of the guest console (for diagnostics; read from the end,
+    /// escaped).
     pub fn console_tail(&self, lines: usize) -> Vec<String> {
-        let text = std::fs::read_to_string(self.console_log()).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+        crate::guest_console::tail(&self.console_log(), lines)
     }
 }
 

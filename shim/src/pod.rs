@@ -18,7 +18,9 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use sandboxvm::agent::Agent;
 use sandboxvm::bundle::Bundle;
+use sandboxvm::guest_console;
 use sandboxvm::sandbox::{Options, Sandbox};
+use sandboxvm::timeouts::Timeouts;
 
 use crate::error::{Error, Result};
 use crate::mounts;
@@ -69,16 +71,6 @@ pub fn short_name(name: &str, max: usize) -> String {
         prefix = "x";
     }
     format!("{prefix}-{hash:016x}")
-}
-
-/// How long the guest agent may take to come up
-/// (`$SANDBOXVM_BOOT_TIMEOUT` seconds, default 60).
-fn boot_timeout() -> Duration {
-    let secs = std::env::var("SANDBOXVM_BOOT_TIMEOUT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
-    Duration::from_secs(secs)
 }
 
 /// The `sandboxvm` binary that runs the VMM: next to this executable, then
@@ -275,19 +267,23 @@ impl Pod {
             .recv()
             .map_err(|_| Error::State("the VM keeper thread died".into()))??;
         let started = Instant::now();
-        let stream = match sandbox.connect_agent(protocol::AGENT_PORT, boot_timeout(), || None) {
-            Ok(s) => s,
+        let timeouts = Timeouts::from_env().map_err(|e| Error::State(e.to_string()))?;
+        let agent = match sandbox.agent(&timeouts, || None) {
+            Ok(a) => a,
             Err(e) => {
-                let console = sandbox.console_tail(200);
+                // A time-out already says what the console shows.
+                let console = match e {
+                    sandboxvm::sandbox::Error::Timeout { .. } => String::new(),
+                    _ => guest_console::diagnose(&sandbox.console_log()),
+                };
                 drop(sandbox);
                 drop(keeper);
                 return Err(Error::State(format!(
-                    "the sandbox VM did not boot: {e}{}",
-                    console_summary(&console)
+                    "the sandbox VM did not boot: {e}{}{console}",
+                    if console.is_empty() { "" } else { "; " }
                 )));
             }
         };
-        let agent = Agent::new(stream)?;
         if let Some(cfg) = &net_config {
             if let Err(e) = agent.configure_network(cfg) {
                 drop(sandbox);
@@ -410,19 +406,6 @@ impl Drop for Pod {
     fn drop(&mut self) {
         self.teardown();
     }
-}
-
-/// What the guest console says about a failed boot: its kernel panic
-/// line, else its last lines.
-fn console_summary(console: &[String]) -> String {
-    if let Some(panic) = console.iter().find(|l| l.contains("Kernel panic")) {
-        return format!("; guest console: {}", panic.trim());
-    }
-    let tail = &console[console.len().saturating_sub(3)..];
-    if tail.is_empty() {
-        return String::new();
-    }
-    format!("; guest console: {}", tail.join(" | "))
 }
 
 /// Removes a pod directory that failed half way.

@@ -41,9 +41,10 @@ pub struct Create {
     /// Guest initramfs (default: $SANDBOXVM_INITRD, the build cache, /usr/share/sandboxvm).
     #[arg(long)]
     pub initrd: Option<PathBuf>,
-    /// Seconds to wait for the guest agent.
-    #[arg(long, default_value_t = 30)]
-    pub boot_timeout: u64,
+    /// Seconds to wait for the guest agent (default: $SANDBOXVM_BOOT_TIMEOUT
+    /// or 60, times $SANDBOXVM_TIMEOUT_SCALE).
+    #[arg(long)]
+    pub boot_timeout: Option<u64>,
 }
 
 impl Create {
@@ -64,9 +65,11 @@ impl Create {
             self.id.clone().into(),
             "--bundle".into(),
             bundle.dir.clone().into(),
-            "--boot-timeout".into(),
-            self.boot_timeout.to_string().into(),
         ];
+        if let Some(t) = self.boot_timeout {
+            args.push("--boot-timeout".into());
+            args.push(t.to_string().into());
+        }
         for (flag, v) in [
             ("--console-socket", &self.console_socket),
             ("--kernel", &self.kernel),

@@ -18,12 +18,12 @@ use clap::Args;
 use super::attach::{attach, HostIo};
 use super::run::{wire_network, NetMode};
 use super::Globals;
-use sandboxvm::agent::Agent;
 use sandboxvm::bundle::Bundle;
 use sandboxvm::oci::{console, hooks, state, Record, Status};
 use sandboxvm::sandbox::{Options, Sandbox, ROOTFS_TAG};
 use sandboxvm::share;
 use sandboxvm::signals::Forwarder;
+use sandboxvm::timeouts::Timeouts;
 
 /// Internal; see the module documentation.
 #[derive(Debug, Args)]
@@ -52,9 +52,9 @@ pub struct Monitor {
     /// Guest initramfs.
     #[arg(long)]
     pub initrd: Option<PathBuf>,
-    /// Seconds to wait for the guest agent.
-    #[arg(long, default_value_t = 30)]
-    pub boot_timeout: u64,
+    /// Seconds to wait for the guest agent (default: see `timeouts`).
+    #[arg(long)]
+    pub boot_timeout: Option<u64>,
 }
 
 fn ready_pipe(fd: Option<RawFd>) -> Option<File> {
@@ -148,14 +148,9 @@ impl Monitor {
         let (spec_json, net) = wire_network(&mut sandbox, &bundle, &mode, &spec_json)?;
         sandbox.launch(&opts)?;
         let interrupted = || signals.pending().into_iter().find(|&s| s != libc::SIGWINCH);
-        let created = sandbox
-            .connect_agent(
-                protocol::AGENT_PORT,
-                Duration::from_secs(self.boot_timeout),
-                interrupted,
-            )
+        let created = Timeouts::with_boot_flag(self.boot_timeout)
             .map_err(anyhow::Error::from)
-            .and_then(|stream| Ok(Agent::new(stream)?))
+            .and_then(|timeouts| Ok(sandbox.agent(&timeouts, interrupted)?))
             .and_then(|agent| {
                 if let Some(net) = &net {
                     agent.configure_network(net)?;

@@ -9,9 +9,9 @@ use anyhow::Context;
 use clap::Args;
 
 use super::attach::{attach, HostIo};
-use crate::agent::Agent;
 use crate::bundle::Bundle;
 use crate::sandbox::{Options, Sandbox, ROOTFS_TAG};
+use crate::timeouts::Timeouts;
 use crate::{artefacts, tty};
 use sandboxvm::share;
 
@@ -41,9 +41,10 @@ pub struct Run {
     /// Guest memory in MiB (default: linux.resources.memory.limit + 64, at least 256).
     #[arg(long)]
     pub memory: Option<u64>,
-    /// Seconds to wait for the guest agent.
-    #[arg(long, default_value_t = 30)]
-    pub boot_timeout: u64,
+    /// Seconds to wait for the guest agent (default: $SANDBOXVM_BOOT_TIMEOUT
+    /// or 60, times $SANDBOXVM_TIMEOUT_SCALE).
+    #[arg(long)]
+    pub boot_timeout: Option<u64>,
     /// The container's network: `none` (loopback only), `host-netns` (the
     /// network namespace named in the spec, e.g. made by CNI: its
     /// interfaces, addresses, routes and MTU mirrored into the VM through
@@ -135,6 +136,7 @@ impl Run {
         std::fs::create_dir_all(&g.root)
             .with_context(|| format!("cannot create {}", g.root.display()))?;
 
+        let timeouts = Timeouts::with_boot_flag(self.boot_timeout)?;
         // Signals are collected from here on, so that Ctrl-C during boot
         // still tears everything down.
         let signals = crate::signals::Forwarder::install()?;
@@ -166,7 +168,7 @@ impl Run {
                     net.as_ref(),
                     &id,
                     &signals,
-                    self.boot_timeout,
+                    &timeouts,
                 )
             });
         if result.is_err() && verbose > 0 {
@@ -186,16 +188,11 @@ fn run_in(
     net: Option<&protocol::agent::NetworkConfig>,
     id: &str,
     signals: &crate::signals::Forwarder,
-    boot_timeout: u64,
+    timeouts: &Timeouts,
 ) -> anyhow::Result<i32> {
     // Ctrl-C (or any forwarded signal) while the VM boots ends the run.
     let interrupted = || signals.pending().into_iter().find(|&s| s != libc::SIGWINCH);
-    let stream = sandbox.connect_agent(
-        protocol::AGENT_PORT,
-        Duration::from_secs(boot_timeout),
-        interrupted,
-    )?;
-    let agent = Agent::new(stream)?;
+    let agent = sandbox.agent(timeouts, interrupted)?;
     log::info!("agent up: guest kernel {}", agent.kernel_release()?);
     if let Some(net) = net {
         agent.configure_network(net)?;

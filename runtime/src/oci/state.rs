@@ -165,7 +165,10 @@ impl Record {
             Duration::from_secs(5),
         )
         .map_err(|e| err(e.to_string()))?;
-        Agent::new(stream).map_err(|e| err(e.to_string()))
+        let timeouts = crate::timeouts::Timeouts::from_env().map_err(|e| err(e.to_string()))?;
+        Ok(Agent::new(stream)
+            .map_err(|e| err(e.to_string()))?
+            .with_limits(timeouts.call, Some(self.dir(root).join("console.log"))))
     }
 
     /// The state JSON of the OCI runtime spec (and runc's extra fields).

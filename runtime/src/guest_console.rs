@@ -1,0 +1,154 @@
+//! Reading the guest's console log for diagnostics. The text is the guest's
+//! (attacker-controlled) and the log may be large: only its end is read,
+//! lines are bounded and control characters are escaped before the text
+//! reaches a host error or log.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+/// How much of the log's end is read at most.
+const TAIL_BYTES: u64 = 64 * 1024;
+/// Longest line kept (in characters, before escaping).
+const LINE_CHARS: usize = 200;
+
+/// Console lines that tell why a guest stopped answering: RCU stalls (a dead
+/// timer or a starved vCPU), soft/hard lockups, hung tasks, panics, OOM.
+const TROUBLE: &[&str] = &[
+    "rcu: INFO",
+    "kthread timer wakeup didn't happen",
+    "Possible timer handling issue",
+    "self-detected stall",
+    "detected stalls on CPUs",
+    "soft lockup",
+    "hard LOCKUP",
+    "blocked for more than",
+    "Kernel panic",
+    "Out of memory",
+];
+
+/// The last `lines` lines of the log at `path` (escaped, bounded), from at
+/// most its last 64 KiB; empty if it cannot be read.
+pub fn tail(path: &Path, lines: usize) -> Vec<String> {
+    let text = read_end(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    all[all.len().saturating_sub(lines)..]
+        .iter()
+        .map(|l| escape(l))
+        .collect()
+}
+
+/// What the console says about a guest that did not answer: its trouble
+/// lines (stall, lockup, panic reports; the first three) and its last
+/// line, as one line; "" if the log is empty.
+pub fn diagnose(path: &Path) -> String {
+    let text = read_end(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let trouble: Vec<String> = lines
+        .iter()
+        .filter(|l| TROUBLE.iter().any(|t| l.contains(t)))
+        .take(3)
+        .map(|l| escape(l.trim()))
+        .collect();
+    let last = lines.last().map(|l| escape(l.trim()));
+    match (trouble.is_empty(), last) {
+        (_, None) => String::new(),
+        (true, Some(last)) => format!("guest console ends: {last}"),
+        (false, Some(last)) => format!(
+            "guest console reports: {}; and ends: {last}",
+            trouble.join(" | ")
+        ),
+    }
+}
+
+fn read_end(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let start = len.saturating_sub(TAIL_BYTES);
+    f.seek(SeekFrom::Start(start))?;
+    let mut buf = Vec::with_capacity((len - start) as usize);
+    f.take(TAIL_BYTES).read_to_end(&mut buf)?;
+    let mut text = String::from_utf8_lossy(&buf).into_owned();
+    if start > 0 {
+        // The first line is cut: drop it.
+        text = text
+            .split_once('\n')
+            .map(|x| x.1.to_string())
+            .unwrap_or_default();
+    }
+    Ok(text)
+}
+
+/// Guest text made safe for a host line: bounded, control characters
+/// (terminal escapes, carriage returns) shown as `\xNN`.
+pub fn escape(line: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in line.chars().enumerate() {
+        if i == LINE_CHARS {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.push_str(&format!("\\x{:02x}", u32::from(c).min(0xff)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A log file holding `text`, removed when the guard drops.
+    struct Log(std::path::PathBuf);
+    impl Drop for Log {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn log(text: &str) -> (Log, std::path::PathBuf) {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "sandboxvm-console-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&p, text).unwrap();
+        (Log(p.clone()), p)
+    }
+
+    #[test]
+    fn a_stall_report_is_named_with_the_last_line() {
+        let (_d, p) = log("Linux version 6.1\n\
+             rcu: INFO: rcu_sched detected stalls on CPUs/tasks:\n\
+             rcu: rcu_sched kthread timer wakeup didn't happen for 7002 jiffies! g-1115 f0x0\n\
+             rcu: \tPossible timer handling issue on cpu=0 timer-softirq=1\n\
+             sandboxvm-agent: listening\n");
+        let d = diagnose(&p);
+        assert!(d.starts_with("guest console reports: rcu: INFO"), "{d}");
+        assert!(d.contains("timer wakeup didn't happen"), "{d}");
+        assert!(d.ends_with("and ends: sandboxvm-agent: listening"), "{d}");
+    }
+
+    #[test]
+    fn a_quiet_console_gives_its_last_line_and_an_empty_one_nothing() {
+        let (_d, p) = log("booting\nagent up\n\n");
+        assert_eq!(diagnose(&p), "guest console ends: agent up");
+        let (_d, p) = log("");
+        assert_eq!(diagnose(&p), "");
+        assert_eq!(diagnose(Path::new("/nonexistent/console.log")), "");
+    }
+
+    #[test]
+    fn only_the_end_of_a_huge_log_is_read_and_guest_text_is_escaped() {
+        let mut text = "x".repeat(10 * 1024 * 1024);
+        text.push_str("\nlast \x1b[2Jli\rne\n");
+        let (_d, p) = log(&text);
+        assert_eq!(tail(&p, 5), vec!["last \\x1b[2Jli\\x0dne".to_string()]);
+        let long = "y".repeat(1000);
+        assert_eq!(escape(&long).chars().count(), LINE_CHARS + 1);
+    }
+}

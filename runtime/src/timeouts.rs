@@ -1,0 +1,169 @@
+//! How long the host side waits for the guest: every such limit in one
+//! place, so that `run`, the OCI commands and the containerd shim agree.
+//!
+//! - `boot`: from the VMM's start until the guest agent answers (60 s);
+//! - `call`: one ordinary agent call (30 s; the blocking ones, `Wait` and
+//!   the output reads, have none).
+//!
+//! `SANDBOXVM_BOOT_TIMEOUT` and `SANDBOXVM_AGENT_TIMEOUT` (seconds) replace
+//! the defaults; `SANDBOXVM_TIMEOUT_SCALE` (a factor, e.g. `4` on an
+//! emulated host) multiplies both. A call limit also scales with the guest
+//! itself: once the agent is up, calls get at least
+//! [`CALLS_PER_BOOT`] times the time the guest took to come up, so a host
+//! that boots guests slowly (overcommitted, or emulated) does not turn every
+//! slow answer into a failure, while a fast host still reports a dead guest
+//! in 30 s.
+
+use std::time::Duration;
+
+/// Default for [`Timeouts::boot`].
+pub const DEFAULT_BOOT: Duration = Duration::from_secs(60);
+/// Default for [`Timeouts::call`].
+pub const DEFAULT_CALL: Duration = Duration::from_secs(30);
+/// A call may take this many times the guest's boot time (see the module
+/// documentation).
+pub const CALLS_PER_BOOT: u32 = 20;
+
+/// Errors in the timeout settings.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}={value:?}: {why}")]
+pub struct Error {
+    var: &'static str,
+    value: String,
+    why: &'static str,
+}
+
+/// The limits in force.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timeouts {
+    /// The agent must answer within this long after the VMM starts.
+    pub boot: Duration,
+    /// One ordinary agent call.
+    pub call: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Timeouts {
+        Timeouts {
+            boot: DEFAULT_BOOT,
+            call: DEFAULT_CALL,
+        }
+    }
+}
+
+impl Timeouts {
+    /// The defaults with the environment's overrides and scale.
+    pub fn from_env() -> Result<Timeouts, Error> {
+        Timeouts::from_vars(|k| std::env::var(k).ok())
+    }
+
+    /// As [`Timeouts::from_env`], reading variables through `var`.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Timeouts, Error> {
+        let secs = |name: &'static str, default: Duration| -> Result<Duration, Error> {
+            match var(name) {
+                None => Ok(default),
+                Some(v) => match v.trim().parse::<f64>() {
+                    Ok(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => {
+                        Ok(Duration::from_secs_f64(s))
+                    }
+                    _ => Err(Error {
+                        var: name,
+                        value: v,
+                        why: "not a number of seconds between 0 and 86400",
+                    }),
+                },
+            }
+        };
+        let mut t = Timeouts {
+            boot: secs("SANDBOXVM_BOOT_TIMEOUT", DEFAULT_BOOT)?,
+            call: secs("SANDBOXVM_AGENT_TIMEOUT", DEFAULT_CALL)?,
+        };
+        if let Some(v) = var("SANDBOXVM_TIMEOUT_SCALE") {
+            match v.trim().parse::<f64>() {
+                Ok(f) if f.is_finite() && (0.1..=100.0).contains(&f) => {
+                    t.boot = t.boot.mul_f64(f);
+                    t.call = t.call.mul_f64(f);
+                }
+                _ => {
+                    return Err(Error {
+                        var: "SANDBOXVM_TIMEOUT_SCALE",
+                        value: v,
+                        why: "not a factor between 0.1 and 100",
+                    })
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    /// The environment's limits with `boot_secs` (a `--boot-timeout` flag),
+    /// if given, replacing the boot limit.
+    pub fn with_boot_flag(boot_secs: Option<u64>) -> Result<Timeouts, Error> {
+        let mut t = Timeouts::from_env()?;
+        if let Some(s) = boot_secs {
+            t.boot = Duration::from_secs(s);
+        }
+        Ok(t)
+    }
+
+    /// The call limit for a guest that took `booted` to come up: the
+    /// configured one, or [`CALLS_PER_BOOT`] times the boot time if longer.
+    pub fn call_after_boot(&self, booted: Duration) -> Duration {
+        self.call.max(booted.saturating_mul(CALLS_PER_BOOT))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn with(vars: &[(&str, &str)]) -> Result<Timeouts, Error> {
+        let m: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Timeouts::from_vars(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_without_variables() {
+        assert_eq!(with(&[]).unwrap(), Timeouts::default());
+    }
+
+    #[test]
+    fn variables_replace_then_scale() {
+        let t = with(&[
+            ("SANDBOXVM_BOOT_TIMEOUT", "10"),
+            ("SANDBOXVM_AGENT_TIMEOUT", "2.5"),
+            ("SANDBOXVM_TIMEOUT_SCALE", "3"),
+        ])
+        .unwrap();
+        assert_eq!(t.boot, Duration::from_secs(30));
+        assert_eq!(t.call, Duration::from_millis(7500));
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (k, v) in [
+            ("SANDBOXVM_BOOT_TIMEOUT", "soon"),
+            ("SANDBOXVM_AGENT_TIMEOUT", "-1"),
+            ("SANDBOXVM_AGENT_TIMEOUT", "0"),
+            ("SANDBOXVM_TIMEOUT_SCALE", "0"),
+            ("SANDBOXVM_TIMEOUT_SCALE", "NaN"),
+        ] {
+            let e = with(&[(k, v)]).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("{k}=")), "{e}");
+        }
+    }
+
+    #[test]
+    fn calls_get_more_time_after_a_slow_boot() {
+        let t = Timeouts::default();
+        assert_eq!(t.call_after_boot(Duration::from_millis(200)), DEFAULT_CALL);
+        assert_eq!(
+            t.call_after_boot(Duration::from_secs(3)),
+            Duration::from_secs(60)
+        );
+    }
+}
