@@ -363,7 +363,16 @@ impl Sandbox {
     ) -> Result<Agent, Error> {
         let launched = self.launched.unwrap_or_else(Instant::now);
         let left = timeouts.boot.saturating_sub(launched.elapsed());
-        let stream = self.connect_agent(protocol::AGENT_PORT, left, interrupted)?;
+        let stream = self
+            .connect_agent(protocol::AGENT_PORT, left, interrupted)
+            .map_err(|e| match e {
+                // The limit counts from the VMM's start: name all of it.
+                Error::Timeout { diagnosis, .. } => Error::Timeout {
+                    secs: timeouts.boot.as_secs(),
+                    diagnosis,
+                },
+                e => e,
+            })?;
         let booted = launched.elapsed();
         let call = timeouts.call_after_boot(booted);
         log::info!(

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
-use crate::{guest_kernel, on_kvm_host, repo_root, sandboxvm_bin};
+use crate::{agent_initramfs, guest_kernel, on_kvm_host, repo_root, sandboxvm_bin};
 
 /// The shim's runtime type.
 pub const RUNTIME: &str = "io.containerd.sandboxvm.v2";
@@ -141,10 +141,7 @@ pub fn fixture() -> &'static Fixture {
         // The shim is another package's binary: make sure it is current.
         cargo_build(&["containerd-shim-sandboxvm-v2", "sandboxvm"]);
         let kernel = guest_kernel().expect("guest kernel");
-        let out = Command::new(repo_root().join("guest-agent/build-initramfs"))
-            .output()
-            .expect("run guest-agent/build-initramfs");
-        let initrd = last_line(&out, "guest-agent/build-initramfs");
+        let initrd = agent_initramfs().expect("agent initramfs");
         let work = work_dir();
         let bundle = work.join("busybox");
         let out = Command::new(repo_root().join("resources/make-busybox-bundle"))

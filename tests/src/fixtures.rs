@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use serde_json::{json, Value};
 
-use crate::{guest_kernel, on_kvm_host, repo_root, sandboxvm_bin};
+use crate::{agent_initramfs, guest_kernel, on_kvm_host, repo_root, sandboxvm_bin};
 
 /// What a sandbox needs.
 pub struct Artefacts {
@@ -34,21 +34,7 @@ pub fn artefacts() -> &'static Artefacts {
     static A: OnceLock<Artefacts> = OnceLock::new();
     A.get_or_init(|| {
         let kernel = guest_kernel().expect("guest kernel");
-        let out = Command::new(repo_root().join("guest-agent/build-initramfs"))
-            .output()
-            .expect("run guest-agent/build-initramfs");
-        assert!(
-            out.status.success(),
-            "guest-agent/build-initramfs failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let initrd = PathBuf::from(
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .last()
-                .unwrap()
-                .trim(),
-        );
+        let initrd = agent_initramfs().expect("agent initramfs");
         let template = work_dir().join("template");
         let out = Command::new(repo_root().join("resources/make-busybox-bundle"))
             .arg(&template)
