@@ -20,12 +20,12 @@ pub enum Error {
     #[error("{0}")]
     Call(String),
     /// A call was not answered in time.
-    #[error("the guest agent did not answer {call} within {secs} s{diagnosis}")]
+    #[error("the guest agent did not answer {call} within {limit:?}{diagnosis}")]
     Timeout {
         /// The call.
         call: &'static str,
         /// Its limit.
-        secs: u64,
+        limit: Duration,
         /// What the guest console says, as "; ..." or "".
         diagnosis: String,
     },
@@ -127,7 +127,7 @@ impl Agent {
                     .unwrap_or_default();
                 return Error::Timeout {
                     call,
-                    secs: limit.as_secs(),
+                    limit,
                     diagnosis,
                 };
             }
@@ -372,5 +372,48 @@ impl Agent {
             .shutdown(protocol::ctx(SHUTDOWN_TIMEOUT), &Empty::new())
             .map_err(self.call_err_within("Shutdown", SHUTDOWN_TIMEOUT))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_the_guest_never_answers_times_out_with_the_console_quoted() {
+        // The "guest" end reads nothing and answers nothing.
+        let (host, _guest) = UnixStream::pair().unwrap();
+        let console = std::env::temp_dir().join(format!(
+            "sandboxvm-agent-test-console-{}",
+            std::process::id()
+        ));
+        std::fs::write(
+            &console,
+            "booting\nrcu: INFO: rcu_sched self-detected stall on CPU\nstill here\n",
+        )
+        .unwrap();
+        let agent = Agent::new(host)
+            .unwrap()
+            .with_limits(Duration::from_millis(200), Some(console.clone()));
+        let t = std::time::Instant::now();
+        let e = agent.state("c1").unwrap_err();
+        let _ = std::fs::remove_file(&console);
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        let msg = e.to_string();
+        assert!(
+            matches!(
+                e,
+                Error::Timeout {
+                    call: "StateContainer",
+                    ..
+                }
+            ),
+            "{msg}"
+        );
+        assert!(
+            msg.starts_with("the guest agent did not answer StateContainer within 200ms; guest console reports: rcu: INFO"),
+            "{msg}"
+        );
+        assert!(msg.ends_with("and ends: still here"), "{msg}");
     }
 }
