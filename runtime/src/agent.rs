@@ -1,7 +1,6 @@
 //! The runtime's side of the guest agent API (ttrpc over the vsock bridge).
 
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use protocol::agent::{
@@ -9,6 +8,8 @@ use protocol::agent::{
     ReadStreamRequest, SignalProcessRequest, TtyWinResizeRequest, WriteStdinRequest,
 };
 use protocol::agent_ttrpc::AgentClient;
+
+use crate::guest_console::Witnesses;
 
 /// Errors from the agent.
 #[derive(Debug, thiserror::Error)]
@@ -26,7 +27,7 @@ pub enum Error {
         call: &'static str,
         /// Its limit.
         limit: Duration,
-        /// What the guest console says, as "; ..." or "".
+        /// What the guest console and the VMM's threads show, as "; ..." or "".
         diagnosis: String,
     },
 }
@@ -65,8 +66,8 @@ pub struct Agent {
     client: AgentClient,
     /// The limit of ordinary (non-blocking) calls.
     call_timeout: Duration,
-    /// The guest console log, read to explain a call that timed out.
-    console: Option<PathBuf>,
+    /// Where to look to explain a call that timed out.
+    witnesses: Witnesses,
 }
 
 /// Whether a ttrpc error is a call's deadline passing.
@@ -88,15 +89,16 @@ impl Agent {
         Ok(Agent {
             client,
             call_timeout: crate::timeouts::DEFAULT_CALL,
-            console: None,
+            witnesses: Witnesses::default(),
         })
     }
 
     /// The same client with ordinary calls limited to `timeout`, and a
-    /// call that times out explained from the guest console at `console`.
-    pub fn with_limits(mut self, timeout: Duration, console: Option<PathBuf>) -> Agent {
+    /// call that times out explained by `witnesses` (the guest console, the
+    /// VMM's threads).
+    pub fn with_limits(mut self, timeout: Duration, witnesses: Witnesses) -> Agent {
         self.call_timeout = timeout;
-        self.console = console;
+        self.witnesses = witnesses;
         self
     }
 
@@ -118,13 +120,7 @@ impl Agent {
     ) -> impl Fn(protocol::ttrpc::Error) -> Error + '_ {
         move |e| {
             if is_timeout(&e) {
-                let diagnosis = self
-                    .console
-                    .as_deref()
-                    .map(crate::guest_console::diagnose)
-                    .filter(|d| !d.is_empty())
-                    .map(|d| format!("; {d}"))
-                    .unwrap_or_default();
+                let diagnosis = self.witnesses.explain();
                 return Error::Timeout {
                     call,
                     limit,
@@ -392,9 +388,13 @@ mod tests {
             "booting\nrcu: INFO: rcu_sched self-detected stall on CPU\nstill here\n",
         )
         .unwrap();
-        let agent = Agent::new(host)
-            .unwrap()
-            .with_limits(Duration::from_millis(200), Some(console.clone()));
+        let agent = Agent::new(host).unwrap().with_limits(
+            Duration::from_millis(200),
+            Witnesses {
+                console: Some(console.clone()),
+                vmm_pid: None,
+            },
+        );
         let t = std::time::Instant::now();
         let e = agent.state("c1").unwrap_err();
         let _ = std::fs::remove_file(&console);

@@ -1,10 +1,10 @@
-//! Reading the guest's console log for diagnostics. The text is the guest's
-//! (attacker-controlled) and the log may be large: only its end is read,
-//! lines are bounded and control characters are escaped before the text
-//! reaches a host error or log.
+//! Explaining a guest that does not answer: its console log and its VMM's
+//! threads. The console text is the guest's (attacker-controlled) and the
+//! log may be large: only its end is read, lines are bounded and control
+//! characters are escaped before the text reaches a host error or log.
 
 use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// How much of the log's end is read at most.
 const TAIL_BYTES: u64 = 64 * 1024;
@@ -58,6 +58,71 @@ pub fn diagnose(path: &Path) -> String {
             trouble.join(" | ")
         ),
     }
+}
+
+/// Where to look when a guest does not answer: its console log and its
+/// VMM process.
+#[derive(Debug, Clone, Default)]
+pub struct Witnesses {
+    /// The guest console log.
+    pub console: Option<PathBuf>,
+    /// The VMM's host pid.
+    pub vmm_pid: Option<u32>,
+}
+
+impl Witnesses {
+    /// What they say, as "; ..." parts (console lines, then the VMM's
+    /// threads: a vCPU thread blocked outside KVM_RUN freezes the guest), or
+    /// "" if nothing.
+    pub fn explain(&self) -> String {
+        let mut out = String::new();
+        if let Some(c) = &self.console {
+            let d = diagnose(c);
+            if !d.is_empty() {
+                out.push_str("; ");
+                out.push_str(&d);
+            }
+        }
+        if let Some(pid) = self.vmm_pid {
+            let t = threads(pid);
+            if !t.is_empty() {
+                out.push_str("; VMM threads: ");
+                out.push_str(&t);
+            }
+        }
+        out
+    }
+}
+
+/// The threads of process `pid` with their state and, when asleep, the
+/// kernel function they wait in: "vcpu0 R, vmm S(ep_poll)"; "" if gone.
+pub fn threads(pid: u32) -> String {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return String::new();
+    };
+    let mut tids: Vec<u32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort_unstable();
+    let parts: Vec<String> = tids
+        .iter()
+        .take(16)
+        .filter_map(|tid| {
+            let base = format!("/proc/{pid}/task/{tid}");
+            let stat = std::fs::read_to_string(format!("{base}/stat")).ok()?;
+            let (head, rest) = stat.rsplit_once(')')?;
+            let comm = head.split_once('(')?.1;
+            let state = rest.split_whitespace().next()?;
+            let wchan = std::fs::read_to_string(format!("{base}/wchan")).unwrap_or_default();
+            let wchan = wchan.trim();
+            Some(if state == "R" || wchan.is_empty() || wchan == "0" {
+                format!("{} {state}", escape(comm))
+            } else {
+                format!("{} {state}({})", escape(comm), escape(wchan))
+            })
+        })
+        .collect();
+    parts.join(", ")
 }
 
 fn read_end(path: &Path) -> std::io::Result<String> {
@@ -140,6 +205,24 @@ mod tests {
         let (_d, p) = log("");
         assert_eq!(diagnose(&p), "");
         assert_eq!(diagnose(Path::new("/nonexistent/console.log")), "");
+    }
+
+    #[test]
+    fn threads_of_a_process_have_names_and_states() {
+        let me = threads(std::process::id());
+        assert!(!me.is_empty());
+        assert!(me.split(", ").all(|t| t.contains(' ')), "{me}");
+        assert_eq!(threads(u32::MAX), "");
+        let w = Witnesses {
+            console: None,
+            vmm_pid: Some(std::process::id()),
+        };
+        assert!(
+            w.explain().starts_with("; VMM threads: "),
+            "{}",
+            w.explain()
+        );
+        assert_eq!(Witnesses::default().explain(), "");
     }
 
     #[test]

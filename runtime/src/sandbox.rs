@@ -16,6 +16,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::agent::Agent;
+use crate::guest_console::Witnesses;
 use crate::net::Network;
 use crate::timeouts::Timeouts;
 
@@ -59,7 +60,8 @@ pub enum Error {
     Timeout {
         /// The limit.
         secs: u64,
-        /// What the guest console says, as "; ..." or "".
+        /// What the guest console and the VMM's threads show, as "; ..."
+        /// or "".
         diagnosis: String,
     },
     /// The agent connection could not be set up.
@@ -329,14 +331,9 @@ impl Sandbox {
             self.check_alive()?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                let diagnosis = crate::guest_console::diagnose(&self.console_log());
                 return Err(Error::Timeout {
                     secs: timeout.as_secs(),
-                    diagnosis: if diagnosis.is_empty() {
-                        String::new()
-                    } else {
-                        format!("; {diagnosis}")
-                    },
+                    diagnosis: self.witnesses().explain(),
                 });
             }
             match protocol::connect_vsock_bridge(
@@ -380,7 +377,15 @@ impl Sandbox {
             booted.as_millis(),
             call.as_secs()
         );
-        Ok(Agent::new(stream)?.with_limits(call, Some(self.console_log())))
+        Ok(Agent::new(stream)?.with_limits(call, self.witnesses()))
+    }
+
+    /// Where to look when the guest does not answer.
+    pub fn witnesses(&self) -> Witnesses {
+        Witnesses {
+            console: Some(self.console_log()),
+            vmm_pid: self.vmm_pid(),
+        }
     }
 
     /// An error if the VMM or virtiofsd has exited.

@@ -168,7 +168,13 @@ impl Record {
         let timeouts = crate::timeouts::Timeouts::from_env().map_err(|e| err(e.to_string()))?;
         Ok(Agent::new(stream)
             .map_err(|e| err(e.to_string()))?
-            .with_limits(timeouts.call, Some(self.dir(root).join("console.log"))))
+            .with_limits(
+                timeouts.call,
+                crate::guest_console::Witnesses {
+                    console: Some(self.dir(root).join("console.log")),
+                    vmm_pid: u32::try_from(self.vmm_pid).ok().filter(|&p| p > 0),
+                },
+            ))
     }
 
     /// The state JSON of the OCI runtime spec (and runc's extra fields).
