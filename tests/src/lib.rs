@@ -95,37 +95,33 @@ pub fn sandboxvm_bin() -> PathBuf {
 /// The guest kernel: `$SANDBOXVM_KERNEL`, or what `kernel-config/build`
 /// builds (or finds in its cache).
 pub fn guest_kernel() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("SANDBOXVM_KERNEL") {
-        return Ok(PathBuf::from(p));
-    }
-    let out = Command::new(repo_root().join("kernel-config/build"))
-        .output()
-        .map_err(|e| format!("cannot run kernel-config/build: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "kernel-config/build failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().unwrap_or_default().trim();
-    Ok(PathBuf::from(last))
+    from_env_or_script("SANDBOXVM_KERNEL", "kernel-config/build", &[])
 }
 
 /// The guest agent's initramfs, as users get it (release build):
 /// `$SANDBOXVM_INITRD`, or what `guest-agent/build-initramfs --release`
 /// builds (or finds in its cache).
 pub fn agent_initramfs() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("SANDBOXVM_INITRD") {
+    from_env_or_script(
+        "SANDBOXVM_INITRD",
+        "guest-agent/build-initramfs",
+        &["--release"],
+    )
+}
+
+/// The path in `$var`, or the last line `script` (in the repository)
+/// prints.
+fn from_env_or_script(var: &str, script: &str, args: &[&str]) -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os(var) {
         return Ok(PathBuf::from(p));
     }
-    let out = Command::new(repo_root().join("guest-agent/build-initramfs"))
-        .arg("--release")
+    let out = Command::new(repo_root().join(script))
+        .args(args)
         .output()
-        .map_err(|e| format!("cannot run guest-agent/build-initramfs: {e}"))?;
+        .map_err(|e| format!("cannot run {script}: {e}"))?;
     if !out.status.success() {
         return Err(format!(
-            "guest-agent/build-initramfs failed: {}",
+            "{script} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         ));
     }
