@@ -71,6 +71,15 @@ pub struct Witnesses {
 }
 
 impl Witnesses {
+    /// Those of the sandbox whose state directory is `dir`, its VMM being
+    /// `vmm_pid` (if it runs).
+    pub fn of(dir: &Path, vmm_pid: Option<u32>) -> Witnesses {
+        Witnesses {
+            console: Some(crate::sandbox::console_log_in(dir)),
+            vmm_pid,
+        }
+    }
+
     /// What they say, as "; ..." parts (console lines, then the VMM's
     /// threads: a vCPU thread blocked outside KVM_RUN freezes the guest), or
     /// "" if nothing.

@@ -231,7 +231,7 @@ impl Sandbox {
             .arg("--memory")
             .arg(opts.memory_mib.to_string())
             .arg("--console-log")
-            .arg(opts.dir.join("console.log"))
+            .arg(console_log_in(&opts.dir))
             .arg("--vsock")
             .arg(opts.dir.join("vsock.sock"))
             .arg("--fs")
@@ -311,19 +311,18 @@ impl Sandbox {
 
     /// The guest's console log.
     pub fn console_log(&self) -> PathBuf {
-        self.dir.join("console.log")
+        console_log_in(&self.dir)
     }
 
-    /// Connects to the agent's vsock port, retrying until `timeout` while
+    /// Connects to the agent's vsock port, retrying until `deadline` while
     /// the VM boots; fails at once if the VMM or virtiofsd dies or if
-    /// `interrupted` returns a signal.
-    pub fn connect_agent(
+    /// `interrupted` returns a signal. A time-out names `limit`.
+    fn connect_agent(
         &mut self,
-        port: u32,
-        timeout: Duration,
+        deadline: Instant,
+        limit: Duration,
         mut interrupted: impl FnMut() -> Option<i32>,
     ) -> Result<UnixStream, Error> {
-        let deadline = Instant::now() + timeout;
         loop {
             if let Some(sig) = interrupted() {
                 return Err(Error::Interrupted(sig));
@@ -332,13 +331,13 @@ impl Sandbox {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(Error::Timeout {
-                    secs: timeout.as_secs(),
+                    secs: limit.as_secs(),
                     diagnosis: self.witnesses().explain(),
                 });
             }
             match protocol::connect_vsock_bridge(
                 &self.vsock_path(),
-                port,
+                protocol::AGENT_PORT,
                 remaining.min(Duration::from_millis(200)),
             ) {
                 Ok(s) => return Ok(s),
@@ -349,7 +348,7 @@ impl Sandbox {
     }
 
     /// Connects to the guest agent, waiting up to `timeouts.boot` from the
-    /// VMM's start (see [`Sandbox::connect_agent`]). The client's calls are
+    /// VMM's start (failing at once if the VMM or virtiofsd dies). The client's calls are
     /// limited by `timeouts.call`, or longer after a slow boot
     /// ([`Timeouts::call_after_boot`]), and a call that times out is
     /// explained from the guest console.
@@ -359,17 +358,7 @@ impl Sandbox {
         interrupted: impl FnMut() -> Option<i32>,
     ) -> Result<Agent, Error> {
         let launched = self.launched.unwrap_or_else(Instant::now);
-        let left = timeouts.boot.saturating_sub(launched.elapsed());
-        let stream = self
-            .connect_agent(protocol::AGENT_PORT, left, interrupted)
-            .map_err(|e| match e {
-                // The limit counts from the VMM's start: name all of it.
-                Error::Timeout { diagnosis, .. } => Error::Timeout {
-                    secs: timeouts.boot.as_secs(),
-                    diagnosis,
-                },
-                e => e,
-            })?;
+        let stream = self.connect_agent(launched + timeouts.boot, timeouts.boot, interrupted)?;
         let booted = launched.elapsed();
         let call = timeouts.call_after_boot(booted);
         log::info!(
@@ -382,10 +371,7 @@ impl Sandbox {
 
     /// Where to look when the guest does not answer.
     pub fn witnesses(&self) -> Witnesses {
-        Witnesses {
-            console: Some(self.console_log()),
-            vmm_pid: self.vmm_pid(),
-        }
+        Witnesses::of(&self.dir, self.vmm_pid())
     }
 
     /// An error if the VMM or virtiofsd has exited.
@@ -467,6 +453,11 @@ impl Drop for Sandbox {
             log::warn!("cannot remove {}: {e}", self.dir.display());
         }
     }
+}
+
+/// The guest console log of the sandbox whose state directory is `dir`.
+pub fn console_log_in(dir: &Path) -> PathBuf {
+    dir.join("console.log")
 }
 
 fn write_pid(path: &Path, pid: u32) -> Result<(), Error> {

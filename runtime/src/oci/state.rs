@@ -170,10 +170,10 @@ impl Record {
             .map_err(|e| err(e.to_string()))?
             .with_limits(
                 timeouts.call,
-                crate::guest_console::Witnesses {
-                    console: Some(self.dir(root).join("console.log")),
-                    vmm_pid: u32::try_from(self.vmm_pid).ok().filter(|&p| p > 0),
-                },
+                crate::guest_console::Witnesses::of(
+                    &self.dir(root),
+                    u32::try_from(self.vmm_pid).ok().filter(|&p| p > 0),
+                ),
             ))
     }
 
