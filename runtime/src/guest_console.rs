@@ -135,12 +135,26 @@ pub fn threads(pid: u32) -> String {
 }
 
 fn read_end(path: &Path) -> std::io::Result<String> {
+    let now = read_last(path, TAIL_BYTES)?;
+    // The VMM rotates the log (vmm::console_file): a short log continues the
+    // previous generation.
+    let missing = TAIL_BYTES.saturating_sub(now.len() as u64);
+    if missing > 0 {
+        if let Ok(before) = read_last(&vmm::console_file::previous(path), missing) {
+            return Ok(before + &now);
+        }
+    }
+    Ok(now)
+}
+
+/// The last `max` bytes of the file at `path`, from a line start.
+fn read_last(path: &Path, max: u64) -> std::io::Result<String> {
     let mut f = std::fs::File::open(path)?;
     let len = f.metadata()?.len();
-    let start = len.saturating_sub(TAIL_BYTES);
+    let start = len.saturating_sub(max);
     f.seek(SeekFrom::Start(start))?;
     let mut buf = Vec::with_capacity((len - start) as usize);
-    f.take(TAIL_BYTES).read_to_end(&mut buf)?;
+    f.take(max).read_to_end(&mut buf)?;
     let mut text = String::from_utf8_lossy(&buf).into_owned();
     if start > 0 {
         // The first line is cut: drop it.
@@ -205,6 +219,16 @@ mod tests {
         assert!(d.starts_with("guest console reports: rcu: INFO"), "{d}");
         assert!(d.contains("timer wakeup didn't happen"), "{d}");
         assert!(d.ends_with("and ends: sandboxvm-agent: listening"), "{d}");
+    }
+
+    #[test]
+    fn a_rotated_log_is_read_across_its_two_generations() {
+        let (_d, p) = log("c\n");
+        let before = vmm::console_file::previous(&p);
+        std::fs::write(&before, "a\nb\n").unwrap();
+        assert_eq!(tail(&p, 3), ["a", "b", "c"]);
+        std::fs::remove_file(before).unwrap();
+        assert_eq!(tail(&p, 3), ["c"]);
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod bundle;
 pub mod guest_console;
 pub mod net;
 pub mod oci;
+pub mod private;
 pub mod sandbox;
 pub mod share;
 pub mod signals;

@@ -10,7 +10,7 @@ use sandboxvm::{artefacts, bundle, sandbox, signals, timeouts, tty};
 use clap::Parser;
 
 fn main() {
-    let cli = cli::Cli::parse();
+    let cli = cli::Cli::try_parse().unwrap_or_else(|e| usage_error(e));
     let g = cli::Globals {
         verbose: if cli.debug {
             cli.verbose.max(2)
@@ -36,6 +36,27 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+/// Help and version go out as clap prints them; a usage error becomes one
+/// line (clap's first, without its "error: " prefix), exit status 2.
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    eprintln!("sandboxvm: {}", usage_line(&e.to_string()));
+    std::process::exit(2);
+}
+
+fn usage_line(rendered: &str) -> &str {
+    let first = rendered.lines().next().unwrap_or_default();
+    first.strip_prefix("error: ").unwrap_or(first)
 }
 
 /// Joins an error chain into one line, dropping causes already quoted by
@@ -82,6 +103,13 @@ fn init_logging(g: &cli::Globals, to_stderr: bool) {
         }
     } else if !to_stderr {
         b.target(env_logger::Target::Pipe(Box::new(std::io::sink())));
+    } else {
+        // The VMM's stderr is its vmm.log on the /run tmpfs: bounded, whatever
+        // the guest makes it log (its lines are also rate-limited per site).
+        b.target(env_logger::Target::Pipe(Box::new(Capped::new(
+            std::io::stderr(),
+            LOG_LIMIT,
+        ))));
     }
     if g.log_format == cli::LogFormat::Json {
         b.format(|buf, rec| {
@@ -96,9 +124,81 @@ fn init_logging(g: &cli::Globals, to_stderr: bool) {
     b.init();
 }
 
+/// Most bytes one process logs to stderr.
+const LOG_LIMIT: u64 = 16 << 20;
+
+/// A writer that passes at most `limit` bytes, then one line saying so.
+struct Capped<W> {
+    out: W,
+    left: u64,
+    told: bool,
+}
+
+impl<W: std::io::Write> Capped<W> {
+    fn new(out: W, limit: u64) -> Self {
+        Capped {
+            out,
+            left: limit,
+            told: false,
+        }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for Capped<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.len() as u64 <= self.left {
+            self.left -= buf.len() as u64;
+            self.out.write_all(buf)?;
+        } else if !self.told {
+            self.told = true;
+            self.left = 0;
+            self.out
+                .write_all(b"sandboxvm: log limit reached; later lines dropped\n")?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bad_id_is_a_one_line_usage_error_for_every_command() {
+        for args in [
+            &["sandboxvm", "delete", "-f", "../victim"][..],
+            &["sandboxvm", "delete", "/"],
+            &["sandboxvm", "state", ".."],
+            &["sandboxvm", "kill", "a/b", "KILL"],
+            &["sandboxvm", "create", "--bundle", ".", "../x"],
+            &["sandboxvm", "exec", "../x", "true"],
+            &["sandboxvm", "events", "../x"],
+            &["sandboxvm", "pause", "../x"],
+            &["sandboxvm", "start", "../x"],
+            &["sandboxvm", "ps", "../x"],
+        ] {
+            let e = cli::Cli::try_parse_from(args).expect_err(args[1]);
+            let line = usage_line(&e.to_string()).to_string();
+            assert!(line.contains("invalid container id"), "{args:?}: {line}");
+        }
+    }
+
+    #[test]
+    fn the_log_stops_at_its_limit_with_one_line_saying_so() {
+        use std::io::Write;
+        let mut c = Capped::new(Vec::new(), 100);
+        for _ in 0..1000 {
+            c.write_all(b"0123456789\n").unwrap();
+        }
+        let text = String::from_utf8(c.out).unwrap();
+        assert!(text.len() < 100 + 60, "{}", text.len());
+        assert!(text.ends_with("log limit reached; later lines dropped\n"));
+        assert_eq!(text.matches("limit reached").count(), 1);
+    }
 
     #[test]
     fn error_chain_is_one_line_without_repeats() {

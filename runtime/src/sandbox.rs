@@ -75,7 +75,7 @@ pub struct Options {
     /// State directory of this sandbox (created; must not exist).
     pub dir: PathBuf,
     /// The id (for messages).
-    pub id: String,
+    pub id: crate::oci::ContainerId,
     /// Guest kernel.
     pub kernel: PathBuf,
     /// Agent initramfs.
@@ -138,10 +138,10 @@ impl Sandbox {
         if remove_if_stale(&opts.dir) {
             log::warn!("removed the state of a dead sandbox {:?}", opts.id);
         }
-        match std::fs::create_dir(&opts.dir) {
+        match crate::private::create_dir(&opts.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(Error::Exists(opts.id.clone()))
+                return Err(Error::Exists(opts.id.to_string()))
             }
             Err(source) => {
                 return Err(Error::StateDir {

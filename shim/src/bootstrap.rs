@@ -126,6 +126,8 @@ fn serve(mut shim: Shim, flags: &Flags) -> Result<(), String> {
         }
         Err(e) => return Err(format!("listen on {path}: {e}")),
     };
+    sandboxvm::private::restrict_socket(Path::new(&path))
+        .map_err(|e| format!("chmod {path}: {e}"))?;
     let ttrpc_address = std::env::var("TTRPC_ADDRESS").map_err(|_| "TTRPC_ADDRESS is not set")?;
     let publisher = RemotePublisher::new(&ttrpc_address).map_err(|e| e.to_string())?;
     let service = Arc::new(shim.create_task_service(publisher));

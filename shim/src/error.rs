@@ -18,6 +18,9 @@ pub enum Error {
     /// A bad request.
     #[error("{0}")]
     Invalid(String),
+    /// A container, pod or exec id that may not name anything on the host.
+    #[error(transparent)]
+    Id(#[from] sandboxvm::oci::id::InvalidId),
     /// The bundle (config.json, rootfs).
     #[error(transparent)]
     Bundle(#[from] sandboxvm::bundle::Error),
@@ -70,7 +73,7 @@ impl Error {
             Error::NotFound(_) => Code::NOT_FOUND,
             Error::Exists(_) => Code::ALREADY_EXISTS,
             Error::State(_) => Code::FAILED_PRECONDITION,
-            Error::Invalid(_) | Error::Bundle(_) => Code::INVALID_ARGUMENT,
+            Error::Invalid(_) | Error::Id(_) | Error::Bundle(_) => Code::INVALID_ARGUMENT,
             _ => Code::UNKNOWN,
         }
     }

@@ -19,6 +19,7 @@ use nix::unistd::Pid;
 use sandboxvm::agent::Agent;
 use sandboxvm::bundle::Bundle;
 use sandboxvm::guest_console;
+use sandboxvm::oci::ContainerId;
 use sandboxvm::sandbox::{Options, Sandbox};
 use sandboxvm::timeouts::Timeouts;
 
@@ -165,9 +166,9 @@ fn create_dir(dir: &Path) -> Result<()> {
     let mut tries = 0;
     loop {
         if let Some(parent) = dir.parent() {
-            std::fs::create_dir_all(parent).map_err(io_err("create", parent))?;
+            sandboxvm::private::create_dir_all(parent).map_err(io_err("create", parent))?;
         }
-        match std::fs::create_dir(dir) {
+        match sandboxvm::private::create_dir(dir) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 5 => tries += 1,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 return Err(Error::Exists(format!("pod state {}", dir.display())))
@@ -197,7 +198,10 @@ impl Pod {
     /// (sized from `bundle`, the pod's first container) and connects to
     /// its agent. On failure nothing is left behind.
     pub fn boot(ns: &str, id: &str, bundle: &Bundle) -> Result<Pod> {
-        let dir = pod_dir(ns, id);
+        let id = ContainerId::new(id)?;
+        // containerd's namespaces follow the same rule.
+        ContainerId::new(ns)?;
+        let dir = pod_dir(ns, &id);
         // The longest socket path in it: a guest connection to host port N.
         let longest = dir.join("vm").join("vsock.sock_4294967295");
         if longest.as_os_str().len() > MAX_SOCKET_PATH {
@@ -225,7 +229,7 @@ impl Pod {
 
         let opts = Options {
             dir: dir.join("vm"),
-            id: id.to_string(),
+            id: id.clone(),
             kernel: sandboxvm::artefacts::kernel(None)?,
             initrd: sandboxvm::artefacts::initrd(None)?,
             vcpus: bundle.vcpus(),

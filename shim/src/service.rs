@@ -19,6 +19,7 @@ use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, TtrpcContext, TtrpcResult};
 use sandboxvm::bundle::Bundle;
+use sandboxvm::oci::ContainerId;
 
 use crate::container::{Container, Rootfs};
 use crate::error::{Error, Result};
@@ -108,6 +109,7 @@ impl Service {
 
     fn do_create(&self, req: &CreateTaskRequest) -> Result<u32> {
         let _l = lock(&self.lifecycle);
+        ContainerId::new(&req.id)?;
         if lock(&self.containers).contains_key(&req.id) {
             return Err(Error::Exists(format!("container {}", req.id)));
         }
@@ -246,6 +248,7 @@ impl Service {
     }
 
     fn do_exec(&self, req: &ExecProcessRequest) -> Result<()> {
+        ContainerId::new(&req.exec_id)?;
         let c = self.container(&req.id)?;
         if c.init.state() != State::Running {
             return Err(Error::State(format!("container {} is not running", req.id)));

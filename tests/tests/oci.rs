@@ -122,8 +122,12 @@ fn a_container_goes_through_the_oci_states_and_its_pid_exits_with_its_status() {
         "lifecycle",
         &format!(
             r#"
-$S create --bundle {b} --pid-file pid c1 </dev/null >out 2>err; echo $? >create.rc
+# A permissive umask (as some container images and CI runners have) must
+# not open the state to other host users.
+(umask 000; $S create --bundle {b} --pid-file pid c1 </dev/null >out 2>err); echo $? >create.rc
 $S state c1 >state.created
+stat -c '%a %n' state state/c1 state/c1/vsock.sock >modes
+setpriv --reuid=65534 --regid=65534 --clear-groups ls state/c1 >/dev/null 2>&1; echo $? >nobody.rc
 $S start c1; echo $? >start.rc
 sleep 0.5
 $S state c1 >state.running
@@ -143,6 +147,12 @@ $S state c1 2>gone.err; echo $? >gone.rc
         ),
     );
     assert_eq!(o.code("create.rc"), 0, "create: {}", o.read("script.log"));
+    assert_eq!(
+        o.read("modes"),
+        "700 state\n700 state/c1\n600 state/c1/vsock.sock\n",
+        "modes under umask 000"
+    );
+    assert_ne!(o.code("nobody.rc"), 0, "another user listed the state");
     let pid: i32 = o.read("pid").trim().parse().expect("pid file");
     let created = o.json("state.created");
     assert_eq!(status_of(&created), "created");
@@ -294,6 +304,8 @@ fn bad_input_gets_one_line_and_leaves_nothing() {
     });
     let ok = bundle("bad-kernel", &["true"], |_| {});
     let m = malformed.to_str().unwrap();
+    let victim = root.parent().unwrap().join("victim");
+    std::fs::create_dir_all(&victim).unwrap();
     for (args, want) in [
         (vec!["create", "--bundle", m, "x"], "malformed config"),
         (
@@ -305,6 +317,12 @@ fn bad_input_gets_one_line_and_leaves_nothing() {
             "--console-socket is needed",
         ),
         (vec!["create", "--bundle", m, "a/b"], "invalid container id"),
+        // Ids never name a path outside the root: measured before, this
+        // removed the directory beside the root.
+        (vec!["delete", "-f", "../victim"], "invalid container id"),
+        (vec!["delete", "-f", "/"], "invalid container id"),
+        (vec!["kill", "..", "KILL"], "invalid container id"),
+        (vec!["state", ".x"], "invalid container id"),
         (
             // The VMM cannot load this "kernel": the monitor reports it.
             vec![
@@ -323,7 +341,9 @@ fn bad_input_gets_one_line_and_leaves_nothing() {
         (vec!["delete", "x"], "does not exist"),
     ] {
         let (code, err) = run(&args);
-        assert_eq!(code, 1, "{args:?}: {err}");
+        // A refused id is a usage error (2), like clap's others.
+        let usage = want == "invalid container id";
+        assert_eq!(code, if usage { 2 } else { 1 }, "{args:?}: {err}");
         assert!(err.contains(want), "{args:?}: {err}");
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
         assert!(err.starts_with("sandboxvm: "), "{err}");
@@ -332,4 +352,6 @@ fn bad_input_gets_one_line_and_leaves_nothing() {
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "left in the state root: {left:?}");
+    assert!(victim.is_dir(), "a directory beside the root was removed");
+    std::fs::remove_dir_all(&victim).unwrap();
 }

@@ -8,6 +8,7 @@
 pub mod arch;
 pub mod boot;
 pub mod config;
+pub mod console_file;
 mod event_loop;
 pub mod host;
 pub mod layout;
@@ -19,7 +20,6 @@ pub mod vm;
 #[cfg(test)]
 mod kvm_tests;
 
-use std::fs::File;
 use std::io::Write;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
@@ -169,12 +169,14 @@ impl Vmm {
         let console: Box<dyn Write + Send> = match &config.console {
             Console::Stdout => Box::new(std::io::stdout()),
             Console::Sink => Box::new(std::io::sink()),
-            Console::File(path) => {
-                Box::new(File::create(path).map_err(|source| Error::ConsoleFile {
-                    path: path.display().to_string(),
-                    source,
-                })?)
-            }
+            Console::File(path) => Box::new(
+                console_file::RotatingFile::create(path, console_file::DEFAULT_LIMIT).map_err(
+                    |source| Error::ConsoleFile {
+                        path: path.display().to_string(),
+                        source,
+                    },
+                )?,
+            ),
         };
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(events_err)?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)

@@ -18,7 +18,8 @@
 use std::io;
 use std::sync::Arc;
 
-use log::{debug, error, warn};
+use crate::{error_limited as error, warn_limited as warn};
+use log::debug;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -330,6 +331,16 @@ impl MmioTransport {
             self.reset();
             return;
         }
+        // Bits only go away through a reset (the driver must not clear them):
+        // clearing DRIVER_OK and setting it again would activate the device
+        // a second time over live queues and workers.
+        if val & self.status != self.status & !status::DEVICE_NEEDS_RESET {
+            warn!(
+                "virtio-mmio: status {val:#x} would clear bits of {:#x} without a reset; ignored",
+                self.status
+            );
+            return;
+        }
         let added = val & !self.status;
         let mut new = val;
         if added & status::FEATURES_OK != 0 {
@@ -360,6 +371,10 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
+        if self.activated {
+            warn!("virtio-mmio: device already active; activation ignored until a reset");
+            return;
+        }
         let result = if self.broken {
             Err("the device could not be reset".to_string())
         } else {
@@ -467,6 +482,7 @@ mod tests {
         acked: Option<u64>,
         queues: Vec<ActiveQueue>,
         resets: usize,
+        activations: usize,
         config_writes: Vec<(u64, Vec<u8>)>,
     }
 
@@ -515,7 +531,9 @@ mod tests {
                     got: queues.len(),
                 });
             }
-            self.seen.lock().unwrap().queues = queues;
+            let mut seen = self.seen.lock().unwrap();
+            seen.queues = queues;
+            seen.activations += 1;
             Ok(())
         }
         fn reset(&mut self) -> bool {
@@ -659,6 +677,32 @@ mod tests {
         assert_eq!(q.used_ring(), 0x1_2000);
         assert!(q.ready());
         assert_eq!(s.queues[1].queue.size(), 128);
+    }
+
+    #[test]
+    fn a_live_device_is_activated_again_only_after_a_reset() {
+        let (mut t, seen) = transport();
+        negotiate(&mut t, FEATURES);
+        setup_queue(&mut t, 0, 64, 0x1_0000);
+        setup_queue(&mut t, 1, 128, 0x2_0000);
+        wr(&mut t, reg::STATUS, ALL_OK);
+        assert_eq!(seen.lock().unwrap().activations, 1);
+        // A hostile driver clears DRIVER_OK and sets it again, many times.
+        for _ in 0..1000 {
+            wr(&mut t, reg::STATUS, ALL_OK & !status::DRIVER_OK);
+            wr(&mut t, reg::STATUS, ALL_OK);
+        }
+        assert_eq!(seen.lock().unwrap().activations, 1);
+        assert_eq!(rd(&mut t, reg::STATUS), ALL_OK);
+        assert!(t.is_activated());
+        // After a reset, the device can be set up and activated again.
+        wr(&mut t, reg::STATUS, 0);
+        assert!(!t.is_activated());
+        negotiate(&mut t, FEATURES);
+        setup_queue(&mut t, 0, 64, 0x1_0000);
+        setup_queue(&mut t, 1, 128, 0x2_0000);
+        wr(&mut t, reg::STATUS, ALL_OK);
+        assert_eq!(seen.lock().unwrap().activations, 2);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `sandboxvm create`: boots the container's VM and creates its process,
 //! not started (runc create).
 
+use sandboxvm::oci::ContainerId;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -16,7 +17,7 @@ use sandboxvm::oci::state;
 #[derive(Debug, Args)]
 pub struct Create {
     /// The container id.
-    pub id: String,
+    pub id: ContainerId,
     /// The bundle directory.
     #[arg(long, short, default_value = ".")]
     pub bundle: PathBuf,
@@ -49,7 +50,6 @@ pub struct Create {
 
 impl Create {
     pub fn run(self, g: &Globals) -> anyhow::Result<i32> {
-        super::run::check_id(&self.id)?;
         let bundle = Bundle::load(&self.bundle)?;
         anyhow::ensure!(
             !bundle.terminal() || self.console_socket.is_some(),
@@ -58,11 +58,11 @@ impl Create {
         if state::dir(&g.root, &self.id).exists() {
             anyhow::bail!("container with id {:?} already exists", self.id);
         }
-        std::fs::create_dir_all(&g.root)
+        sandboxvm::private::create_dir_all(&g.root)
             .with_context(|| format!("cannot create {}", g.root.display()))?;
         let mut args: Vec<std::ffi::OsString> = vec![
             "--id".into(),
-            self.id.clone().into(),
+            self.id.as_str().into(),
             "--bundle".into(),
             bundle.dir.clone().into(),
         ];

@@ -1,6 +1,7 @@
 //! `sandboxvm delete`: removes a container, its VM and its state (runc
 //! delete); poststop hooks run after.
 
+use sandboxvm::oci::ContainerId;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ use sandboxvm::oci::{hooks, state, Record, Status};
 #[derive(Debug, Args)]
 pub struct Delete {
     /// The container id.
-    pub id: String,
+    pub id: ContainerId,
     /// Kill the container if it runs; no error if it does not exist.
     #[arg(long, short)]
     pub force: bool,

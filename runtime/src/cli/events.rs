@@ -1,6 +1,7 @@
 //! `sandboxvm events`: resource usage of a container from its guest, as
 //! runc's stats events (JSON lines).
 
+use sandboxvm::oci::ContainerId;
 use std::time::Duration;
 
 use clap::Args;
@@ -13,7 +14,7 @@ use sandboxvm::oci::{Record, Status};
 #[derive(Debug, Args)]
 pub struct Events {
     /// The container id.
-    pub id: String,
+    pub id: ContainerId,
     /// Print one stats event and exit.
     #[arg(long)]
     pub stats: bool,

@@ -1,6 +1,7 @@
 //! `sandboxvm exec`: runs another process in a running container (runc
 //! exec), attached, or with --detach under a monitor whose pid stands for it.
 
+use sandboxvm::oci::ContainerId;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -56,7 +57,7 @@ pub struct Exec {
     #[arg(long, hide = true, default_value_t = 0)]
     pub preserve_fds: u32,
     /// The container id.
-    pub id: String,
+    pub id: ContainerId,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<String>,
@@ -122,7 +123,7 @@ impl Exec {
                 .with_context(|| format!("cannot write {}", file.display()))?;
             let mut args: Vec<std::ffi::OsString> = vec![
                 "--id".into(),
-                self.id.clone().into(),
+                self.id.as_str().into(),
                 "--exec-id".into(),
                 exec_id.into(),
                 "--process".into(),

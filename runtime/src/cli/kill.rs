@@ -1,5 +1,6 @@
 //! `sandboxvm kill`: sends a signal to a container's process (runc kill).
 
+use sandboxvm::oci::ContainerId;
 use std::str::FromStr;
 
 use clap::Args;
@@ -13,7 +14,7 @@ use sandboxvm::oci::{Record, Status};
 #[derive(Debug, Args)]
 pub struct Kill {
     /// The container id.
-    pub id: String,
+    pub id: ContainerId,
     /// The signal: KILL, SIGKILL or 9.
     #[arg(default_value = "SIGTERM")]
     pub signal: String,

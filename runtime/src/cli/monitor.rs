@@ -6,6 +6,7 @@
 //! that supervisors waiting on its pid (containerd's runc shim, conmon) see
 //! the container's exit code.
 
+use sandboxvm::oci::ContainerId;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{FromRawFd, RawFd};
@@ -30,7 +31,7 @@ use sandboxvm::timeouts::Timeouts;
 pub struct Monitor {
     /// The container.
     #[arg(long)]
-    pub id: String,
+    pub id: ContainerId,
     /// The bundle (init process).
     #[arg(long)]
     pub bundle: Option<PathBuf>,

@@ -2,6 +2,7 @@
 //! vCPUs and device threads), like runc's freezer.
 
 use clap::Args;
+use sandboxvm::oci::ContainerId;
 
 use super::Globals;
 use sandboxvm::oci::{state, Record, Status};
@@ -10,14 +11,14 @@ use sandboxvm::oci::{state, Record, Status};
 #[derive(Debug, Args)]
 pub struct Pause {
     /// The container id.
-    pub id: String,
+    pub id: ContainerId,
 }
 
 /// Resumes paused container ID.
 #[derive(Debug, Args)]
 pub struct Resume {
     /// The container id.
-    pub id: String,
+    pub id: ContainerId,
 }
 
 impl Pause {

@@ -2,6 +2,7 @@
 //! guest's: the container's processes are not host processes.
 
 use clap::{Args, ValueEnum};
+use sandboxvm::oci::ContainerId;
 
 use super::Globals;
 use sandboxvm::oci::{Record, Status};
@@ -22,7 +23,7 @@ pub struct Ps {
     #[arg(long, short, value_enum, default_value = "table")]
     pub format: Format,
     /// The container id.
-    pub id: String,
+    pub id: ContainerId,
     /// Accepted for runc compatibility (ps options); ignored.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub ps_args: Vec<String>,

@@ -13,6 +13,7 @@ use crate::bundle::Bundle;
 use crate::sandbox::{Options, Sandbox, ROOTFS_TAG};
 use crate::timeouts::Timeouts;
 use crate::{artefacts, tty};
+use sandboxvm::oci::ContainerId;
 use sandboxvm::share;
 
 /// Runs the container in BUNDLE (config.json + rootfs) inside its own VM,
@@ -23,12 +24,10 @@ pub struct Run {
     /// The bundle directory (default: the current directory).
     #[arg(long, short)]
     pub bundle: Option<PathBuf>,
-    /// The bundle directory, as a positional argument.
-    #[arg(value_name = "DIR", conflicts_with = "bundle")]
-    pub dir: Option<PathBuf>,
-    /// The container id (default: generated).
-    #[arg(value_name = "ID")]
-    pub id: Option<String>,
+    /// `[DIR] [ID]`: the bundle directory and the container id (default:
+    /// generated); with --bundle, as runc has it, the one argument is the ID.
+    #[arg(value_name = "DIR|ID", num_args = 0..=2)]
+    pub args: Vec<String>,
     /// Guest kernel (default: $SANDBOXVM_KERNEL, the build cache, /usr/share/sandboxvm).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -116,24 +115,25 @@ pub(crate) fn wire_network(
 impl Run {
     pub fn run(self, g: &super::Globals) -> anyhow::Result<i32> {
         let verbose = g.verbose;
-        let dir = self
-            .bundle
-            .or(self.dir)
-            .unwrap_or_else(|| PathBuf::from("."));
+        let (dir, id) = bundle_and_id(self.bundle, &self.args)?;
         let bundle = Bundle::load(&dir)?;
         log::debug!(
             "bundle {}, rootfs {}",
             bundle.dir.display(),
             bundle.rootfs.display()
         );
-        let id = self
-            .id
-            .unwrap_or_else(|| format!("sbx-{}-{}", std::process::id(), now_ms() % 100_000));
-        check_id(&id)?;
+        let id = match id {
+            Some(id) => id,
+            None => ContainerId::new(&format!(
+                "sbx-{}-{}",
+                std::process::id(),
+                now_ms() % 100_000
+            ))?,
+        };
         let kernel = artefacts::kernel(self.kernel.as_deref())?;
         let initrd = artefacts::initrd(self.initrd.as_deref())?;
         let virtiofsd = artefacts::virtiofsd()?;
-        std::fs::create_dir_all(&g.root)
+        sandboxvm::private::create_dir_all(&g.root)
             .with_context(|| format!("cannot create {}", g.root.display()))?;
 
         let timeouts = Timeouts::with_boot_flag(self.boot_timeout)?;
@@ -225,6 +225,24 @@ fn run_in(
     Ok(status)
 }
 
+/// The bundle directory and the container id from `--bundle` and the
+/// positional arguments: `run [DIR] [ID]`, or runc's `run --bundle DIR [ID]`.
+fn bundle_and_id(
+    bundle: Option<PathBuf>,
+    args: &[String],
+) -> anyhow::Result<(PathBuf, Option<ContainerId>)> {
+    let (dir, id) = match (bundle, args) {
+        (Some(dir), [id]) => (dir, Some(id)),
+        (Some(_), [_, _, ..]) => {
+            anyhow::bail!("with --bundle, run takes one argument, the container id")
+        }
+        (Some(dir), []) => (dir, None),
+        (None, [dir, rest @ ..]) => (PathBuf::from(dir), rest.first()),
+        (None, []) => (PathBuf::from("."), None),
+    };
+    Ok((dir, id.map(|id| ContainerId::new(id)).transpose()?))
+}
+
 fn now_ms() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -232,24 +250,31 @@ fn now_ms() -> u128 {
         .unwrap_or(0)
 }
 
-/// Container ids as runc accepts them.
-pub(crate) fn check_id(id: &str) -> anyhow::Result<()> {
-    let ok = !id.is_empty()
-        && id.len() <= 1024
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_+-.".contains(c))
-        && !id.starts_with('.');
-    anyhow::ensure!(
-        ok,
-        "invalid container id {id:?} (letters, digits, _+-. only)"
-    );
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_takes_its_own_syntax_and_runcs() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let id = |x: &str| Some(ContainerId::new(x).unwrap());
+        let p = PathBuf::from;
+        assert_eq!(bundle_and_id(None, &[]).unwrap(), (p("."), None));
+        assert_eq!(bundle_and_id(None, &s(&["b"])).unwrap(), (p("b"), None));
+        assert_eq!(
+            bundle_and_id(None, &s(&["b", "c1"])).unwrap(),
+            (p("b"), id("c1"))
+        );
+        assert_eq!(bundle_and_id(Some(p("b")), &[]).unwrap(), (p("b"), None));
+        assert_eq!(
+            bundle_and_id(Some(p("b")), &s(&["c1"])).unwrap(),
+            (p("b"), id("c1"))
+        );
+        assert!(bundle_and_id(Some(p("b")), &s(&["x", "c1"])).is_err());
+        let e = bundle_and_id(Some(p("b")), &s(&["../x"])).unwrap_err();
+        assert!(e.to_string().contains("invalid container id"), "{e}");
+        assert!(bundle_and_id(None, &s(&["b", "a/b"])).is_err());
+    }
 
     #[test]
     fn net_modes_parse() {
@@ -258,14 +283,6 @@ mod tests {
         assert_eq!(parse_net_mode("tap=tap0"), Ok(NetMode::Tap("tap0".into())));
         for bad in ["", "tap=", "bridge", "tap=a,mac=x", "tap=0123456789abcdef"] {
             assert!(parse_net_mode(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn ids_are_checked_like_runc() {
-        assert!(check_id("abc-1.2_x").is_ok());
-        for bad in ["", "a/b", "..", ".x", "a b"] {
-            assert!(check_id(bad).is_err(), "{bad}");
         }
     }
 }

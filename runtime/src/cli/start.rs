@@ -1,6 +1,7 @@
 //! `sandboxvm start`: starts a created container's process (runc start).
 
 use clap::Args;
+use sandboxvm::oci::ContainerId;
 
 use super::Globals;
 use sandboxvm::oci::{hooks, Record, Status};
@@ -9,7 +10,7 @@ use sandboxvm::oci::{hooks, Record, Status};
 #[derive(Debug, Args)]
 pub struct Start {
     /// The container id.
-    pub id: String,
+    pub id: ContainerId,
 }
 
 impl Start {

@@ -1,6 +1,7 @@
 //! `sandboxvm state`: the OCI state of a container as JSON (runc state).
 
 use clap::Args;
+use sandboxvm::oci::ContainerId;
 
 use super::Globals;
 use sandboxvm::oci::Record;
@@ -10,7 +11,7 @@ use sandboxvm::oci::Record;
 #[derive(Debug, Args)]
 pub struct State {
     /// The container id.
-    pub id: String,
+    pub id: ContainerId,
 }
 
 impl State {

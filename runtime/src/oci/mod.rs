@@ -6,8 +6,10 @@
 
 pub mod console;
 pub mod hooks;
+pub mod id;
 pub mod state;
 pub mod stdio;
 pub mod time;
 
+pub use id::ContainerId;
 pub use state::{Record, Status};

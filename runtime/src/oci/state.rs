@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::Agent;
+use crate::oci::ContainerId;
 
 /// Errors reading or using a container's state.
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +65,7 @@ impl Status {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Record {
     /// Container id.
-    pub id: String,
+    pub id: ContainerId,
     /// The bundle directory.
     pub bundle: PathBuf,
     /// The root filesystem.
@@ -84,13 +85,13 @@ pub struct Record {
 }
 
 /// The state directory of container `id`.
-pub fn dir(root: &Path, id: &str) -> PathBuf {
+pub fn dir(root: &Path, id: &ContainerId) -> PathBuf {
     root.join(id)
 }
 
 impl Record {
     /// Loads the record of `id`.
-    pub fn load(root: &Path, id: &str) -> Result<Record, Error> {
+    pub fn load(root: &Path, id: &ContainerId) -> Result<Record, Error> {
         let path = dir(root, id).join("state.json");
         let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::NotFound(id.to_string()),
@@ -99,10 +100,17 @@ impl Record {
                 reason: e.to_string(),
             },
         })?;
-        serde_json::from_str(&text).map_err(|e| Error::Corrupt {
+        let record: Record = serde_json::from_str(&text).map_err(|e| Error::Corrupt {
             id: id.to_string(),
             reason: e.to_string(),
-        })
+        })?;
+        if &record.id != id {
+            return Err(Error::Corrupt {
+                id: id.to_string(),
+                reason: format!("state.json names container {:?}", record.id.as_str()),
+            });
+        }
+        Ok(record)
     }
 
     /// Writes the record atomically into `dir`.
@@ -133,7 +141,7 @@ impl Record {
         }
         match self.agent(root).and_then(|a| {
             a.state(&self.id).map_err(|e| Error::Agent {
-                id: self.id.clone(),
+                id: self.id.to_string(),
                 reason: e.to_string(),
             })
         }) {
@@ -156,7 +164,7 @@ impl Record {
     /// A client of the container's guest agent.
     pub fn agent(&self, root: &Path) -> Result<Agent, Error> {
         let err = |reason: String| Error::Agent {
-            id: self.id.clone(),
+            id: self.id.to_string(),
             reason,
         };
         let stream = protocol::connect_vsock_bridge(
@@ -214,14 +222,15 @@ pub fn start_time(pid: i32) -> Option<u64> {
     fields.get(19)?.parse().ok()
 }
 
-/// Ids of the containers under `root` (directories with a state.json).
-pub fn list(root: &Path) -> Vec<String> {
-    let mut ids: Vec<String> = std::fs::read_dir(root)
+/// Ids of the containers under `root` (directories with a state.json;
+/// names that are not valid ids are skipped).
+pub fn list(root: &Path) -> Vec<ContainerId> {
+    let mut ids: Vec<ContainerId> = std::fs::read_dir(root)
         .into_iter()
         .flatten()
         .flatten()
         .filter(|e| e.path().join("state.json").exists())
-        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|e| ContainerId::new(e.file_name().to_str()?).ok())
         .collect();
     ids.sort();
     ids
@@ -233,7 +242,7 @@ mod tests {
 
     fn record(pid: i32, pid_start: u64) -> Record {
         Record {
-            id: "c1".into(),
+            id: ContainerId::new("c1").unwrap(),
             bundle: "/b".into(),
             rootfs: "/b/rootfs".into(),
             pid,
@@ -262,8 +271,8 @@ mod tests {
         let r = record(std::process::id() as i32, 1);
         std::fs::create_dir_all(r.dir(&root)).unwrap();
         r.save(&r.dir(&root)).unwrap();
-        assert_eq!(Record::load(&root, "c1").unwrap(), r);
-        assert_eq!(list(&root), vec!["c1".to_string()]);
+        assert_eq!(Record::load(&root, &r.id).unwrap(), r);
+        assert_eq!(list(&root), vec![r.id.clone()]);
         // Start time 1 is not ours: a reused pid.
         assert_eq!(r.status(&root), Status::Stopped);
         let s = r.oci_state(Status::Stopped);
@@ -271,7 +280,7 @@ mod tests {
         assert_eq!(s["status"], "stopped");
         assert_eq!(s["annotations"]["k"], "v");
         assert!(matches!(
-            Record::load(&root, "nope"),
+            Record::load(&root, &ContainerId::new("nope").unwrap()),
             Err(Error::NotFound(_))
         ));
         std::fs::remove_dir_all(&root).unwrap();

@@ -36,7 +36,7 @@ impl EventHandler for Calls {
         // Drain; a spurious wake-up reads EAGAIN.
         if call.read().is_ok() {
             if let Err(e) = self.interrupt.signal_used() {
-                log::error!("virtio-fs interrupt: {e}");
+                crate::error_limited!("virtio-fs interrupt: {e}");
             }
         }
     }

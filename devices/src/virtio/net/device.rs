@@ -228,7 +228,7 @@ impl VirtioDevice for Net {
         self.stop_worker();
         self.acked_features = 0;
         if let Err(e) = self.tap.set_offload(0) {
-            log::warn!("tap {}: turning offloads off: {e}", self.tap.name());
+            crate::warn_limited!("tap {}: turning offloads off: {e}", self.tap.name());
         }
         true
     }

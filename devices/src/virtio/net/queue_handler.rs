@@ -7,7 +7,7 @@ use std::io;
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 
-use log::error;
+use crate::error_limited as error;
 use vm_memory::GuestMemoryMmap;
 
 use super::rxtx::{Rxtx, RxtxFeatures, Stats, TapIo, TxStop};

@@ -24,7 +24,7 @@ use std::io;
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
-use log::{error, warn};
+use crate::{error_limited as error, warn_limited as warn};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -33,6 +33,11 @@ use crate::virtio::VirtioInterrupt;
 
 /// Frames moved per call before giving other work a turn.
 pub const BUDGET: usize = 64;
+
+/// Most descriptors in one chain (Linux uses at most MAX_SKB_FRAGS + 2 =
+/// 19): a longer chain, possibly through an indirect table of 65535 entries,
+/// is malformed, never a reason to allocate or loop that much per buffer.
+pub const MAX_CHAIN_DESCRIPTORS: usize = 64;
 
 /// Offset of `num_buffers` in the vnet header.
 const NUM_BUFFERS_OFFSET: usize = 10;
@@ -120,7 +125,11 @@ impl RxBuffer {
         let mut capacity = 0usize;
         for desc in chain {
             let len = desc.len() as usize;
-            if !desc.is_write_only() || !mem.check_range(desc.addr(), len) {
+            if len == 0
+                || regions.len() == MAX_CHAIN_DESCRIPTORS
+                || !desc.is_write_only()
+                || !mem.check_range(desc.addr(), len)
+            {
                 return Err(head);
             }
             capacity += len;
@@ -424,9 +433,13 @@ impl Rxtx {
         chain: DescriptorChain<&GuestMemoryMmap>,
     ) -> Option<usize> {
         let mut len = 0usize;
-        for desc in chain {
+        for (i, desc) in chain.enumerate() {
             let n = desc.len() as usize;
-            if desc.is_write_only() || len + n > self.tx_frame.len() {
+            if n == 0
+                || i == MAX_CHAIN_DESCRIPTORS
+                || desc.is_write_only()
+                || len + n > self.tx_frame.len()
+            {
                 return None;
             }
             mem.read_slice(&mut self.tx_frame[len..len + n], desc.addr())

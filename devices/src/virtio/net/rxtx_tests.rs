@@ -526,6 +526,44 @@ fn unusable_rx_buffers_are_returned_empty() {
 }
 
 #[test]
+fn zero_length_and_overlong_chains_are_refused_on_rx_and_tx() {
+    let mem = memory();
+    // rx: a zero-length descriptor in a chain, and an indirect table of
+    // 4000 one-byte descriptors (the host would keep a region per entry).
+    let mut d = Driver::new(&mem, 0, 16);
+    let zero = d.add(&[(BUF, 12, W), (BUF + 12, 0, W), (BUF + 12, 2048, W)]);
+    let many: Vec<_> = (0..4000).map(|i| (BUF + i, 1, W)).collect();
+    let long = d.add_indirect(BUF + 0x10_0000, &many);
+    let good = post_rx(&mut d, 4, 1, 2048)[0];
+    let mut q = d.queue(false);
+    let irq = Irq::default();
+    let f = frame([0; 12], 500, 3);
+    let mut tap = FakeTap {
+        to_read: [f.clone()].into(),
+        ..FakeTap::default()
+    };
+    let mut rxtx = Rxtx::new(MRG);
+    rxtx.process_rx(&mem, &mut q, &mut tap, &irq);
+    assert_eq!(rxtx.stats().rx_bad_buffers, 2);
+    assert_eq!(d.used(0), (u32::from(zero), 0));
+    assert_eq!(d.used(1), (u32::from(long), 0));
+    assert_eq!(d.used(2), (u32::from(good), f.len() as u32));
+
+    // tx: the same shapes are malformed frames, dropped and counted.
+    let mut d = Driver::new(&mem, TX_BASE, 16);
+    d.add(&[(BUF, 12, R), (BUF, 0, R), (BUF, 100, R)]);
+    let many: Vec<_> = (0..4000).map(|i| (BUF + i, 1, R)).collect();
+    d.add_indirect(BUF + 0x20_0000, &many);
+    let mut q = d.queue(false);
+    let mut tap = FakeTap::default();
+    let mut rxtx = Rxtx::new(MRG);
+    rxtx.process_tx(&mem, &mut q, &mut tap, &irq);
+    assert!(tap.written.is_empty());
+    assert_eq!(rxtx.stats().tx_malformed, 2);
+    assert_eq!(d.used_idx(), 2);
+}
+
+#[test]
 fn rx_yields_after_its_budget() {
     let mem = memory();
     let mut d = Driver::new(&mem, 0, 256);

@@ -16,20 +16,31 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
-use log::{debug, warn};
+use crate::warn_limited as warn;
+use log::debug;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::connection::Connection;
-use super::packet::{op, Packet, HOST_CID, TYPE_STREAM};
+use super::packet::{op, Header, Packet, HOST_CID, TYPE_STREAM};
 
 /// Local ports for host-initiated connections start here.
 pub const LOCAL_PORT_BASE: u32 = 1 << 30;
 /// The longest `CONNECT <port>\n` line we accept.
 const MAX_CONNECT_LINE: usize = 32;
+/// Most connections at once (guest- and host-initiated, as Firecracker's
+/// limit): each holds a socket and up to `CONN_BUF_ALLOC` of buffered data.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Most host connections still sending their `CONNECT` line.
+pub const MAX_PENDING: usize = 64;
+/// Most resets waiting for an rx buffer: a guest that posts none while it
+/// sends garbage gets the first ones; the rest are dropped (a reset for a
+/// connection that does not exist carries nothing the guest needs).
+pub const MAX_ORPHAN_RSTS: usize = 256;
 
 /// Errors setting up the muxer.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +116,10 @@ impl Muxer {
         };
         let epoll = Epoll::new().map_err(Error::Epoll)?;
         let listener = UnixListener::bind(&uds_path).map_err(bind_err)?;
+        // The agent's API runs anything as root in the guest: the owner's
+        // alone, whatever the umask.
+        std::fs::set_permissions(&uds_path, std::fs::Permissions::from_mode(0o600))
+            .map_err(bind_err)?;
         let mut m = Muxer {
             guest_cid,
             uds_path: uds_path.clone(),
@@ -194,13 +209,16 @@ impl Muxer {
         let key = (hdr.dst_port, hdr.src_port);
         if hdr.type_ != TYPE_STREAM {
             if hdr.op != op::RST {
-                self.orphan_rsts.push_back(Packet::reply_to(&hdr, op::RST));
+                self.queue_rst(&hdr);
             }
             return;
         }
         if let Some(conn) = self.conns.get_mut(&key) {
             conn.guest_packet(pkt);
             self.update(key);
+        } else if hdr.op == op::REQUEST && self.conns.len() >= MAX_CONNECTIONS {
+            warn!("vsock: the guest has {MAX_CONNECTIONS} connections; refusing more");
+            self.queue_rst(&hdr);
         } else if hdr.op == op::REQUEST {
             let path = format!("{}_{}", self.uds_path.display(), hdr.dst_port);
             match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
@@ -212,11 +230,20 @@ impl Muxer {
                 }
                 Err(e) => {
                     debug!("vsock: guest connect to {path}: {e}");
-                    self.orphan_rsts.push_back(Packet::reply_to(&hdr, op::RST));
+                    self.queue_rst(&hdr);
                 }
             }
         } else if hdr.op != op::RST {
-            self.orphan_rsts.push_back(Packet::reply_to(&hdr, op::RST));
+            self.queue_rst(&hdr);
+        }
+    }
+
+    /// Queues a reset answering `hdr`, unless [`MAX_ORPHAN_RSTS`] wait already.
+    fn queue_rst(&mut self, hdr: &Header) {
+        if self.orphan_rsts.len() < MAX_ORPHAN_RSTS {
+            self.orphan_rsts.push_back(Packet::reply_to(hdr, op::RST));
+        } else {
+            warn!("vsock: {MAX_ORPHAN_RSTS} resets wait for rx buffers; dropping more");
         }
     }
 
@@ -256,6 +283,12 @@ impl Muxer {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
+                    if self.pending.len() >= MAX_PENDING
+                        || self.conns.len() + self.pending.len() >= MAX_CONNECTIONS
+                    {
+                        warn!("vsock: too many host connections; refusing one");
+                        continue;
+                    }
                     if let Err(e) = stream.set_nonblocking(true) {
                         warn!("vsock: host connection: {e}");
                         continue;

@@ -149,6 +149,16 @@ fn data_of(pkts: &[Packet]) -> Vec<u8> {
 }
 
 #[test]
+fn the_agent_socket_is_its_owners_alone_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    // The test process's umask is whatever the caller had (often 022, in
+    // containers 000): the mode must not depend on it.
+    let mode = std::fs::metadata(&env.path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}
+
+#[test]
 fn connect_line_parsing() {
     assert_eq!(parse_connect(b"CONNECT 52"), Some(52));
     assert_eq!(parse_connect(b"CONNECT 52\r"), Some(52));
@@ -315,6 +325,66 @@ fn guest_connect_to_nobody_is_reset() {
     assert_eq!(rx[0].hdr.op, op::RST);
     assert_eq!((rx[0].hdr.src_port, rx[0].hdr.dst_port), (999, 5000));
     assert_eq!(env.muxer.connection_count(), 0);
+}
+
+#[test]
+fn a_guest_that_posts_no_rx_buffers_cannot_grow_the_reset_queue() {
+    let mut env = Env::new();
+    env.guest.rx_bufs = 0;
+    for i in 0..100_000u32 {
+        env.guest.send(op::RW, 5000 + i, 77, b"x");
+        if i % 1000 == 0 {
+            env.muxer.process(&mut env.guest);
+        }
+    }
+    env.muxer.process(&mut env.guest);
+    assert_eq!(env.muxer.orphan_rsts.len(), MAX_ORPHAN_RSTS);
+    // Buffers come: the queued resets go out, and the muxer still works.
+    env.guest.rx_bufs = 10_000;
+    env.pump();
+    assert_eq!(env.guest.take().len(), MAX_ORPHAN_RSTS);
+    let (_s, _port) = env.host_connect(1024);
+}
+
+#[test]
+fn guest_connections_are_capped() {
+    // Two fds per connection: raise the soft limit (often 1024) to the hard one.
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write `lim`.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_cur = lim.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+    }
+    assert!(
+        lim.rlim_cur >= 3 * MAX_CONNECTIONS as u64,
+        "fd limit {}",
+        lim.rlim_cur
+    );
+    let mut env = Env::new();
+    env.guest.rx_bufs = usize::MAX;
+    // A host service on port 9 that accepts everything.
+    let svc = UnixListener::bind(format!("{}_9", env.path.display())).unwrap();
+    svc.set_nonblocking(true).unwrap();
+    let mut accepted = Vec::new();
+    for i in 0..(MAX_CONNECTIONS as u32 + 10) {
+        env.guest.send(op::REQUEST, 10_000 + i, 9, &[]);
+        env.muxer.process(&mut env.guest);
+        while let Ok((s, _)) = svc.accept() {
+            accepted.push(s);
+        }
+        env.guest.take();
+    }
+    assert_eq!(env.muxer.conns.len(), MAX_CONNECTIONS);
+    // The next request is refused with a reset.
+    env.guest.send(op::REQUEST, 50_000, 9, &[]);
+    env.pump();
+    let rx = env.guest.take();
+    assert_eq!(rx.last().map(|p| p.hdr.op), Some(op::RST));
+    assert_eq!(env.muxer.conns.len(), MAX_CONNECTIONS);
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::io;
 use std::os::unix::io::AsRawFd;
 use std::sync::{Arc, Mutex};
 
-use log::{error, warn};
+use crate::{error_limited as error, warn_limited as warn};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 use vm_memory::{Bytes, GuestMemoryMmap};
