@@ -81,26 +81,148 @@ impl Share {
         } else {
             std::fs::File::create(&target).map_err(|e| err(e.to_string()))?;
         }
-        mount(
-            Some(src),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|e| err(format!("bind mount: {e}")))?;
-        if readonly {
-            mount(
-                None::<&str>,
-                &target,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                None::<&str>,
-            )
-            .map_err(|e| err(format!("read-only remount: {e}")))?;
-        }
+        bind_tree(src, &target, readonly).map_err(err)?;
         Ok(self.guest_path(sub))
     }
+
+    /// What virtiofsd serves: a view of the share whose own directories
+    /// (the skeleton: `rootfs`, `mounts/`, per-container directories) are
+    /// read-only, below which every bind keeps its own mode (the rootfs and
+    /// read-write volumes writable, read-only ones read-only). A guest that
+    /// mounts the share itself can then neither fill the host's /run nor
+    /// swap the skeleton's directories for symlinks while the host mounts
+    /// in it. The view (`<share>.served`, beside the share) receives what is
+    /// mounted in the share later (it is its slave), so containers added to
+    /// a running pod appear in it.
+    pub fn served(&self) -> Result<PathBuf, Error> {
+        let mut name = self.dir.as_os_str().to_owned();
+        name.push(".served");
+        let view = PathBuf::from(name);
+        let err = |reason: String| Error::Bind {
+            src: self.dir.clone(),
+            reason,
+        };
+        std::fs::create_dir(&view).map_err(|e| err(format!("create {}: {e}", view.display())))?;
+        let steps: [(Option<&Path>, MsFlags, &str); 3] = [
+            (Some(&self.dir), MsFlags::MS_BIND | MsFlags::MS_REC, "bind"),
+            (None, MsFlags::MS_SLAVE, "make slave"),
+            (
+                None,
+                MsFlags::MS_BIND
+                    | MsFlags::MS_REMOUNT
+                    | MsFlags::MS_RDONLY
+                    | MsFlags::MS_NOSUID
+                    | MsFlags::MS_NODEV,
+                "read-only remount",
+            ),
+        ];
+        for (i, (src, flags, what)) in steps.into_iter().enumerate() {
+            if let Err(e) = mount(src, &view, None::<&str>, flags, None::<&str>) {
+                if i > 0 {
+                    let _ = umount2(&view, MntFlags::MNT_DETACH);
+                }
+                let _ = std::fs::remove_dir(&view);
+                return Err(err(format!("the guest's view: {what}: {e}")));
+            }
+        }
+        Ok(view)
+    }
+}
+
+/// `struct mount_attr` of mount_setattr(2).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const AT_RECURSIVE: libc::c_int = 0x8000;
+const OPEN_TREE_CLONE: libc::c_int = 0x1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_int = 0x4;
+
+fn c_path(p: &Path) -> Result<std::ffi::CString, String> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| "a path with a NUL byte".into())
+}
+
+fn os_err(what: &str) -> String {
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOSYS) {
+        format!("{what}: needs Linux 5.12 or later (the mount API with mount_setattr)")
+    } else {
+        format!("{what}: {e}")
+    }
+}
+
+/// Bind-mounts `src` and every mount below it on `target`; with `readonly`,
+/// all of them read-only (`rro`), made so before the copy is attached: a
+/// read-only bind must not leave a submount writable, nor reach a
+/// propagation peer (the guest's view of a running pod's share) writable
+/// for an instant or for good (a remount changes only the mount it is
+/// given, not the copies propagation made). The tree is cloned, set and
+/// moved by file descriptor (open_tree, mount_setattr, move_mount); the
+/// target's last component is not followed if it is a symlink.
+pub fn bind_tree(src: &Path, target: &Path, readonly: bool) -> Result<(), String> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let src_c = c_path(src)?;
+    // SAFETY: open_tree reads the NUL-terminated path; the returned fd is
+    // owned below.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            src_c.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC | AT_RECURSIVE,
+        )
+    };
+    if fd < 0 {
+        return Err(os_err("clone the mount tree"));
+    }
+    // SAFETY: a new fd of ours that nothing else owns.
+    let tree = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+    use std::os::fd::AsRawFd;
+    if readonly {
+        let attr = MountAttr {
+            attr_set: MOUNT_ATTR_RDONLY,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        // SAFETY: mount_setattr reads "" and `attr` (of the size given),
+        // both alive for the call, and acts on the detached tree `tree`.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                tree.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH | AT_RECURSIVE,
+                &attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        if r != 0 {
+            return Err(os_err("make the mount tree read-only"));
+        }
+    }
+    let target_c = c_path(target)?;
+    // SAFETY: move_mount reads "" and the NUL-terminated target path; the
+    // tree fd stays open for the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            target_c.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if r != 0 {
+        return Err(os_err("attach the mount tree"));
+    }
+    Ok(())
 }
 
 /// Shares `bundle` with the guest through `dir` (the rootfs at `rootfs`,
@@ -164,7 +286,11 @@ pub fn rewrite_mounts(spec: &mut Spec, share: &Share, prefix: &str) -> Result<()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "root".into());
         let sub = format!("{prefix}mounts/{i}-{name}");
-        let readonly = m.options().iter().flatten().any(|o| o == "ro");
+        let readonly = m
+            .options()
+            .iter()
+            .flatten()
+            .any(|o| o == "ro" || o == "rro");
         let guest = share.bind(&src, &sub, readonly)?;
         let mut m = m.clone();
         m.set_source(Some(guest));
@@ -242,6 +368,85 @@ mod tests {
     fn proc_is_mounted_under_root_and_not_under_a_sibling_prefix() {
         assert!(mounts_under(Path::new("/")).contains(&PathBuf::from("/proc")));
         assert!(mounts_under(Path::new("/pro")).is_empty());
+    }
+
+    #[test]
+    fn the_guest_cannot_write_the_skeleton_or_a_read_only_bind_and_its_submounts() {
+        if !root() {
+            eprintln!("skipped: needs root for mounts");
+            return;
+        }
+        let base = std::env::temp_dir().join(format!("sandboxvm-served-{}", std::process::id()));
+        let host = base.join("host");
+        let (rootfs, vol, sub) = (host.join("rootfs"), host.join("vol"), host.join("other"));
+        for d in [&rootfs, &vol.join("sub"), &sub, &host.join("late")] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(sub.join("secret"), "keep").unwrap();
+        // A submount inside the read-only volume (as a hostPath over mounts).
+        mount(
+            Some(&sub),
+            &vol.join("sub"),
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        let share = Share::new(&base.join("shared"), "sbx-rootfs").unwrap();
+        share.bind(&rootfs, "rootfs", false).unwrap();
+        share.bind(&vol, "mounts/0-vol", true).unwrap();
+        let view = share.served().unwrap();
+        let erofs = |r: std::io::Result<()>| r.unwrap_err().raw_os_error() == Some(libc::EROFS);
+        // The skeleton: no new files, no symlink swaps.
+        assert!(erofs(std::fs::write(view.join("fill"), "x")));
+        assert!(erofs(std::fs::create_dir(view.join("mounts/evil"))));
+        assert!(erofs(std::fs::rename(view.join("mounts"), view.join("m2"))));
+        // The read-only bind and its submount.
+        assert!(erofs(std::fs::write(view.join("mounts/0-vol/x"), "x")));
+        assert!(erofs(std::fs::write(
+            view.join("mounts/0-vol/sub/secret"),
+            "owned"
+        )));
+        assert_eq!(std::fs::read_to_string(sub.join("secret")).unwrap(), "keep");
+        // The container's own rootfs stays writable.
+        std::fs::write(view.join("rootfs/file"), "mine").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(rootfs.join("file")).unwrap(),
+            "mine"
+        );
+        assert!(unmount_under(&base));
+        let _ = umount2(&vol.join("sub"), MntFlags::MNT_DETACH);
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn what_the_host_binds_later_in_a_shared_share_appears_in_the_view() {
+        if !root() {
+            eprintln!("skipped: needs root for mounts");
+            return;
+        }
+        let base = std::env::temp_dir().join(format!("sandboxvm-late-{}", std::process::id()));
+        let late = base.join("late");
+        std::fs::create_dir_all(&late).unwrap();
+        std::fs::write(late.join("f"), "late").unwrap();
+        let staging = base.join("shared");
+        std::fs::create_dir_all(&staging).unwrap();
+        // As the shim has it: the share a mount of its own, shared.
+        for flags in [MsFlags::MS_BIND, MsFlags::MS_PRIVATE, MsFlags::MS_SHARED] {
+            let src = flags.contains(MsFlags::MS_BIND).then_some(&staging);
+            mount(src, &staging, None::<&str>, flags, None::<&str>).unwrap();
+        }
+        let share = Share::new(&staging, "sbx-rootfs").unwrap();
+        let view = share.served().unwrap();
+        // A pod's second container, after the VM started.
+        share.bind(&late, "c2/mounts/0-late", true).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(view.join("c2/mounts/0-late/f")).unwrap(),
+            "late"
+        );
+        assert!(std::fs::write(view.join("c2/mounts/0-late/f"), "x").is_err());
+        assert!(unmount_under(&base));
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

@@ -118,7 +118,13 @@ impl Container {
         for b in &binds {
             let target = dir.join("mounts").join(&b.name);
             make_target(&target, b.source.is_dir())?;
-            mounts::bind(&b.source, &target)?;
+            sandboxvm::share::bind_tree(&b.source, &target, b.readonly).map_err(|e| {
+                Error::Invalid(format!(
+                    "bind {} on {}: {e}",
+                    b.source.display(),
+                    target.display()
+                ))
+            })?;
         }
         pod.agent.create_in(
             &id,

@@ -27,6 +27,9 @@ pub enum Error {
     /// Kernel, initramfs or virtiofsd not found.
     #[error(transparent)]
     Artefact(#[from] sandboxvm::artefacts::Error),
+    /// The pod's share (bind mounts, the guest's view).
+    #[error(transparent)]
+    Share(#[from] sandboxvm::share::Error),
     /// The VM (virtiofsd, VMM, boot).
     #[error("the sandbox VM: {0}")]
     Sandbox(#[from] sandboxvm::sandbox::Error),

@@ -226,6 +226,9 @@ impl Pod {
         let shared = dir.join("shared");
         std::fs::create_dir(&shared).map_err(io_err("create", &shared))?;
         mounts::make_shared(&shared)?;
+        // virtiofsd serves a view whose skeleton the guest cannot write.
+        let served =
+            sandboxvm::share::Share::new(&shared, sandboxvm::sandbox::ROOTFS_TAG)?.served()?;
 
         let opts = Options {
             dir: dir.join("vm"),
@@ -234,7 +237,7 @@ impl Pod {
             initrd: sandboxvm::artefacts::initrd(None)?,
             vcpus: bundle.vcpus(),
             memory_mib: bundle.memory_mib(),
-            shared_dir: shared.clone(),
+            shared_dir: served,
             virtiofsd: sandboxvm::artefacts::virtiofsd()?,
             cmdline: String::new(),
             verbose: u8::from(log::log_enabled!(log::Level::Debug)),

@@ -26,6 +26,9 @@ pub struct HostBind {
     pub source: PathBuf,
     /// Its name under the container's `mounts/` directory.
     pub name: String,
+    /// Read-only (`ro`/`rro`): in the share too, submounts included, so a
+    /// guest that mounts the share itself cannot write it either.
+    pub readonly: bool,
 }
 
 /// The pod a container belongs to: the CRI sandbox id for a pod's
@@ -142,8 +145,15 @@ pub fn for_guest(spec: &mut Value, cid: &str, sandbox_pid: Option<u32>) -> Resul
                 )));
             }
             let name = bind_name(binds.len(), &source);
+            let readonly = m["options"]
+                .as_array()
+                .is_some_and(|o| o.iter().any(|o| matches!(o.as_str(), Some("ro" | "rro"))));
             m["source"] = json!(format!("{share}/{name}"));
-            binds.push(HostBind { source, name });
+            binds.push(HostBind {
+                source,
+                name,
+                readonly,
+            });
         }
     }
     if let Some(linux) = spec["linux"].as_object_mut() {
@@ -229,16 +239,17 @@ mod tests {
     fn host_binds_move_into_the_share_with_a_pods_shm() {
         let mut s = cri_spec();
         let binds = for_guest(&mut s, "c1", None).unwrap();
-        let bind = |source: &str, name: &str| HostBind {
+        let bind = |source: &str, name: &str, readonly| HostBind {
             source: source.into(),
             name: name.into(),
+            readonly,
         };
         assert_eq!(
             binds,
             vec![
-                bind("/etc/hosts", "0-hosts"),
-                bind("/tmp", "1-tmp"),
-                bind("/etc/resolv.conf", "2-resolv.conf"),
+                bind("/etc/hosts", "0-hosts", false),
+                bind("/tmp", "1-tmp", true),
+                bind("/etc/resolv.conf", "2-resolv.conf", true),
             ]
         );
         let m = &s["mounts"];

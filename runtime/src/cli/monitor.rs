@@ -138,7 +138,7 @@ impl Monitor {
         let mut sandbox = Sandbox::prepare(&opts)?;
         let (share, spec_json) =
             share::share_bundle(&sandbox.dir().join("shared"), ROOTFS_TAG, &bundle)?;
-        opts.shared_dir = share.dir().to_path_buf();
+        opts.shared_dir = share.served()?;
         // A network namespace path in the spec is what podman or a CNI
         // caller made for the container: mirror it into the VM.
         let mode = if sandboxvm::net::spec_netns(&bundle.spec).is_some() {

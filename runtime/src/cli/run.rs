@@ -158,7 +158,7 @@ impl Run {
         let result = share::share_bundle(&sandbox.dir().join("shared"), ROOTFS_TAG, &bundle)
             .map_err(anyhow::Error::from)
             .and_then(|(share, spec_json)| {
-                opts.shared_dir = share.dir().to_path_buf();
+                opts.shared_dir = share.served()?;
                 let (spec_json, net) = wire_network(&mut sandbox, &bundle, &self.net, &spec_json)?;
                 sandbox.launch(&opts)?;
                 run_in(
