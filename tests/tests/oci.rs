@@ -128,6 +128,9 @@ fn a_container_goes_through_the_oci_states_and_its_pid_exits_with_its_status() {
 $S state c1 >state.created
 stat -c '%a %n' state state/c1 state/c1/vsock.sock >modes
 setpriv --reuid=65534 --regid=65534 --clear-groups ls state/c1 >/dev/null 2>&1; echo $? >nobody.rc
+# The VMM's threads: no capabilities, no new privileges.
+grep -hE '^(CapEff|CapBnd|NoNewPrivs):' /proc/$(cat state/c1/vmm.pid)/task/*/status | sort -u >vmm.status
+grep -c . /proc/$(cat state/c1/vmm.pid)/task/*/status | wc -l >vmm.threads
 $S start c1; echo $? >start.rc
 sleep 0.5
 $S state c1 >state.running
@@ -153,6 +156,12 @@ $S state c1 2>gone.err; echo $? >gone.rc
         "modes under umask 000"
     );
     assert_ne!(o.code("nobody.rc"), 0, "another user listed the state");
+    assert_eq!(
+        o.read("vmm.status"),
+        "CapBnd:\t0000000000000000\nCapEff:\t0000000000000000\nNoNewPrivs:\t1\n",
+        "the VMM's {} threads",
+        o.read("vmm.threads").trim()
+    );
     let pid: i32 = o.read("pid").trim().parse().expect("pid file");
     let created = o.json("state.created");
     assert_eq!(status_of(&created), "created");

@@ -214,6 +214,71 @@ fn files_written_in_the_container_appear_in_the_bundle_rootfs() {
     assert_clean(&r);
 }
 
+/// The owned guest: a container with every capability mounts the share's
+/// virtio-fs tag itself and tries to write what the host shared read-only:
+/// the share's skeleton (to fill the host's /run or plant symlinks where the
+/// host mounts) and a read-only volume. Only its own rootfs is writable.
+#[test]
+fn a_guest_that_mounts_the_share_itself_writes_only_its_own_rootfs() {
+    let vol = work_dir().join("ro-volume");
+    let _ = std::fs::remove_dir_all(&vol);
+    std::fs::create_dir_all(&vol).unwrap();
+    std::fs::write(vol.join("file"), "keep").unwrap();
+    let attack = r#"
+mkdir -p /m && mount -t virtiofs sbx-rootfs /m && echo mounted
+v=$(echo /m/mounts/*-ro-volume)
+try() { if (eval "$1") 2>/dev/null; then echo "WROTE $2"; else echo "refused $2"; fi; }
+try 'echo x >/m/fill' skeleton-file
+try 'mkdir /m/mounts/evil' skeleton-dir
+try 'ln -s / /m/mounts/link' skeleton-symlink
+try 'mv /m/mounts /m/moved' skeleton-rename
+try 'echo owned >$v/file' volume-file
+try 'echo new >$v/new' volume-new
+try 'echo mine >/m/rootfs/tmp/mine' own-rootfs
+"#;
+    let all_caps = json!([
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_FOWNER",
+        "CAP_FSETID",
+        "CAP_KILL",
+        "CAP_SETGID",
+        "CAP_SETUID",
+        "CAP_SETPCAP",
+        "CAP_NET_ADMIN",
+        "CAP_SYS_ADMIN",
+        "CAP_SYS_RAWIO",
+        "CAP_MKNOD",
+        "CAP_SYS_CHROOT",
+        "CAP_DAC_READ_SEARCH",
+        "CAP_LINUX_IMMUTABLE",
+        "CAP_SYS_PTRACE",
+        "CAP_SYS_MODULE"
+    ]);
+    let b = bundle("attack-share", &["sh", "-c", attack], |s| {
+        for set in ["bounding", "effective", "permitted"] {
+            s["process"]["capabilities"][set] = all_caps.clone();
+        }
+        s["mounts"].as_array_mut().unwrap().push(json!({
+            "destination": "/data", "type": "bind",
+            "source": vol, "options": ["rbind", "ro"]
+        }));
+    });
+    let r = run(&b);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.starts_with("mounted\n"), "{r:?}");
+    assert!(!r.stdout.contains("WROTE skeleton"), "{r:?}");
+    assert!(!r.stdout.contains("WROTE volume"), "{r:?}");
+    assert!(r.stdout.contains("WROTE own-rootfs"), "{r:?}");
+    assert_eq!(std::fs::read_to_string(vol.join("file")).unwrap(), "keep");
+    assert!(!vol.join("new").exists());
+    assert_eq!(
+        std::fs::read_to_string(b.join("rootfs/tmp/mine")).unwrap(),
+        "mine\n"
+    );
+    assert_clean(&r);
+}
+
 /// Runs a bad bundle (on this host: these fail before any VM is booted, or
 /// in the nested host when they need one) and checks the one-line error.
 fn assert_fails(r: &Ran, expect: &str) {

@@ -8,6 +8,7 @@
 pub mod arch;
 pub mod boot;
 pub mod config;
+pub mod confine;
 pub mod console_file;
 mod event_loop;
 pub mod host;

@@ -116,6 +116,9 @@ impl Boot {
             None => Console::Stdout,
         };
         let vmm = Vmm::try_from(config).context("cannot start the VM")?;
+        // Everything the VM needs is open: give up the rest before the
+        // vCPU and device threads start.
+        vmm::confine::apply().context("cannot confine the VMM")?;
         let exit = vmm.run().context("the VM failed")?;
         log::info!(
             "guest {}",
