@@ -14,6 +14,7 @@ mod event_loop;
 pub mod host;
 pub mod layout;
 pub mod memory;
+pub mod seccomp;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
@@ -48,6 +49,9 @@ pub enum Error {
     /// The configuration is not usable.
     #[error("invalid VM configuration: {0}")]
     Config(String),
+    /// A seccomp filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::Error),
     /// The host cannot boot this guest.
     #[error("{0}")]
     Host(HostKvm),
@@ -279,6 +283,8 @@ impl Vmm {
                     vcpu_evt.try_clone().map_err(events_err)?,
                 )?);
             }
+            // The vCPUs run: this thread only waits for the end from here on.
+            seccomp::apply(seccomp::Thread::Main)?;
             event_loop::wait_for_exit(vec![
                 (
                     self.reset_evt.try_clone().map_err(events_err)?,

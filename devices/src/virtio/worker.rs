@@ -90,6 +90,15 @@ impl Drop for WorkerHandle {
     }
 }
 
+/// What every worker thread runs first (the VMM installs its seccomp
+/// filter there); a failure ends the thread before it touches guest data.
+static THREAD_START: std::sync::OnceLock<fn() -> io::Result<()>> = std::sync::OnceLock::new();
+
+/// Sets what every worker thread runs first (once per process).
+pub fn set_thread_start(f: fn() -> io::Result<()>) {
+    let _ = THREAD_START.set(f);
+}
+
 /// Runs `handler` on a new thread called `name`.
 pub fn spawn<H: EventHandler>(name: &str, mut handler: H) -> io::Result<WorkerHandle> {
     let kill = EventFd::new(EFD_NONBLOCK)?;
@@ -104,6 +113,12 @@ pub fn spawn<H: EventHandler>(name: &str, mut handler: H) -> io::Result<WorkerHa
         .name(name.to_string())
         .spawn(move || {
             let _kill = thread_kill; // keeps the fd open while we wait on it
+            if let Some(start) = THREAD_START.get() {
+                if let Err(e) = start() {
+                    error!("worker: {e}");
+                    return;
+                }
+            }
             let ctl = EpollCtl { epoll: &epoll };
             if let Err(e) = handler.init(&ctl) {
                 error!("worker: setting up: {e}");

@@ -119,6 +119,12 @@ impl Boot {
         // Everything the VM needs is open: give up the rest before the
         // vCPU and device threads start.
         vmm::confine::apply().context("cannot confine the VMM")?;
+        // SANDBOXVM_VMM_SECCOMP=off: a debugging aid (strace of the VMM).
+        if std::env::var("SANDBOXVM_VMM_SECCOMP").as_deref() == Ok("off") {
+            log::warn!("the VMM's seccomp filters are off (SANDBOXVM_VMM_SECCOMP=off)");
+        } else {
+            vmm::seccomp::enable().context("cannot confine the VMM")?;
+        }
         let exit = vmm.run().context("the VM failed")?;
         log::info!(
             "guest {}",
