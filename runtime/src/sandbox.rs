@@ -374,8 +374,24 @@ impl Sandbox {
         Witnesses::of(&self.dir, self.vmm_pid())
     }
 
-    /// An error if the VMM or virtiofsd has exited.
+    /// An error if the VMM or virtiofsd has exited. virtiofsd ends when the
+    /// VMM does (its connection closes): if it is gone, the VMM gets a moment
+    /// to be seen dead too, and its end (a seccomp kill, a crash) is the one
+    /// reported.
     pub fn check_alive(&mut self) -> Result<(), Error> {
+        let virtiofsd_gone = self
+            .virtiofsd
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+        if virtiofsd_gone {
+            let deadline = Instant::now() + Duration::from_millis(500);
+            while let Some(vmm) = self.vmm.as_mut() {
+                if !matches!(vmm.try_wait(), Ok(None)) || Instant::now() >= deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         for (what, child, log) in [
             ("the VMM", &mut self.vmm, "vmm.log"),
             ("virtiofsd", &mut self.virtiofsd, "virtiofsd.log"),

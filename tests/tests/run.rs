@@ -214,27 +214,31 @@ fn files_written_in_the_container_appear_in_the_bundle_rootfs() {
     assert_clean(&r);
 }
 
-/// The owned guest: a container with every capability mounts the share's
-/// virtio-fs tag itself and tries to write what the host shared read-only:
+/// The owned guest: a container with every capability, in the guest's pid
+/// namespace, takes the guest's own mount of the share (as an owned guest
+/// kernel would) and tries to write what the host shared read-only:
 /// the share's skeleton (to fill the host's /run or plant symlinks where the
 /// host mounts) and a read-only volume. Only its own rootfs is writable.
 #[test]
-fn a_guest_that_mounts_the_share_itself_writes_only_its_own_rootfs() {
+fn an_owned_guest_writes_only_its_own_rootfs_through_the_share() {
     let vol = work_dir().join("ro-volume");
     let _ = std::fs::remove_dir_all(&vol);
     std::fs::create_dir_all(&vol).unwrap();
     std::fs::write(vol.join("file"), "keep").unwrap();
+    // Outside a pid namespace, with every capability, the container reaches
+    // the guest's own mount of the share through PID 1 (the agent).
     let attack = r#"
-mkdir -p /m && mount -t virtiofs sbx-rootfs /m && echo mounted
-v=$(echo /m/mounts/*-ro-volume)
-try() { if (eval "$1") 2>/dev/null; then echo "WROTE $2"; else echo "refused $2"; fi; }
-try 'echo x >/m/fill' skeleton-file
-try 'mkdir /m/mounts/evil' skeleton-dir
-try 'ln -s / /m/mounts/link' skeleton-symlink
-try 'mv /m/mounts /m/moved' skeleton-rename
+m=/proc/1/root/run/sandboxvm/shares/sbx-rootfs
+[ -d $m/rootfs ] && echo reached
+v=$(echo $m/mounts/*-ro-volume)
+try() { if e=$( (eval "$1") 2>&1 ); then echo "WROTE $2"; else echo "refused $2: $e"; fi; }
+try 'echo x >$m/fill' skeleton-file
+try 'mkdir $m/mounts/evil' skeleton-dir
+try 'ln -s / $m/mounts/link' skeleton-symlink
+try 'mv $m/mounts $m/moved' skeleton-rename
 try 'echo owned >$v/file' volume-file
 try 'echo new >$v/new' volume-new
-try 'echo mine >/m/rootfs/tmp/mine' own-rootfs
+try 'echo mine >$m/rootfs/tmp/mine' own-rootfs
 "#;
     let all_caps = json!([
         "CAP_CHOWN",
@@ -253,12 +257,18 @@ try 'echo mine >/m/rootfs/tmp/mine' own-rootfs
         "CAP_DAC_READ_SEARCH",
         "CAP_LINUX_IMMUTABLE",
         "CAP_SYS_PTRACE",
-        "CAP_SYS_MODULE"
+        "CAP_SYS_MODULE",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_AUDIT_WRITE"
     ]);
     let b = bundle("attack-share", &["sh", "-c", attack], |s| {
         for set in ["bounding", "effective", "permitted"] {
             s["process"]["capabilities"][set] = all_caps.clone();
         }
+        s["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|ns| ns["type"] != "pid");
         s["mounts"].as_array_mut().unwrap().push(json!({
             "destination": "/data", "type": "bind",
             "source": vol, "options": ["rbind", "ro"]
@@ -266,7 +276,7 @@ try 'echo mine >/m/rootfs/tmp/mine' own-rootfs
     });
     let r = run(&b);
     assert_eq!(r.code, 0, "{r:?}");
-    assert!(r.stdout.starts_with("mounted\n"), "{r:?}");
+    assert!(r.stdout.starts_with("reached\n"), "{r:?}");
     assert!(!r.stdout.contains("WROTE skeleton"), "{r:?}");
     assert!(!r.stdout.contains("WROTE volume"), "{r:?}");
     assert!(r.stdout.contains("WROTE own-rootfs"), "{r:?}");

@@ -503,6 +503,19 @@ fn frames_that_can_never_fit_are_dropped_and_counted_not_truncated() {
     assert_eq!(d.used(0), (0, small.len() as u32));
 }
 
+/// Offers one 500-byte frame from the tap to the rx buffers posted in `d`.
+fn receive_one_frame(mem: &GuestMemoryMmap, d: &Driver) -> (Rxtx, Vec<u8>) {
+    let mut q = d.queue(false);
+    let f = frame([0; 12], 500, 3);
+    let mut tap = FakeTap {
+        to_read: [f.clone()].into(),
+        ..FakeTap::default()
+    };
+    let mut rxtx = Rxtx::new(MRG);
+    rxtx.process_rx(mem, &mut q, &mut tap, &Irq::default());
+    (rxtx, f)
+}
+
 #[test]
 fn unusable_rx_buffers_are_returned_empty() {
     let mem = memory();
@@ -510,15 +523,7 @@ fn unusable_rx_buffers_are_returned_empty() {
     let ro = d.add(&[(BUF, 2048, R)]);
     let tiny = d.add(&[(BUF, 8, W)]);
     let good = post_rx(&mut d, 1, 1, 2048)[0];
-    let mut q = d.queue(false);
-    let irq = Irq::default();
-    let f = frame([0; 12], 500, 3);
-    let mut tap = FakeTap {
-        to_read: [f.clone()].into(),
-        ..FakeTap::default()
-    };
-    let mut rxtx = Rxtx::new(MRG);
-    rxtx.process_rx(&mem, &mut q, &mut tap, &irq);
+    let (rxtx, f) = receive_one_frame(&mem, &d);
     assert_eq!(rxtx.stats().rx_bad_buffers, 2);
     assert_eq!(d.used(0), (u32::from(ro), 0));
     assert_eq!(d.used(1), (u32::from(tiny), 0));
@@ -535,15 +540,7 @@ fn zero_length_and_overlong_chains_are_refused_on_rx_and_tx() {
     let many: Vec<_> = (0..4000).map(|i| (BUF + i, 1, W)).collect();
     let long = d.add_indirect(BUF + 0x10_0000, &many);
     let good = post_rx(&mut d, 4, 1, 2048)[0];
-    let mut q = d.queue(false);
-    let irq = Irq::default();
-    let f = frame([0; 12], 500, 3);
-    let mut tap = FakeTap {
-        to_read: [f.clone()].into(),
-        ..FakeTap::default()
-    };
-    let mut rxtx = Rxtx::new(MRG);
-    rxtx.process_rx(&mem, &mut q, &mut tap, &irq);
+    let (rxtx, f) = receive_one_frame(&mem, &d);
     assert_eq!(rxtx.stats().rx_bad_buffers, 2);
     assert_eq!(d.used(0), (u32::from(zero), 0));
     assert_eq!(d.used(1), (u32::from(long), 0));
@@ -557,7 +554,7 @@ fn zero_length_and_overlong_chains_are_refused_on_rx_and_tx() {
     let mut q = d.queue(false);
     let mut tap = FakeTap::default();
     let mut rxtx = Rxtx::new(MRG);
-    rxtx.process_tx(&mem, &mut q, &mut tap, &irq);
+    rxtx.process_tx(&mem, &mut q, &mut tap, &Irq::default());
     assert!(tap.written.is_empty());
     assert_eq!(rxtx.stats().tx_malformed, 2);
     assert_eq!(d.used_idx(), 2);
