@@ -118,6 +118,7 @@ impl Boot {
         let vmm = Vmm::try_from(config).context("cannot start the VM")?;
         // Everything the VM needs is open: give up the rest before the
         // vCPU and device threads start.
+        let confining = std::time::Instant::now();
         vmm::confine::apply().context("cannot confine the VMM")?;
         // SANDBOXVM_VMM_SECCOMP=off: a debugging aid (strace of the VMM).
         if std::env::var("SANDBOXVM_VMM_SECCOMP").as_deref() == Ok("off") {
@@ -125,6 +126,10 @@ impl Boot {
         } else {
             vmm::seccomp::enable().context("cannot confine the VMM")?;
         }
+        log::info!(
+            "VMM confined in {} us (no capabilities, no_new_privs, limits, seccomp)",
+            confining.elapsed().as_micros()
+        );
         let exit = vmm.run().context("the VM failed")?;
         log::info!(
             "guest {}",
