@@ -135,10 +135,11 @@ pub fn threads(pid: u32) -> String {
 }
 
 fn read_end(path: &Path) -> std::io::Result<String> {
+    let len = std::fs::metadata(path)?.len();
     let now = read_last(path, TAIL_BYTES)?;
-    // The VMM rotates the log (vmm::console_file): a short log continues the
-    // previous generation.
-    let missing = TAIL_BYTES.saturating_sub(now.len() as u64);
+    // The VMM rotates the log (vmm::console_file): a log shorter than the
+    // tail continues the previous generation.
+    let missing = TAIL_BYTES.saturating_sub(len);
     if missing > 0 {
         if let Ok(before) = read_last(&vmm::console_file::previous(path), missing) {
             return Ok(before + &now);

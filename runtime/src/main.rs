@@ -50,7 +50,13 @@ fn usage_error(e: clap::Error) -> ! {
     ) {
         e.exit();
     }
-    eprintln!("sandboxvm: {}", usage_line(&e.to_string()));
+    // A value refused by its parser (an id): its own error, which quotes the
+    // value escaped and bounded (clap's message repeats it raw).
+    let line = match (e.kind(), std::error::Error::source(&e)) {
+        (ErrorKind::ValueValidation, Some(src)) => src.to_string(),
+        _ => usage_line(&e.to_string()).to_string(),
+    };
+    eprintln!("sandboxvm: {line}");
     std::process::exit(2);
 }
 
@@ -180,10 +186,13 @@ mod tests {
             &["sandboxvm", "pause", "../x"],
             &["sandboxvm", "start", "../x"],
             &["sandboxvm", "ps", "../x"],
+            &["sandboxvm", "state", "a\nb"],
+            &["sandboxvm", "state", "\x1b[31mred"],
         ] {
             let e = cli::Cli::try_parse_from(args).expect_err(args[1]);
-            let line = usage_line(&e.to_string()).to_string();
+            let line = std::error::Error::source(&e).unwrap().to_string();
             assert!(line.contains("invalid container id"), "{args:?}: {line}");
+            assert!(!line.contains(['\n', '\x1b']), "{args:?}: {line}");
         }
     }
 

@@ -238,6 +238,8 @@ impl Sandbox {
             .arg(format!("{}:{ROOTFS_TAG}", fs_sock.display()))
             .arg("--cmdline")
             .arg(format!("quiet {}", opts.cmdline))
+            .arg("--jail")
+            .arg(&opts.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log("vmm.log")?);

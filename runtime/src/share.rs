@@ -183,11 +183,14 @@ pub fn bind_tree(src: &Path, target: &Path, readonly: bool) -> Result<(), String
     // SAFETY: a new fd of ours that nothing else owns.
     let tree = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
     use std::os::fd::AsRawFd;
-    if readonly {
+    {
+        // Private: a mount the host makes later under the source (or under
+        // its peers) does not reach the share, where it would come with its
+        // own, writable, mode.
         let attr = MountAttr {
-            attr_set: MOUNT_ATTR_RDONLY,
+            attr_set: if readonly { MOUNT_ATTR_RDONLY } else { 0 },
             attr_clr: 0,
-            propagation: 0,
+            propagation: libc::MS_PRIVATE,
             userns_fd: 0,
         };
         // SAFETY: mount_setattr reads "" and `attr` (of the size given),
@@ -203,7 +206,7 @@ pub fn bind_tree(src: &Path, target: &Path, readonly: bool) -> Result<(), String
             )
         };
         if r != 0 {
-            return Err(os_err("make the mount tree read-only"));
+            return Err(os_err("set the mount tree's mode and propagation"));
         }
     }
     let target_c = c_path(target)?;

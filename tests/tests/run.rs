@@ -279,6 +279,17 @@ try 'echo mine >$m/rootfs/tmp/mine' own-rootfs
     assert!(r.stdout.starts_with("reached\n"), "{r:?}");
     assert!(!r.stdout.contains("WROTE skeleton"), "{r:?}");
     assert!(!r.stdout.contains("WROTE volume"), "{r:?}");
+    // Refused by the host (the share's view), not missing.
+    for what in ["skeleton-file", "skeleton-dir", "volume-file", "volume-new"] {
+        let line = r
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("refused {what}:")));
+        assert!(
+            line.is_some_and(|l| l.contains("Read-only file system")),
+            "{what}: {r:?}"
+        );
+    }
     assert!(r.stdout.contains("WROTE own-rootfs"), "{r:?}");
     assert_eq!(std::fs::read_to_string(vol.join("file")).unwrap(), "keep");
     assert!(!vol.join("new").exists());

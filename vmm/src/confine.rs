@@ -4,12 +4,19 @@
 //! privileges through exec, and bounded resources. Applied before the vCPU
 //! and device threads start, which inherit it.
 //!
+//! [`jail`] gives it a mount namespace of its own whose root holds nothing
+//! but its sandbox's state directory (at its usual path), so the paths it
+//! still opens (the console log's next generation, guest connections to
+//! `vsock.sock_<port>`) cannot name any other host file or socket.
+//!
 //! Not (yet) here: an unprivileged uid (the state files, /dev/kvm and the
-//! taps would need their owners arranged), RLIMIT_NPROC (it counts every
-//! process of the uid: for root, the whole host's), seccomp filters and a
-//! mount namespace of its own.
+//! taps would need their owners arranged) and RLIMIT_NPROC (it counts every
+//! process of the uid: for root, the whole host's).
 
+use std::ffi::CString;
 use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 
 /// Most open files: the VM's fds, two per vsock connection (at most 1024),
 /// epoll and event fds of the devices.
@@ -19,6 +26,17 @@ pub const NOFILE: u64 = 4096;
 pub const FSIZE: u64 = 64 << 20;
 
 fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> io::Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes `lim`, which lives for the call.
+    if unsafe { libc::getrlimit(resource, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Never above the hard limit the VMM was given (raising it needs a
+    // privilege the VMM may not have).
+    let value = value.min(lim.rlim_max);
     let lim = libc::rlimit {
         rlim_cur: value,
         rlim_max: value,
@@ -26,6 +44,93 @@ fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> io::Result<()> 
     // SAFETY: setrlimit reads `lim`, which lives for the call.
     if unsafe { libc::setrlimit(resource, &lim) } != 0 {
         return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn check(r: libc::c_int, what: &str) -> io::Result<()> {
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("{what}: {e}")));
+    }
+    Ok(())
+}
+
+fn c(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))
+}
+
+/// Moves the calling process (single-threaded: a mount namespace is per
+/// process) into a mount namespace of its own whose root is an empty tmpfs
+/// holding only `dir` (bound at its own absolute path, not recursively), and
+/// detaches the host's tree from it. Everything opened before stays open.
+pub fn jail(dir: &Path) -> io::Result<()> {
+    let dir = dir.canonicalize()?;
+    // SAFETY: unshare and mount take integers and NUL-terminated paths that
+    // live for each call.
+    unsafe {
+        check(
+            libc::unshare(libc::CLONE_NEWNS),
+            "unshare the mount namespace",
+        )?;
+        // Nothing mounted here goes back to the host.
+        check(
+            libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_SLAVE,
+                std::ptr::null(),
+            ),
+            "make / a slave",
+        )?;
+    }
+    let root = dir.join(".jail");
+    match std::fs::create_dir(&root) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    let root_c = c(&root)?;
+    // SAFETY: as above.
+    unsafe {
+        check(
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                root_c.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                c"size=64k,mode=0700".as_ptr().cast(),
+            ),
+            "mount the jail's root",
+        )?;
+    }
+    let inside = root.join(dir.strip_prefix("/").unwrap_or(&dir));
+    std::fs::create_dir_all(&inside)?;
+    let (dir_c, inside_c) = (c(&dir)?, c(&inside)?);
+    // SAFETY: as above; pivot_root takes two NUL-terminated paths.
+    unsafe {
+        check(
+            libc::mount(
+                dir_c.as_ptr(),
+                inside_c.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                std::ptr::null(),
+            ),
+            "bind the state directory into the jail",
+        )?;
+        check(libc::chdir(root_c.as_ptr()), "enter the jail")?;
+        check(
+            libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int,
+            "pivot_root",
+        )?;
+        // The host's tree, now stacked under ours: gone from this namespace.
+        check(
+            libc::umount2(c".".as_ptr(), libc::MNT_DETACH),
+            "detach the host's tree",
+        )?;
+        check(libc::chdir(c"/".as_ptr()), "chdir /")?;
     }
     Ok(())
 }
@@ -153,6 +258,73 @@ mod tests {
         assert_eq!(limit("Max core file size"), "0");
         assert_eq!(limit("Max open files"), NOFILE.to_string());
         assert_eq!(limit("Max file size"), FSIZE.to_string());
+    }
+
+    /// Not a test by itself: the jailed process of
+    /// `a_jailed_vmm_sees_its_state_directory_and_nothing_else`.
+    #[test]
+    fn jailed_child() {
+        let Some(dir) = std::env::var_os("SANDBOXVM_TEST_JAIL_CHILD") else {
+            return;
+        };
+        let dir = std::path::PathBuf::from(dir);
+        let before = std::fs::File::open("/etc/hostname").unwrap();
+        jail(&dir).unwrap();
+        apply().unwrap();
+        let mut seen = String::new();
+        seen += &format!(
+            "state={:?}\n",
+            std::fs::read_to_string(dir.join("state")).ok()
+        );
+        std::fs::write(dir.join("written"), "inside").unwrap();
+        for p in ["/etc/passwd", "/run", "/proc/self", "/dev/kvm", "/tmp"] {
+            seen += &format!("{p}={}\n", std::path::Path::new(p).exists());
+        }
+        // What was open before stays usable.
+        seen += &format!("open-before={}\n", before.metadata().is_ok());
+        print!("{seen}");
+    }
+
+    #[test]
+    fn a_jailed_vmm_sees_its_state_directory_and_nothing_else() {
+        if !nix_is_root() {
+            eprintln!("skipped: needs root for a mount namespace");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("sandboxvm-jail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("state"), "here").unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "confine::tests::jailed_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("SANDBOXVM_TEST_JAIL_CHILD", &dir)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for want in [
+            "state=Some(\"here\")",
+            "/etc/passwd=false",
+            "/run=false",
+            "/proc/self=false",
+            "/dev/kvm=false",
+            "open-before=true",
+        ] {
+            assert!(text.contains(want), "{want} not in {text}");
+        }
+        assert_eq!(
+            std::fs::read_to_string(dir.join("written")).unwrap(),
+            "inside"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn nix_is_root() -> bool {

@@ -50,18 +50,27 @@ impl RotatingFile {
         })
     }
 
-    fn rotate(&mut self) -> io::Result<()> {
-        std::fs::rename(&self.path, previous(&self.path))?;
-        self.file = open_new(&self.path)?;
+    fn rotate(&mut self) {
+        // Whatever fails, the log stays bounded: a failed rename leaves the
+        // log to be truncated by the new open; a failed open (a full disk)
+        // truncates the current file and goes on in it.
+        let _ = std::fs::rename(&self.path, previous(&self.path));
+        match open_new(&self.path) {
+            Ok(f) => self.file = f,
+            Err(_) => {
+                use std::io::Seek;
+                let _ = self.file.set_len(0);
+                let _ = self.file.seek(io::SeekFrom::Start(0));
+            }
+        }
         self.written = 0;
-        Ok(())
     }
 }
 
 impl Write for RotatingFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.written > 0 && self.written + buf.len() as u64 > self.limit {
-            self.rotate()?;
+            self.rotate();
         }
         // A single write larger than the limit is cut to it.
         let n = buf.len().min(self.limit as usize);

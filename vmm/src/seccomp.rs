@@ -101,7 +101,13 @@ pub fn apply(thread: Thread) -> Result<(), Error> {
     let prog = filters()?
         .get(thread.key())
         .ok_or_else(|| Error::Compile(format!("no {} filter", thread.key())))?;
-    seccompiler::apply_filter(prog).map_err(|e| Error::Install(thread.key(), e.to_string()))
+    let installed = if thread == Thread::Process {
+        // Every thread of the process, should one exist already.
+        seccompiler::apply_filter_all_threads(prog)
+    } else {
+        seccompiler::apply_filter(prog)
+    };
+    installed.map_err(|e| Error::Install(thread.key(), e.to_string()))
 }
 
 fn install_handler() -> Result<(), Error> {

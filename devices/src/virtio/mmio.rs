@@ -334,7 +334,8 @@ impl MmioTransport {
         // Bits only go away through a reset (the driver must not clear them):
         // clearing DRIVER_OK and setting it again would activate the device
         // a second time over live queues and workers.
-        if val & self.status != self.status & !status::DEVICE_NEEDS_RESET {
+        let keep = self.status & !status::DEVICE_NEEDS_RESET;
+        if val & keep != keep {
             warn!(
                 "virtio-mmio: status {val:#x} would clear bits of {:#x} without a reset; ignored",
                 self.status

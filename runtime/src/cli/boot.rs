@@ -47,6 +47,11 @@ pub struct Boot {
     /// and MTU. Repeatable: eth0, eth1, ... in order.
     #[arg(long, value_name = "tap=NAME[,mac=MAC][,mtu=N]", value_parser = parse_net)]
     pub net: Vec<NetConfig>,
+    /// Once the VM is built, run in a mount namespace whose root holds only
+    /// DIR (the sandbox's state directory, where the console log and the
+    /// vsock sockets are), at its usual path.
+    #[arg(long, value_name = "DIR")]
+    pub jail: Option<PathBuf>,
 }
 
 fn parse_fs(s: &str) -> Result<FsConfig, String> {
@@ -119,6 +124,10 @@ impl Boot {
         // Everything the VM needs is open: give up the rest before the
         // vCPU and device threads start.
         let confining = std::time::Instant::now();
+        if let Some(dir) = &self.jail {
+            vmm::confine::jail(dir)
+                .with_context(|| format!("cannot jail the VMM in {}", dir.display()))?;
+        }
         vmm::confine::apply().context("cannot confine the VMM")?;
         // SANDBOXVM_VMM_SECCOMP=off: a debugging aid (strace of the VMM).
         if std::env::var("SANDBOXVM_VMM_SECCOMP").as_deref() == Ok("off") {

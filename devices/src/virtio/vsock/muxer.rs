@@ -216,7 +216,8 @@ impl Muxer {
         if let Some(conn) = self.conns.get_mut(&key) {
             conn.guest_packet(pkt);
             self.update(key);
-        } else if hdr.op == op::REQUEST && self.conns.len() >= MAX_CONNECTIONS {
+        } else if hdr.op == op::REQUEST && self.conns.len() + self.pending.len() >= MAX_CONNECTIONS
+        {
             warn!("vsock: the guest has {MAX_CONNECTIONS} connections; refusing more");
             self.queue_rst(&hdr);
         } else if hdr.op == op::REQUEST {
