@@ -131,6 +131,8 @@ setpriv --reuid=65534 --regid=65534 --clear-groups ls state/c1 >/dev/null 2>&1; 
 # The VMM's threads: no capabilities, no new privileges.
 grep -hE '^(CapEff|CapBnd|NoNewPrivs):' /proc/$(cat state/c1/vmm.pid)/task/*/status | sort -u >vmm.status
 grep -c . /proc/$(cat state/c1/vmm.pid)/task/*/status | wc -l >vmm.threads
+# Its root: only the way to its state directory.
+{{ ls -A /proc/$(cat state/c1/vmm.pid)/root/; test -e /proc/$(cat state/c1/vmm.pid)/root/etc/passwd && echo passwd; }} >vmm.root
 $S start c1; echo $? >start.rc
 sleep 0.5
 $S state c1 >state.running
@@ -156,6 +158,15 @@ $S state c1 2>gone.err; echo $? >gone.rc
         "modes under umask 000"
     );
     assert_ne!(o.code("nobody.rc"), 0, "another user listed the state");
+    let top = o
+        .dir
+        .components()
+        .nth(1)
+        .unwrap()
+        .as_os_str()
+        .to_string_lossy()
+        .into_owned();
+    assert_eq!(o.read("vmm.root"), format!("{top}\n"), "the VMM's root");
     assert_eq!(
         o.read("vmm.status"),
         "CapBnd:\t0000000000000000\nCapEff:\t0000000000000000\nNoNewPrivs:\t1\n",
