@@ -135,21 +135,21 @@ pub fn threads(pid: u32) -> String {
 }
 
 fn read_end(path: &Path) -> std::io::Result<String> {
-    let len = std::fs::metadata(path)?.len();
-    let now = read_last(path, TAIL_BYTES)?;
+    let (now, len) = read_last(path, TAIL_BYTES)?;
     // The VMM rotates the log (vmm::console_file): a log shorter than the
     // tail continues the previous generation.
     let missing = TAIL_BYTES.saturating_sub(len);
     if missing > 0 {
-        if let Ok(before) = read_last(&vmm::console_file::previous(path), missing) {
+        if let Ok((before, _)) = read_last(&vmm::console_file::previous(path), missing) {
             return Ok(before + &now);
         }
     }
     Ok(now)
 }
 
-/// The last `max` bytes of the file at `path`, from a line start.
-fn read_last(path: &Path, max: u64) -> std::io::Result<String> {
+/// The last `max` bytes of the file at `path`, from a line start, and the
+/// file's length.
+fn read_last(path: &Path, max: u64) -> std::io::Result<(String, u64)> {
     let mut f = std::fs::File::open(path)?;
     let len = f.metadata()?.len();
     let start = len.saturating_sub(max);
@@ -164,7 +164,7 @@ fn read_last(path: &Path, max: u64) -> std::io::Result<String> {
             .map(|x| x.1.to_string())
             .unwrap_or_default();
     }
-    Ok(text)
+    Ok((text, len))
 }
 
 /// Guest text made safe for a host line: bounded, control characters

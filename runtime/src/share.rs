@@ -156,6 +156,12 @@ fn os_err(what: &str) -> String {
     }
 }
 
+/// Whether a bind mount option makes it read-only (`ro`, or `rro`: submounts
+/// too; [`bind_tree`] makes every read-only bind recursive anyway).
+pub fn is_readonly_option(option: &str) -> bool {
+    matches!(option, "ro" | "rro")
+}
+
 /// Bind-mounts `src` and every mount below it on `target`; with `readonly`,
 /// all of them read-only (`rro`), made so before the copy is attached: a
 /// read-only bind must not leave a submount writable, nor reach a
@@ -165,7 +171,7 @@ fn os_err(what: &str) -> String {
 /// moved by file descriptor (open_tree, mount_setattr, move_mount); the
 /// target's last component is not followed if it is a symlink.
 pub fn bind_tree(src: &Path, target: &Path, readonly: bool) -> Result<(), String> {
-    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let src_c = c_path(src)?;
     // SAFETY: open_tree reads the NUL-terminated path; the returned fd is
     // owned below.
@@ -182,32 +188,29 @@ pub fn bind_tree(src: &Path, target: &Path, readonly: bool) -> Result<(), String
     }
     // SAFETY: a new fd of ours that nothing else owns.
     let tree = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
-    use std::os::fd::AsRawFd;
-    {
-        // Private: a mount the host makes later under the source (or under
-        // its peers) does not reach the share, where it would come with its
-        // own, writable, mode.
-        let attr = MountAttr {
-            attr_set: if readonly { MOUNT_ATTR_RDONLY } else { 0 },
-            attr_clr: 0,
-            propagation: libc::MS_PRIVATE,
-            userns_fd: 0,
-        };
-        // SAFETY: mount_setattr reads "" and `attr` (of the size given),
-        // both alive for the call, and acts on the detached tree `tree`.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_mount_setattr,
-                tree.as_raw_fd(),
-                c"".as_ptr(),
-                libc::AT_EMPTY_PATH | AT_RECURSIVE,
-                &attr as *const MountAttr,
-                std::mem::size_of::<MountAttr>(),
-            )
-        };
-        if r != 0 {
-            return Err(os_err("set the mount tree's mode and propagation"));
-        }
+    // Private: a mount the host makes later under the source (or under its
+    // peers) does not reach the share, where it would come with its own,
+    // writable, mode.
+    let attr = MountAttr {
+        attr_set: if readonly { MOUNT_ATTR_RDONLY } else { 0 },
+        attr_clr: 0,
+        propagation: libc::MS_PRIVATE,
+        userns_fd: 0,
+    };
+    // SAFETY: mount_setattr reads "" and `attr` (of the size given), both
+    // alive for the call, and acts on the detached tree `tree`.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r != 0 {
+        return Err(os_err("set the mount tree's mode and propagation"));
     }
     let target_c = c_path(target)?;
     // SAFETY: move_mount reads "" and the NUL-terminated target path; the
@@ -289,11 +292,7 @@ pub fn rewrite_mounts(spec: &mut Spec, share: &Share, prefix: &str) -> Result<()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "root".into());
         let sub = format!("{prefix}mounts/{i}-{name}");
-        let readonly = m
-            .options()
-            .iter()
-            .flatten()
-            .any(|o| o == "ro" || o == "rro");
+        let readonly = m.options().iter().flatten().any(|o| is_readonly_option(o));
         let guest = share.bind(&src, &sub, readonly)?;
         let mut m = m.clone();
         m.set_source(Some(guest));

@@ -145,9 +145,11 @@ pub fn for_guest(spec: &mut Value, cid: &str, sandbox_pid: Option<u32>) -> Resul
                 )));
             }
             let name = bind_name(binds.len(), &source);
-            let readonly = m["options"]
-                .as_array()
-                .is_some_and(|o| o.iter().any(|o| matches!(o.as_str(), Some("ro" | "rro"))));
+            let readonly = m["options"].as_array().is_some_and(|o| {
+                o.iter()
+                    .filter_map(Value::as_str)
+                    .any(sandboxvm::share::is_readonly_option)
+            });
             m["source"] = json!(format!("{share}/{name}"));
             binds.push(HostBind {
                 source,

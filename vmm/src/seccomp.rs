@@ -67,19 +67,6 @@ fn filters() -> Result<&'static HashMap<String, BpfProgram>, Error> {
         .map_err(|e| Error::Compile(e.clone()))
 }
 
-/// The number of rules of each filter (for notes and `check`).
-pub fn sizes() -> Vec<(String, usize)> {
-    let json: serde_json::Value = serde_json::from_str(FILTERS_JSON).unwrap_or_default();
-    let mut out: Vec<(String, usize)> = json
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(k, v)| (k.clone(), v["filter"].as_array().map_or(0, Vec::len)))
-        .collect();
-    out.sort();
-    out
-}
-
 /// Installs the SIGSYS handler and the [`Thread::Process`] filter on the
 /// calling thread (the only one), and turns filtering on for the threads
 /// started later ([`apply`]). Needs no_new_privs (see `confine`).
@@ -177,6 +164,19 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The number of rules of each filter.
+    fn sizes() -> Vec<(String, usize)> {
+        let json: serde_json::Value = serde_json::from_str(FILTERS_JSON).unwrap_or_default();
+        let mut out: Vec<(String, usize)> = json
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v["filter"].as_array().map_or(0, Vec::len)))
+            .collect();
+        out.sort();
+        out
+    }
 
     #[test]
     fn the_allowlists_compile_and_are_narrower_per_thread() {

@@ -216,8 +216,7 @@ impl Muxer {
         if let Some(conn) = self.conns.get_mut(&key) {
             conn.guest_packet(pkt);
             self.update(key);
-        } else if hdr.op == op::REQUEST && self.conns.len() + self.pending.len() >= MAX_CONNECTIONS
-        {
+        } else if hdr.op == op::REQUEST && self.full() {
             warn!("vsock: the guest has {MAX_CONNECTIONS} connections; refusing more");
             self.queue_rst(&hdr);
         } else if hdr.op == op::REQUEST {
@@ -237,6 +236,11 @@ impl Muxer {
         } else if hdr.op != op::RST {
             self.queue_rst(&hdr);
         }
+    }
+
+    /// Whether [`MAX_CONNECTIONS`] are open or being opened (guest and host).
+    fn full(&self) -> bool {
+        self.conns.len() + self.pending.len() >= MAX_CONNECTIONS
     }
 
     /// Queues a reset answering `hdr`, unless [`MAX_ORPHAN_RSTS`] wait already.
@@ -284,9 +288,7 @@ impl Muxer {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if self.pending.len() >= MAX_PENDING
-                        || self.conns.len() + self.pending.len() >= MAX_CONNECTIONS
-                    {
+                    if self.pending.len() >= MAX_PENDING || self.full() {
                         warn!("vsock: too many host connections; refusing one");
                         continue;
                     }
