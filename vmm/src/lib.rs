@@ -245,10 +245,14 @@ impl Vmm {
             }
         }
         log::info!(
-            "VM ready in {} ms: {} vCPU(s), {} MiB",
+            "VM ready in {} ms: {} vCPU(s), {} MiB{}",
             created.elapsed().as_millis(),
             config.vcpus,
-            config.memory_mib
+            config.memory_mib,
+            match memory::shmem_huge_pages() {
+                Some(false) => " (4 KiB pages: shmem_enabled forbids huge pages)",
+                _ => "",
+            }
         );
         Ok(Vmm {
             vcpus,
