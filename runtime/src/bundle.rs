@@ -102,6 +102,21 @@ impl Bundle {
         })
     }
 
+    /// The host cgroup of sandbox `id`'s VMM and virtiofsd: the spec's
+    /// `linux.cgroupsPath` ([`crate::cgroup::resolve`]).
+    pub fn host_cgroup(
+        &self,
+        id: &crate::oci::ContainerId,
+    ) -> Result<Option<PathBuf>, crate::cgroup::Error> {
+        let path = self
+            .spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().as_ref())
+            .map(|p| p.to_string_lossy());
+        crate::cgroup::resolve(path.as_deref(), id)
+    }
+
     /// vCPUs for the VM: enough for the spec's CPU quota, at least 1.
     pub fn vcpus(&self) -> u8 {
         let cpu = self

@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod artefacts;
 pub mod bundle;
+pub mod cgroup;
 pub mod guest_console;
 pub mod net;
 pub mod oci;

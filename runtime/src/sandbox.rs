@@ -16,6 +16,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::agent::Agent;
+use crate::cgroup::Cgroup;
 use crate::guest_console::Witnesses;
 use crate::net::Network;
 use crate::timeouts::Timeouts;
@@ -67,6 +68,9 @@ pub enum Error {
     /// The agent connection could not be set up.
     #[error(transparent)]
     Agent(#[from] crate::agent::Error),
+    /// The sandbox's host cgroup.
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::Error),
 }
 
 /// How to start a sandbox.
@@ -95,6 +99,9 @@ pub struct Options {
     /// The `sandboxvm` binary that runs the VMM (`sandboxvm boot`); None =
     /// this executable.
     pub vmm_exe: Option<PathBuf>,
+    /// The host cgroup of the VMM and virtiofsd, relative to the cgroup
+    /// mount ([`crate::cgroup::resolve`]); None: the caller's.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// The virtio-fs tag of the container's root filesystem.
@@ -109,6 +116,8 @@ pub struct Sandbox {
     virtiofsd: Option<Child>,
     keep_dir: bool,
     network: Network,
+    /// Removed once the VMM and virtiofsd are gone.
+    cgroup: Option<Cgroup>,
 }
 
 fn pdeathsig(cmd: &mut Command) {
@@ -157,6 +166,7 @@ impl Sandbox {
             virtiofsd: None,
             keep_dir: false,
             network: Network::None,
+            cgroup: None,
         };
         // Who owns this state: a later run removes it if that process died
         // without cleaning up (SIGKILL).
@@ -178,6 +188,15 @@ impl Sandbox {
             File::create(&path).map_err(|source| Error::StateDir { path, source })
         };
 
+        if let Some(rel) = &opts.cgroup {
+            let cgroup = Cgroup::create(rel)?;
+            cgroup.record(&opts.dir).map_err(|source| Error::StateDir {
+                path: opts.dir.join("cgroup"),
+                source,
+            })?;
+            log::debug!("VMM and virtiofsd in cgroup {}", cgroup.dir().display());
+            sandbox.cgroup = Some(cgroup);
+        }
         let fs_sock = opts.dir.join("virtiofsd.sock");
         let vfs_log = log("virtiofsd.log")?;
         let vfs_err = vfs_log.try_clone().map_err(|source| Error::StateDir {
@@ -201,6 +220,9 @@ impl Sandbox {
             .stdout(vfs_log)
             .stderr(vfs_err);
         pdeathsig(&mut cmd);
+        if let Some(cgroup) = &sandbox.cgroup {
+            cgroup.join_on_exec(&mut cmd)?;
+        }
         let child = cmd.spawn().map_err(|source| Error::Spawn {
             what: "virtiofsd",
             source,
@@ -247,6 +269,9 @@ impl Sandbox {
             cmd.arg("--net").arg(dev.arg());
         }
         pdeathsig(&mut cmd);
+        if let Some(cgroup) = &sandbox.cgroup {
+            cgroup.join_on_exec(&mut cmd)?;
+        }
         // The VMM opens its taps by name: it runs in their namespace.
         let netns = match sandbox.network.netns() {
             Some(path) => Some(File::open(path).map_err(|source| Error::Spawn {
@@ -449,6 +474,10 @@ impl Drop for Sandbox {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // Its processes are reaped: the cgroup can go.
+        if self.cgroup.take().is_some() {
+            let _ = std::fs::remove_file(self.dir.join("cgroup"));
+        }
         if let Network::Pod(pod) = std::mem::take(&mut self.network) {
             if let Err(e) = pod.teardown() {
                 log::warn!("pod network: {e}");
@@ -502,6 +531,7 @@ fn remove_if_stale(dir: &Path) -> bool {
     if let Err(e) = crate::net::teardown_recorded(dir) {
         log::warn!("the pod network of a dead sandbox: {e}");
     }
+    crate::cgroup::remove_recorded(dir);
     crate::share::unmount_under(dir) && std::fs::remove_dir_all(dir).is_ok()
 }
 

@@ -30,6 +30,9 @@ pub enum Error {
     /// The pod's share (bind mounts, the guest's view).
     #[error(transparent)]
     Share(#[from] sandboxvm::share::Error),
+    /// The pod's host cgroup (`linux.cgroupsPath` of its sandbox).
+    #[error(transparent)]
+    Cgroup(#[from] sandboxvm::cgroup::Error),
     /// The VM (virtiofsd, VMM, boot).
     #[error("the sandbox VM: {0}")]
     Sandbox(#[from] sandboxvm::sandbox::Error),
@@ -76,7 +79,10 @@ impl Error {
             Error::NotFound(_) => Code::NOT_FOUND,
             Error::Exists(_) => Code::ALREADY_EXISTS,
             Error::State(_) => Code::FAILED_PRECONDITION,
-            Error::Invalid(_) | Error::Id(_) | Error::Bundle(_) => Code::INVALID_ARGUMENT,
+            Error::Invalid(_)
+            | Error::Id(_)
+            | Error::Bundle(_)
+            | Error::Cgroup(sandboxvm::cgroup::Error::BadPath { .. }) => Code::INVALID_ARGUMENT,
             _ => Code::UNKNOWN,
         }
     }

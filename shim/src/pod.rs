@@ -149,6 +149,7 @@ pub fn remove_dead(dir: &Path) {
     if let Err(e) = sandboxvm::net::teardown_recorded(&vm) {
         log::warn!("pod network of {}: {e}", dir.display());
     }
+    sandboxvm::cgroup::remove_recorded(&vm);
     mounts::remove_dir(dir);
     if let Some(ns_dir) = dir.parent() {
         let _ = std::fs::remove_dir(ns_dir);
@@ -242,6 +243,7 @@ impl Pod {
             cmdline: String::new(),
             verbose: u8::from(log::log_enabled!(log::Level::Debug)),
             vmm_exe: Some(vmm_exe()?),
+            cgroup: bundle.host_cgroup(&id)?,
         };
         // The pod's network namespace (CNI made it; its path is in the
         // sandbox container's spec): mirrored into the VM and configured in

@@ -116,6 +116,8 @@ fn a_container_goes_through_the_oci_states_and_its_pid_exits_with_its_status() {
                 "poststop": [hook("poststop")],
             });
             s["annotations"] = json!({"org.example/team": "sandboxvm"});
+            // Where the host accounts the VM (podman passes such a path).
+            s["linux"]["cgroupsPath"] = json!("/e2e-oci/c1");
         },
     );
     let o = script(
@@ -133,6 +135,8 @@ grep -hE '^(CapEff|CapBnd|NoNewPrivs):' /proc/$(cat state/c1/vmm.pid)/task/*/sta
 grep -c . /proc/$(cat state/c1/vmm.pid)/task/*/status | wc -l >vmm.threads
 # Its root: only the way to its state directory.
 {{ ls -A /proc/$(cat state/c1/vmm.pid)/root/; test -e /proc/$(cat state/c1/vmm.pid)/root/etc/passwd && echo passwd; }} >vmm.root
+# The VMM and virtiofsd in the spec's cgroup.
+cat /proc/$(cat state/c1/vmm.pid)/cgroup /proc/$(cat state/c1/virtiofsd.pid)/cgroup >vm.cgroups
 $S start c1; echo $? >start.rc
 sleep 0.5
 $S state c1 >state.running
@@ -147,6 +151,7 @@ $S state c1 >state.stopped
 $S start c1 2>start2.err; echo $? >start2.rc
 $S delete c1; echo $? >delete.rc
 $S state c1 2>gone.err; echo $? >gone.rc
+ls -d /sys/fs/cgroup/e2e-oci >cgroup.left 2>&1
 "#,
             b = b.display()
         ),
@@ -158,6 +163,11 @@ $S state c1 2>gone.err; echo $? >gone.rc
         "modes under umask 000"
     );
     assert_ne!(o.code("nobody.rc"), 0, "another user listed the state");
+    assert_eq!(
+        o.read("vm.cgroups"),
+        "0::/e2e-oci/c1\n0::/e2e-oci/c1\n",
+        "the VMM's and virtiofsd's cgroups"
+    );
     let top = o
         .dir
         .components()
@@ -207,6 +217,11 @@ $S state c1 2>gone.err; echo $? >gone.rc
     assert_eq!(
         o.read("gone.err"),
         "sandboxvm: container \"c1\" does not exist\n"
+    );
+    assert!(
+        o.read("cgroup.left").contains("No such file"),
+        "the cgroup it made is gone: {}",
+        o.read("cgroup.left")
     );
     // The supervisor sees the container's exit status on the pid.
     assert_eq!(

@@ -36,6 +36,7 @@ impl Delete {
                     && teardown_network(&dir)
                     && sandboxvm::share::unmount_under(&dir)
                 {
+                    sandboxvm::cgroup::remove_recorded(&dir);
                     std::fs::remove_dir_all(&dir)
                         .with_context(|| format!("cannot remove {}", dir.display()))?;
                     return Ok(0);
@@ -57,8 +58,9 @@ impl Delete {
         }
         stop(&record, &dir);
         // A monitor that died (or was killed just now) left its pod
-        // network: the state dir records what it made.
+        // network and its cgroup: the state dir records what it made.
         teardown_network(&dir);
+        sandboxvm::cgroup::remove_recorded(&dir);
         if let Some(h) = super::state::spec_hooks(&record) {
             let st = record.oci_state(Status::Stopped).to_string();
             if let Err(e) = hooks::run("poststop", h.poststop().as_deref().unwrap_or(&[]), &st) {

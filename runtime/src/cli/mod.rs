@@ -41,7 +41,8 @@ pub struct Cli {
     /// Log format: text or json (one JSON object per line, as runc writes).
     #[arg(long, global = true, value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    /// Accepted for runc compatibility (cgroups live inside the guest).
+    /// Accepted for runc compatibility: a systemd `slice:prefix:name`
+    /// cgroupsPath is recognised by its form.
     #[arg(long, global = true)]
     pub systemd_cgroup: bool,
     /// Same as -vv (runc compatibility).

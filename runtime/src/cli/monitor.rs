@@ -133,6 +133,7 @@ impl Monitor {
             cmdline: String::new(),
             verbose: g.verbose,
             vmm_exe: None,
+            cgroup: bundle.host_cgroup(&self.id)?,
         };
         let mut opts = opts;
         let mut sandbox = Sandbox::prepare(&opts)?;

@@ -152,6 +152,7 @@ impl Run {
             cmdline: String::new(),
             verbose,
             vmm_exe: None,
+            cgroup: bundle.host_cgroup(&id)?,
         };
         let mut opts = opts;
         let mut sandbox = Sandbox::prepare(&opts)?;
