@@ -70,6 +70,25 @@ pub struct Agent {
     witnesses: Witnesses,
 }
 
+/// Text the guest chose (an error message, its kernel's name), as it may
+/// reach a host terminal, log or Kubernetes event: control characters
+/// escaped, at most 1000 characters.
+fn guest_text(text: &str) -> String {
+    crate::guest_console::escape_within(text, 1000)
+}
+
+/// An exit status the guest reported, as the host may pass it on: a
+/// process's status is 0 to 255; anything else (which `exit(2)` would
+/// truncate, 256 into success) is a lying or broken guest, and a failure.
+fn exit_status(status: i32) -> i32 {
+    if (0..=255).contains(&status) {
+        status
+    } else {
+        log::warn!("the guest reported exit status {status}: taken as 255");
+        255
+    }
+}
+
 /// Whether a ttrpc error is a call's deadline passing.
 fn is_timeout(e: &protocol::ttrpc::Error) -> bool {
     match e {
@@ -128,8 +147,11 @@ impl Agent {
                 };
             }
             match e {
-                protocol::ttrpc::Error::RpcStatus(s) => Error::Call(s.message().to_string()),
-                other => Error::Call(format!("the guest agent: {other}")),
+                protocol::ttrpc::Error::RpcStatus(s) => Error::Call(guest_text(s.message())),
+                other => Error::Call(format!(
+                    "the guest agent: {}",
+                    guest_text(&other.to_string())
+                )),
             }
         }
     }
@@ -140,7 +162,7 @@ impl Agent {
             .client
             .guest_details(self.ctx(), &Empty::new())
             .map_err(self.call_err("GuestDetails"))?;
-        Ok(r.kernel_release)
+        Ok(guest_text(&r.kernel_release))
     }
 
     /// Creates the container from `spec_json`, its rootfs being the share
@@ -197,7 +219,7 @@ impl Agent {
             .client
             .wait_process(protocol::ctx(Duration::ZERO), &Self::process(id, exec_id))
             .map_err(self.call_err("WaitProcess"))?;
-        Ok(r.status)
+        Ok(exit_status(r.status))
     }
 
     /// Sends `signal` to a process.
@@ -308,7 +330,7 @@ impl Agent {
         Ok(ContainerState {
             status: r.status,
             guest_pid: r.pid,
-            exit_status: r.exit_status,
+            exit_status: exit_status(r.exit_status),
         })
     }
 
@@ -374,6 +396,34 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_exit_status_out_of_range_is_a_failure_never_success() {
+        for (reported, host) in [(0, 0), (3, 3), (137, 137), (255, 255)] {
+            assert_eq!(exit_status(reported), host);
+        }
+        for lie in [256, 512, -1, i32::MIN, i32::MAX] {
+            assert_eq!(exit_status(lie), 255, "{lie}");
+        }
+    }
+
+    #[test]
+    fn what_the_guest_says_reaches_the_host_escaped_and_bounded() {
+        // A hostile agent's error: terminal escapes, a forged second line,
+        // and far too much of it.
+        let evil = format!(
+            "\x1b]0;owned\x07fine\nsandboxvm: forged{}",
+            "x".repeat(100_000)
+        );
+        let text = guest_text(&evil);
+        assert!(
+            text.starts_with("\\x1b]0;owned\\x07fine\\x0asandboxvm: forged"),
+            "{text}"
+        );
+        assert!(!text.chars().any(char::is_control));
+        // 1000 characters kept (an escape shows one as four), then "…".
+        assert!(text.ends_with('…') && text.len() < 1100, "{}", text.len());
+    }
 
     #[test]
     fn a_call_the_guest_never_answers_times_out_with_the_console_quoted() {

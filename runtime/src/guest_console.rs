@@ -170,9 +170,14 @@ fn read_last(path: &Path, max: u64) -> std::io::Result<(String, u64)> {
 /// Guest text made safe for a host line: bounded, control characters
 /// (terminal escapes, carriage returns) shown as `\xNN`.
 pub fn escape(line: &str) -> String {
+    escape_within(line, LINE_CHARS)
+}
+
+/// [`escape`] with at most `max` characters kept.
+pub fn escape_within(line: &str, max: usize) -> String {
     let mut out = String::new();
     for (i, c) in line.chars().enumerate() {
-        if i == LINE_CHARS {
+        if i == max {
             out.push('…');
             break;
         }
