@@ -89,8 +89,14 @@ pub fn apply(thread: Thread) -> Result<(), Error> {
         .get(thread.key())
         .ok_or_else(|| Error::Compile(format!("no {} filter", thread.key())))?;
     let installed = if thread == Thread::Process {
-        // Every thread of the process, should one exist already.
-        seccompiler::apply_filter_all_threads(prog)
+        // Every thread of the process, should one exist already; with
+        // clone3 failing, so that new threads come from the clone whose
+        // flags the process filter checks.
+        let threads_only = filters()?
+            .get("threads_only")
+            .ok_or_else(|| Error::Compile("no threads_only filter".into()))?;
+        seccompiler::apply_filter_all_threads(threads_only)
+            .and_then(|()| seccompiler::apply_filter_all_threads(prog))
     } else {
         seccompiler::apply_filter(prog)
     };
@@ -220,6 +226,58 @@ mod tests {
         let _ = t.join();
         // Not reached: the handler ended the process.
         std::process::exit(0);
+    }
+
+    /// The body of the process that `the_vmm_makes_threads_but_cannot_fork`
+    /// starts.
+    #[test]
+    fn forking_child() {
+        if std::env::var_os("SANDBOXVM_TEST_SECCOMP_FORK").is_none() {
+            return;
+        }
+        crate::confine::apply().unwrap();
+        enable().unwrap();
+        // Threads still come (clone3 fails, glibc falls back to clone).
+        std::thread::spawn(|| eprintln!("a thread ran"))
+            .join()
+            .unwrap();
+        // SAFETY: a clone3 call with no arguments: the filter answers
+        // before the kernel would read them.
+        let rc = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize) };
+        eprintln!(
+            "clone3: {rc} {}",
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+        );
+        // SAFETY: fork in a test process; the child would only exit.
+        if unsafe { libc::fork() } == 0 {
+            // SAFETY: ends the child at once.
+            unsafe { libc::_exit(0) };
+        }
+        // Not reached: the handler ended the process on fork's clone.
+        std::process::exit(0);
+    }
+
+    #[test]
+    fn the_vmm_makes_threads_but_cannot_fork() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "seccomp::tests::forking_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("SANDBOXVM_TEST_SECCOMP_FORK", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("a thread ran\n"), "{err}");
+        assert!(err.contains("clone3: -1 38\n"), "ENOSYS: {err}");
+        assert_eq!(out.status.code(), Some(EXIT_STATUS), "{err}");
+        // clone (fork's, without CLONE_THREAD) is 56 on x86_64.
+        assert!(
+            err.contains("sandboxvm: VMM killed by seccomp: syscall 56\n"),
+            "{err}"
+        );
     }
 
     #[test]
