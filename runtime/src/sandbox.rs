@@ -197,7 +197,12 @@ impl Sandbox {
             log::debug!("VMM and virtiofsd in cgroup {}", cgroup.dir().display());
             sandbox.cgroup = Some(cgroup);
         }
-        let fs_sock = opts.dir.join("virtiofsd.sock");
+        let vmm_dir = vmm_dir(&opts.dir);
+        crate::private::create_dir(&vmm_dir).map_err(|source| Error::StateDir {
+            path: vmm_dir.clone(),
+            source,
+        })?;
+        let fs_sock = vmm_dir.join("virtiofsd.sock");
         let vfs_log = log("virtiofsd.log")?;
         let vfs_err = vfs_log.try_clone().map_err(|source| Error::StateDir {
             path: opts.dir.join("virtiofsd.log"),
@@ -255,13 +260,13 @@ impl Sandbox {
             .arg("--console-log")
             .arg(console_log_in(&opts.dir))
             .arg("--vsock")
-            .arg(opts.dir.join("vsock.sock"))
+            .arg(vsock_path_in(&opts.dir))
             .arg("--fs")
             .arg(format!("{}:{ROOTFS_TAG}", fs_sock.display()))
             .arg("--cmdline")
             .arg(format!("quiet {}", opts.cmdline))
             .arg("--jail")
-            .arg(&opts.dir)
+            .arg(&vmm_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log("vmm.log")?);
@@ -333,7 +338,7 @@ impl Sandbox {
 
     /// The host side of the guest's vsock.
     pub fn vsock_path(&self) -> PathBuf {
-        self.dir.join("vsock.sock")
+        vsock_path_in(&self.dir)
     }
 
     /// The guest's console log.
@@ -502,9 +507,25 @@ impl Drop for Sandbox {
     }
 }
 
+/// The part of the state directory `dir` that the VMM reaches once jailed
+/// (`sandboxvm boot --jail`): the guest console log, the vsock sockets and
+/// virtiofsd's socket. The OCI record, pid files and logs stay out of its
+/// reach: a VMM taken over by its guest cannot rewrite what the runtime
+/// later acts on (pids to kill, the bundle whose hooks run).
+pub fn vmm_dir(dir: &Path) -> PathBuf {
+    dir.join("vmm")
+}
+
 /// The guest console log of the sandbox whose state directory is `dir`.
 pub fn console_log_in(dir: &Path) -> PathBuf {
-    dir.join("console.log")
+    vmm_dir(dir).join("console.log")
+}
+
+/// The host side of the guest's vsock (the agent's port among them) of
+/// the sandbox whose state directory is `dir`; a guest connection to host
+/// port N goes to this path with `_N` appended.
+pub fn vsock_path_in(dir: &Path) -> PathBuf {
+    vmm_dir(dir).join("vsock.sock")
 }
 
 fn write_pid(path: &Path, pid: u32) -> Result<(), Error> {

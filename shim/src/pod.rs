@@ -49,6 +49,14 @@ pub fn pod_dir(ns: &str, pod: &str) -> PathBuf {
         .join(short_name(pod, 32))
 }
 
+/// The longest Unix socket path of the sandbox whose state directory is
+/// `vm`: a guest connection to host port 4294967295.
+fn longest_socket(vm: &Path) -> PathBuf {
+    let mut path = sandboxvm::sandbox::vsock_path_in(vm).into_os_string();
+    path.push("_4294967295");
+    PathBuf::from(path)
+}
+
 /// `name` if it has at most `max` bytes, else its first characters, a dash
 /// and a hash of the whole name (16 hex digits), `max` bytes in all. The
 /// CRI's pod ids are 64 hex digits: with them whole, the VM's sockets
@@ -204,7 +212,7 @@ impl Pod {
         ContainerId::new(ns)?;
         let dir = pod_dir(ns, &id);
         // The longest socket path in it: a guest connection to host port N.
-        let longest = dir.join("vm").join("vsock.sock_4294967295");
+        let longest = longest_socket(&dir.join("vm"));
         if longest.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(Error::Invalid(format!(
                 "the pod's state directory {} is too long for the VM's Unix sockets \
@@ -458,8 +466,10 @@ mod tests {
             .join(short_name(&"n".repeat(76), 24))
             .join(short_name(&"f".repeat(64), 32))
             .join("vm");
-        for sock in ["virtiofsd.sock", "vsock.sock", "vsock.sock_4294967295"] {
-            let path = dir.join(sock);
+        for path in [
+            longest_socket(&dir),
+            sandboxvm::sandbox::vsock_path_in(&dir),
+        ] {
             assert!(
                 path.as_os_str().len() <= MAX_SOCKET_PATH,
                 "{}",

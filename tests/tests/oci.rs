@@ -128,13 +128,16 @@ fn a_container_goes_through_the_oci_states_and_its_pid_exits_with_its_status() {
 # not open the state to other host users.
 (umask 000; $S create --bundle {b} --pid-file pid c1 </dev/null >out 2>err); echo $? >create.rc
 $S state c1 >state.created
-stat -c '%a %n' state state/c1 state/c1/vsock.sock >modes
+stat -c '%a %n' state state/c1 state/c1/vmm state/c1/vmm/vsock.sock >modes
 setpriv --reuid=65534 --regid=65534 --clear-groups ls state/c1 >/dev/null 2>&1; echo $? >nobody.rc
 # The VMM's threads: no capabilities, no new privileges.
 grep -hE '^(CapEff|CapBnd|NoNewPrivs):' /proc/$(cat state/c1/vmm.pid)/task/*/status | sort -u >vmm.status
 grep -c . /proc/$(cat state/c1/vmm.pid)/task/*/status | wc -l >vmm.threads
 # Its root: only the way to its state directory.
+# Not the OCI record the runtime acts on (a taken-over VMM could forge it).
 {{ ls -A /proc/$(cat state/c1/vmm.pid)/root/; test -e /proc/$(cat state/c1/vmm.pid)/root/etc/passwd && echo passwd; }} >vmm.root
+v=/proc/$(cat state/c1/vmm.pid)/root$PWD/state/c1
+{{ ls -A $v; ls -A $v/vmm; }} >vmm.sees 2>&1
 # The VMM and virtiofsd in the spec's cgroup.
 cat /proc/$(cat state/c1/vmm.pid)/cgroup /proc/$(cat state/c1/virtiofsd.pid)/cgroup >vm.cgroups
 $S start c1; echo $? >start.rc
@@ -159,7 +162,7 @@ ls -d /sys/fs/cgroup/e2e-oci >cgroup.left 2>&1
     assert_eq!(o.code("create.rc"), 0, "create: {}", o.read("script.log"));
     assert_eq!(
         o.read("modes"),
-        "700 state\n700 state/c1\n600 state/c1/vsock.sock\n",
+        "700 state\n700 state/c1\n700 state/c1/vmm\n600 state/c1/vmm/vsock.sock\n",
         "modes under umask 000"
     );
     assert_ne!(o.code("nobody.rc"), 0, "another user listed the state");
@@ -177,6 +180,20 @@ ls -d /sys/fs/cgroup/e2e-oci >cgroup.left 2>&1
         .to_string_lossy()
         .into_owned();
     assert_eq!(o.read("vmm.root"), format!("{top}\n"), "the VMM's root");
+    let sees = o.read("vmm.sees");
+    assert_eq!(
+        sees.lines().next(),
+        Some("vmm"),
+        "the VMM's view of its state directory: {sees}"
+    );
+    assert!(
+        sees.contains("console.log") && sees.contains("vsock.sock"),
+        "{sees}"
+    );
+    assert!(
+        !sees.contains("state.json") && !sees.contains("pid"),
+        "{sees}"
+    );
     assert_eq!(
         o.read("vmm.status"),
         "CapBnd:\t0000000000000000\nCapEff:\t0000000000000000\nNoNewPrivs:\t1\n",

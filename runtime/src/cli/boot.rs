@@ -48,8 +48,8 @@ pub struct Boot {
     #[arg(long, value_name = "tap=NAME[,mac=MAC][,mtu=N]", value_parser = parse_net)]
     pub net: Vec<NetConfig>,
     /// Once the VM is built, run in a mount namespace whose root holds only
-    /// DIR (the sandbox's state directory, where the console log and the
-    /// vsock sockets are), at its usual path.
+    /// DIR (the part of the sandbox's state the VMM needs: the console log,
+    /// the vsock sockets, virtiofsd's socket), at its usual path.
     #[arg(long, value_name = "DIR")]
     pub jail: Option<PathBuf>,
 }

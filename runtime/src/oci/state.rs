@@ -168,7 +168,7 @@ impl Record {
             reason,
         };
         let stream = protocol::connect_vsock_bridge(
-            &self.dir(root).join("vsock.sock"),
+            &crate::sandbox::vsock_path_in(&self.dir(root)),
             protocol::AGENT_PORT,
             Duration::from_secs(5),
         )
