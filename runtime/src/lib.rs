@@ -14,6 +14,7 @@ pub mod artefacts;
 pub mod bundle;
 pub mod cgroup;
 pub mod guest_console;
+pub mod guest_spec;
 pub mod net;
 pub mod oci;
 pub mod private;

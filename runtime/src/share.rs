@@ -12,7 +12,8 @@
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use oci_spec::runtime::{Mount, MountBuilder, Spec};
+
+use crate::guest_spec::{Amend, GuestNetns, HostBind};
 
 /// Where the agent mounts the share with tag T: `SHARES_DIR/T`.
 pub const SHARES_DIR: &str = "/run/sandboxvm/shares";
@@ -28,8 +29,8 @@ pub enum Error {
         /// Why.
         reason: String,
     },
-    /// The rewritten spec could not be built.
-    #[error("cannot rewrite the spec's mounts: {0}")]
+    /// The spec could not be amended for the guest.
+    #[error("the spec: {0}")]
     Spec(String),
 }
 
@@ -83,6 +84,15 @@ impl Share {
         }
         bind_tree(src, &target, readonly).map_err(err)?;
         Ok(self.guest_path(sub))
+    }
+
+    /// Binds every one of `binds` at `<prefix>mounts/<name>` in the share
+    /// (`prefix`: a pod container's directory, with its slash, or "").
+    pub fn bind_all(&self, prefix: &str, binds: &[HostBind]) -> Result<(), Error> {
+        for b in binds {
+            self.bind(&b.source, &format!("{prefix}mounts/{}", b.name), b.readonly)?;
+        }
+        Ok(())
     }
 
     /// What virtiofsd serves: a view of the share whose own directories
@@ -231,75 +241,34 @@ pub fn bind_tree(src: &Path, target: &Path, readonly: bool) -> Result<(), String
     Ok(())
 }
 
-/// Shares `bundle` with the guest through `dir` (the rootfs at `rootfs`,
-/// host bind-mount sources under `mounts/`) as the share `tag`; returns the
-/// spec JSON for the agent, whose rootfs is the share's `rootfs`.
+/// Shares `bundle` with the guest through `dir` as the share `tag`: its
+/// rootfs at `rootfs`, the sources of its host bind mounts under `mounts/`
+/// ([`crate::guest_spec`]); returns the share and the spec for the agent,
+/// whose rootfs is the share's `rootfs`.
 pub fn share_bundle(
     dir: &Path,
     tag: &str,
     bundle: &crate::bundle::Bundle,
+    id: &str,
+    netns: GuestNetns,
 ) -> Result<(Share, String), Error> {
+    let spec: serde_json::Value =
+        serde_json::from_str(&bundle.config_json).map_err(|e| Error::Spec(e.to_string()))?;
     let share = Share::new(dir, tag)?;
+    let guest = crate::guest_spec::amend(
+        &spec,
+        &Amend {
+            id,
+            share_dir: share.guest_path(""),
+            netns,
+            sandbox_pid: None,
+            pod_shm: false,
+        },
+    )
+    .map_err(|e| Error::Spec(e.to_string()))?;
     share.bind(&bundle.rootfs, "rootfs", false)?;
-    let mut spec = bundle.spec.clone();
-    rewrite_mounts(&mut spec, &share, "")?;
-    let json = serde_json::to_string(&spec).map_err(|e| Error::Spec(e.to_string()))?;
-    Ok((share, json))
-}
-
-fn is_bind(m: &Mount) -> bool {
-    m.typ().as_deref() == Some("bind")
-        || m.options()
-            .iter()
-            .flatten()
-            .any(|o| o == "bind" || o == "rbind")
-}
-
-/// Shares every host bind-mount source of `spec` under `prefix/mounts/` in
-/// `share` and points the mounts at their guest paths; `/dev/shm` becomes
-/// a guest tmpfs (shared memory cannot span the VM boundary).
-pub fn rewrite_mounts(spec: &mut Spec, share: &Share, prefix: &str) -> Result<(), Error> {
-    let mut out = Vec::new();
-    for (i, m) in spec.mounts().iter().flatten().enumerate() {
-        if !is_bind(m) {
-            out.push(m.clone());
-            continue;
-        }
-        if m.destination() == Path::new("/dev/shm") {
-            out.push(
-                MountBuilder::default()
-                    .destination("/dev/shm")
-                    .typ("tmpfs")
-                    .source("shm")
-                    .options(vec![
-                        "nosuid".to_string(),
-                        "noexec".into(),
-                        "nodev".into(),
-                        "mode=1777".into(),
-                        "size=65536k".into(),
-                    ])
-                    .build()
-                    .map_err(|e| Error::Spec(e.to_string()))?,
-            );
-            continue;
-        }
-        let Some(src) = m.source().clone() else {
-            out.push(m.clone());
-            continue;
-        };
-        let name = src
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "root".into());
-        let sub = format!("{prefix}mounts/{i}-{name}");
-        let readonly = m.options().iter().flatten().any(|o| is_readonly_option(o));
-        let guest = share.bind(&src, &sub, readonly)?;
-        let mut m = m.clone();
-        m.set_source(Some(guest));
-        out.push(m);
-    }
-    spec.set_mounts(Some(out));
-    Ok(())
+    share.bind_all("", &guest.binds)?;
+    Ok((share, guest.json))
 }
 
 /// Mount points at or below `dir` in this mount namespace, deepest first.
@@ -463,7 +432,7 @@ mod tests {
         std::fs::write(host.join("hosts"), "127.0.0.1 me\n").unwrap();
         std::fs::write(host.join("vol/data"), "keep me").unwrap();
         let share = Share::new(&base.join("shared"), "sbx-rootfs").unwrap();
-        let mut spec: Spec = serde_json::from_value(serde_json::json!({
+        let spec = serde_json::json!({
             "ociVersion": "1.0.2",
             "root": {"path": "rootfs"},
             "mounts": [
@@ -472,28 +441,37 @@ mod tests {
                 {"destination": "/data", "source": host.join("vol"), "options": ["bind"]},
                 {"destination": "/dev/shm", "type": "bind", "source": host.join("vol"), "options": ["rbind"]},
             ]
-        }))
+        });
+        let guest = crate::guest_spec::amend(
+            &spec,
+            &Amend {
+                id: "c1",
+                share_dir: share.guest_path("c1"),
+                netns: GuestNetns::Pod,
+                sandbox_pid: None,
+                pod_shm: false,
+            },
+        )
         .unwrap();
-        rewrite_mounts(&mut spec, &share, "c1/").unwrap();
-        let m = spec.mounts().clone().unwrap();
-        assert_eq!(m[0].source().as_deref(), Some(Path::new("proc")));
+        share.bind_all("c1/", &guest.binds).unwrap();
+        let amended: serde_json::Value = serde_json::from_str(&guest.json).unwrap();
+        let m = &amended["mounts"];
+        assert_eq!(m[0]["source"], "proc");
         assert_eq!(
-            m[1].source().as_deref(),
-            Some(Path::new(
-                "/run/sandboxvm/shares/sbx-rootfs/c1/mounts/1-hosts"
-            ))
+            m[1]["source"],
+            "/run/sandboxvm/shares/sbx-rootfs/c1/mounts/0-hosts"
         );
         assert_eq!(
-            std::fs::read_to_string(share.dir().join("c1/mounts/1-hosts")).unwrap(),
+            std::fs::read_to_string(share.dir().join("c1/mounts/0-hosts")).unwrap(),
             "127.0.0.1 me\n"
         );
         // Read-only on the host side too.
-        assert!(std::fs::write(share.dir().join("c1/mounts/1-hosts"), "x").is_err());
+        assert!(std::fs::write(share.dir().join("c1/mounts/0-hosts"), "x").is_err());
         assert_eq!(
-            std::fs::read_to_string(share.dir().join("c1/mounts/2-vol/data")).unwrap(),
+            std::fs::read_to_string(share.dir().join("c1/mounts/1-vol/data")).unwrap(),
             "keep me"
         );
-        assert_eq!(m[3].typ().as_deref(), Some("tmpfs"));
+        assert_eq!(m[3]["type"], "tmpfs");
         assert_eq!(mounts_under(share.dir()).len(), 2);
         assert!(unmount_under(&base));
         std::fs::remove_dir_all(share.dir()).unwrap();

@@ -11,6 +11,7 @@ use containerd_shim::api::CreateTaskRequest;
 use containerd_shim::protos::types::mount::Mount;
 use nix::mount::{umount2, MntFlags};
 use sandboxvm::bundle::Bundle;
+use sandboxvm::guest_spec::{amend, Amend, GuestNetns};
 use sandboxvm::sandbox::ROOTFS_TAG;
 
 use crate::error::{Error, Result};
@@ -79,15 +80,6 @@ pub struct Container {
     _rootfs: Rootfs,
 }
 
-fn make_target(path: &Path, dir: bool) -> Result<()> {
-    let r = if dir {
-        std::fs::create_dir_all(path)
-    } else {
-        std::fs::File::create(path).map(drop)
-    };
-    r.map_err(|e| Error::io(format!("create {}", path.display()), e))
-}
-
 impl Container {
     /// Creates the container in the pod's VM: binds its rootfs and host
     /// mounts into the share, rewrites its spec and asks the agent.
@@ -105,33 +97,27 @@ impl Container {
             // Left by a container of the same id that was not cleaned up.
             drop(Share(dir.clone()));
         }
-        make_target(&dir.join("rootfs"), true)?;
-        let share = Share(dir.clone());
-        mounts::bind(&bundle.rootfs, &dir.join("rootfs"))?;
-
-        let mut spec_json: serde_json::Value = serde_json::from_str(&bundle.config_json)
+        let spec_json: serde_json::Value = serde_json::from_str(&bundle.config_json)
             .map_err(|e| Error::Invalid(format!("config.json: {e}")))?;
-        let binds = spec::for_guest(&mut spec_json, &id, sandbox_pid)?;
-        if !binds.is_empty() {
-            make_target(&dir.join("mounts"), true)?;
-        }
-        for b in &binds {
-            let target = dir.join("mounts").join(&b.name);
-            make_target(&target, b.source.is_dir())?;
-            sandboxvm::share::bind_tree(&b.source, &target, b.readonly).map_err(|e| {
-                Error::Invalid(format!(
-                    "bind {} on {}: {e}",
-                    b.source.display(),
-                    target.display()
-                ))
-            })?;
-        }
-        pod.agent.create_in(
-            &id,
-            &spec_json.to_string(),
-            ROOTFS_TAG,
-            &format!("{id}/rootfs"),
-        )?;
+        let share = sandboxvm::share::Share::new(pod.shared(), ROOTFS_TAG)?;
+        let guest = amend(
+            &spec_json,
+            &Amend {
+                id: &id,
+                share_dir: share.guest_path(&id),
+                netns: GuestNetns::Pod,
+                sandbox_pid,
+                // A CRI pod's containers all bind the pod's shm directory (a
+                // host tmpfs): through the share it stays one for the pod.
+                pod_shm: spec_json["annotations"][spec::CONTAINER_TYPE].is_string(),
+            },
+        )
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+        let cleanup = Share(dir.clone());
+        share.bind(&bundle.rootfs, &format!("{id}/rootfs"), false)?;
+        share.bind_all(&format!("{id}/"), &guest.binds)?;
+        pod.agent
+            .create_in(&id, &guest.json, ROOTFS_TAG, &format!("{id}/rootfs"))?;
         let stdio = Paths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -143,7 +129,7 @@ impl Container {
             id,
             bundle: req.bundle.clone(),
             execs: Mutex::new(HashMap::new()),
-            _share: share,
+            _share: cleanup,
             _rootfs: rootfs,
         })
     }

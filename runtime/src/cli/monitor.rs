@@ -17,7 +17,7 @@ use anyhow::Context;
 use clap::Args;
 
 use super::attach::{attach, HostIo};
-use super::run::{wire_network, NetMode};
+use super::run::{guest_netns, wire_network, NetMode};
 use super::Globals;
 use sandboxvm::bundle::Bundle;
 use sandboxvm::oci::{console, hooks, state, Record, Status};
@@ -137,9 +137,6 @@ impl Monitor {
         };
         let mut opts = opts;
         let mut sandbox = Sandbox::prepare(&opts)?;
-        let (share, spec_json) =
-            share::share_bundle(&sandbox.dir().join("shared"), ROOTFS_TAG, &bundle)?;
-        opts.shared_dir = share.served()?;
         // A network namespace path in the spec is what podman or a CNI
         // caller made for the container: mirror it into the VM.
         let mode = if sandboxvm::net::spec_netns(&bundle.spec).is_some() {
@@ -147,7 +144,15 @@ impl Monitor {
         } else {
             NetMode::None
         };
-        let (spec_json, net) = wire_network(&mut sandbox, &bundle, &mode, &spec_json)?;
+        let (share, spec_json) = share::share_bundle(
+            &sandbox.dir().join("shared"),
+            ROOTFS_TAG,
+            &bundle,
+            &self.id,
+            guest_netns(&mode),
+        )?;
+        opts.shared_dir = share.served()?;
+        let net = wire_network(&mut sandbox, &bundle, &mode)?;
         sandbox.launch(&opts)?;
         let interrupted = || signals.pending().into_iter().find(|&s| s != libc::SIGWINCH);
         let created = Timeouts::with_boot_flag(self.boot_timeout)

@@ -79,25 +79,32 @@ fn parse_net_mode(s: &str) -> Result<NetMode, String> {
     }
 }
 
-/// Wires `mode` into `sandbox` (before launch) and rewrites the spec's
-/// network namespace for the guest; returns the spec and the agent's
+/// Where the container's network namespace is in the guest with `mode`.
+pub(crate) fn guest_netns(mode: &NetMode) -> sandboxvm::guest_spec::GuestNetns {
+    use sandboxvm::guest_spec::GuestNetns;
+    match mode {
+        NetMode::None => GuestNetns::Isolated,
+        NetMode::Tap(_) | NetMode::HostNetns => GuestNetns::Pod,
+    }
+}
+
+/// Wires `mode` into `sandbox` (before launch); returns the agent's
 /// network configuration, if the guest needs one.
 pub(crate) fn wire_network(
     sandbox: &mut Sandbox,
     bundle: &Bundle,
     mode: &NetMode,
-    spec_json: &str,
-) -> anyhow::Result<(String, Option<protocol::agent::NetworkConfig>)> {
-    use sandboxvm::net::{guest_spec, GuestNetns, NetDevice, Network, PodNetwork};
+) -> anyhow::Result<Option<protocol::agent::NetworkConfig>> {
+    use sandboxvm::net::{NetDevice, Network, PodNetwork};
     match mode {
-        NetMode::None => Ok((guest_spec(spec_json, GuestNetns::Isolated)?, None)),
+        NetMode::None => Ok(None),
         NetMode::Tap(tap) => {
             sandbox.attach_network(Network::Taps(vec![NetDevice {
                 tap: tap.clone(),
                 mac: None,
                 mtu: None,
             }]));
-            Ok((guest_spec(spec_json, GuestNetns::Pod)?, None))
+            Ok(None)
         }
         NetMode::HostNetns => {
             let path = sandboxvm::net::spec_netns(&bundle.spec).context(
@@ -107,7 +114,7 @@ pub(crate) fn wire_network(
                 .with_context(|| format!("cannot wire the network of {}", path.display()))?;
             let config = pod.guest_config();
             sandbox.attach_network(Network::Pod(pod));
-            Ok((guest_spec(spec_json, GuestNetns::Pod)?, Some(config)))
+            Ok(Some(config))
         }
     }
 }
@@ -156,22 +163,28 @@ impl Run {
         };
         let mut opts = opts;
         let mut sandbox = Sandbox::prepare(&opts)?;
-        let result = share::share_bundle(&sandbox.dir().join("shared"), ROOTFS_TAG, &bundle)
-            .map_err(anyhow::Error::from)
-            .and_then(|(share, spec_json)| {
-                opts.shared_dir = share.served()?;
-                let (spec_json, net) = wire_network(&mut sandbox, &bundle, &self.net, &spec_json)?;
-                sandbox.launch(&opts)?;
-                run_in(
-                    &mut sandbox,
-                    &bundle,
-                    &spec_json,
-                    net.as_ref(),
-                    &id,
-                    &signals,
-                    &timeouts,
-                )
-            });
+        let result = share::share_bundle(
+            &sandbox.dir().join("shared"),
+            ROOTFS_TAG,
+            &bundle,
+            &id,
+            guest_netns(&self.net),
+        )
+        .map_err(anyhow::Error::from)
+        .and_then(|(share, spec_json)| {
+            opts.shared_dir = share.served()?;
+            let net = wire_network(&mut sandbox, &bundle, &self.net)?;
+            sandbox.launch(&opts)?;
+            run_in(
+                &mut sandbox,
+                &bundle,
+                &spec_json,
+                net.as_ref(),
+                &id,
+                &signals,
+                &timeouts,
+            )
+        });
         if result.is_err() && verbose > 0 {
             for line in sandbox.console_tail(20) {
                 log::info!("guest console: {line}");

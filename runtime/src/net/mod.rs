@@ -101,9 +101,6 @@ pub enum Error {
     /// The netlink thread failed.
     #[error("netlink thread: {0}")]
     Thread(String),
-    /// The spec could not be rewritten.
-    #[error("cannot rewrite the spec's network namespace: {0}")]
-    Spec(String),
 }
 
 impl Error {
@@ -679,39 +676,4 @@ pub fn spec_netns(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
         .path()
         .clone()
         .filter(|p| !p.as_os_str().is_empty())
-}
-
-/// Where the container's network namespace is in the guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GuestNetns {
-    /// The guest's root namespace, the pod network: the spec's network
-    /// namespace entry goes.
-    Pod,
-    /// A new namespace of its own (loopback only): a host path in the
-    /// spec's entry goes (it means nothing in the guest).
-    Isolated,
-}
-
-/// Rewrites the spec JSON for the guest: its network namespace entry as
-/// `mode` says.
-pub fn guest_spec(spec_json: &str, mode: GuestNetns) -> Result<String, Error> {
-    let mut spec: serde_json::Value =
-        serde_json::from_str(spec_json).map_err(|e| Error::Spec(e.to_string()))?;
-    if let Some(list) = spec
-        .pointer_mut("/linux/namespaces")
-        .and_then(|v| v.as_array_mut())
-    {
-        let is_net = |n: &serde_json::Value| n["type"] == "network";
-        match mode {
-            GuestNetns::Pod => list.retain(|n| !is_net(n)),
-            GuestNetns::Isolated => {
-                for n in list.iter_mut().filter(|n| is_net(n)) {
-                    if let Some(o) = n.as_object_mut() {
-                        o.remove("path");
-                    }
-                }
-            }
-        }
-    }
-    serde_json::to_string(&spec).map_err(|e| Error::Spec(e.to_string()))
 }

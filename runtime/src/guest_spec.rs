@@ -1,0 +1,358 @@
+//! The container's spec as its guest needs it: one function for `run`,
+//! `create` and the containerd shim (as Kata's `amend_spec`). The spec a
+//! caller gives names host things the guest cannot see or must not touch:
+//!
+//! - **bind mounts** of host paths become paths in the sandbox's virtio-fs
+//!   share; the caller binds each returned [`HostBind`] there (read-only
+//!   ones read-only for a guest that mounts the share itself, see
+//!   [`crate::share::bind_tree`]). A source must be an absolute path that
+//!   exists. `/dev/shm` becomes a tmpfs of the guest's, unless the
+//!   container is one of a pod whose containers share it (the pod's shm
+//!   directory then comes through the share, one for the pod);
+//! - **the network namespace** is the pod network's (the guest's own) or a
+//!   new one ([`GuestNetns`]);
+//! - **namespace paths** name host processes: dropped, except that a pod's
+//!   containers join the IPC, UTS and PID namespaces of the pod's sandbox
+//!   container in the guest where the spec asks for shared ones;
+//! - **hooks** name host programs: the runtime runs them on the host, the
+//!   guest never sees them;
+//! - **cgroupsPath** is a host path (the VM's cgroup there, see
+//!   [`crate::cgroup`]): in the guest the container's cgroup is
+//!   `/sandboxvm/<id>`.
+//!
+//! The spec is amended as JSON, so fields this runtime does not know reach
+//! the agent unchanged.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+/// Errors amending a spec.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The spec is not what a container can be made of.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A host path to bind into the share at `<container dir>/mounts/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostBind {
+    /// The host path.
+    pub source: PathBuf,
+    /// Its name under the container's `mounts/` directory.
+    pub name: String,
+    /// Read-only (`ro`/`rro`): in the share too, submounts included.
+    pub readonly: bool,
+}
+
+/// Where the container's network namespace is in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestNetns {
+    /// The guest's root namespace, the pod network: the spec's network
+    /// namespace entry goes.
+    Pod,
+    /// A new namespace of its own (loopback only): a host path in the
+    /// spec's entry goes (it means nothing in the guest).
+    Isolated,
+}
+
+/// How to amend a spec.
+#[derive(Debug, Clone)]
+pub struct Amend<'a> {
+    /// The container's id.
+    pub id: &'a str,
+    /// The container's directory in the share as the guest sees it; host
+    /// binds go to its `mounts/`.
+    pub share_dir: PathBuf,
+    /// Its network namespace.
+    pub netns: GuestNetns,
+    /// The guest pid of the pod's sandbox container, whose IPC, UTS and PID
+    /// namespaces the container joins where its spec names one by path.
+    pub sandbox_pid: Option<u32>,
+    /// A pod's container: its `/dev/shm` bind (the pod's) is shared, not
+    /// made a tmpfs.
+    pub pod_shm: bool,
+}
+
+/// The amended spec and the host paths the guest's mounts need.
+#[derive(Debug, Clone)]
+pub struct GuestSpec {
+    /// The spec for the agent.
+    pub json: String,
+    /// What to bind into the share, under the container's `mounts/`.
+    pub binds: Vec<HostBind>,
+}
+
+/// The guest's version of `spec` (config.json), as the module says.
+pub fn amend(spec: &Value, how: &Amend<'_>) -> Result<GuestSpec, Error> {
+    let mut spec = spec.clone();
+    if !spec.is_object() {
+        return Err(Error::Invalid("config.json is not a JSON object".into()));
+    }
+    amend_namespaces(&mut spec, how);
+    let binds = amend_mounts(&mut spec, how)?;
+    if let Some(linux) = spec["linux"].as_object_mut() {
+        linux.insert(
+            "cgroupsPath".into(),
+            json!(format!("/sandboxvm/{}", how.id)),
+        );
+    }
+    if let Some(obj) = spec.as_object_mut() {
+        obj.remove("hooks");
+    }
+    let json = serde_json::to_string(&spec).map_err(|e| Error::Invalid(e.to_string()))?;
+    Ok(GuestSpec { json, binds })
+}
+
+fn amend_namespaces(spec: &mut Value, how: &Amend<'_>) {
+    let Some(namespaces) = spec["linux"]["namespaces"].as_array_mut() else {
+        return;
+    };
+    if how.netns == GuestNetns::Pod {
+        namespaces.retain(|ns| ns["type"] != "network");
+    }
+    for ns in namespaces.iter_mut() {
+        let typ = ns["type"].as_str().unwrap_or_default().to_string();
+        let Some(obj) = ns.as_object_mut() else {
+            continue;
+        };
+        let has_path = obj
+            .get("path")
+            .and_then(Value::as_str)
+            .is_some_and(|p| !p.is_empty());
+        match (has_path, how.sandbox_pid, typ.as_str()) {
+            (true, Some(pid), "ipc" | "uts" | "pid") => {
+                obj.insert("path".into(), json!(format!("/proc/{pid}/ns/{typ}")));
+            }
+            _ => {
+                obj.remove("path");
+            }
+        }
+    }
+}
+
+fn is_bind(m: &Value) -> bool {
+    m["type"] == "bind"
+        || m["options"].as_array().is_some_and(|o| {
+            o.iter()
+                .any(|o| matches!(o.as_str(), Some("bind" | "rbind")))
+        })
+}
+
+/// A file name for `source` under `mounts/`, unique by `index`, of
+/// characters that need no quoting anywhere.
+fn bind_name(index: usize, source: &Path) -> String {
+    let base: String = source
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "root".into())
+        .chars()
+        .take(64)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{index}-{base}")
+}
+
+fn amend_mounts(spec: &mut Value, how: &Amend<'_>) -> Result<Vec<HostBind>, Error> {
+    let mut binds = Vec::new();
+    let Some(mounts) = spec["mounts"].as_array_mut() else {
+        return Ok(binds);
+    };
+    for m in mounts.iter_mut() {
+        if !is_bind(m) {
+            continue;
+        }
+        let dest = m["destination"].as_str().unwrap_or_default().to_string();
+        if dest == "/dev/shm" && !how.pod_shm {
+            *m = json!({
+                "destination": "/dev/shm",
+                "type": "tmpfs",
+                "source": "shm",
+                "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+            });
+            continue;
+        }
+        let source = PathBuf::from(m["source"].as_str().unwrap_or_default());
+        if !source.is_absolute() {
+            return Err(Error::Invalid(format!(
+                "bind mount {dest:?}: source {:?} is not an absolute path",
+                source.display()
+            )));
+        }
+        if std::fs::metadata(&source).is_err() {
+            return Err(Error::Invalid(format!(
+                "bind mount {dest:?}: {}: no such file or directory",
+                source.display()
+            )));
+        }
+        let name = bind_name(binds.len(), &source);
+        let readonly = m["options"].as_array().is_some_and(|o| {
+            o.iter()
+                .filter_map(Value::as_str)
+                .any(crate::share::is_readonly_option)
+        });
+        m["source"] = json!(how.share_dir.join("mounts").join(&name));
+        binds.push(HostBind {
+            source,
+            name,
+            readonly,
+        });
+    }
+    Ok(binds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cri_spec() -> Value {
+        json!({
+            "ociVersion": "1.0.2-dev",
+            "process": {"args": ["sh"]},
+            "hooks": {"prestart": [{"path": "/bin/true"}]},
+            "linux": {
+                "cgroupsPath": "kubepods-besteffort.slice:cri-containerd:c1",
+                "namespaces": [
+                    {"type": "pid"},
+                    {"type": "ipc", "path": "/proc/4242/ns/ipc"},
+                    {"type": "uts", "path": "/proc/4242/ns/uts"},
+                    {"type": "mount"},
+                    {"type": "network", "path": "/var/run/netns/cni-1"},
+                ],
+                "unknownToUs": {"kept": true},
+            },
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/etc/hosts", "type": "bind", "source": "/etc/hosts",
+                 "options": ["rbind", "rprivate", "rw"]},
+                {"destination": "/dev/shm", "type": "bind",
+                 "source": "/tmp", "options": ["rbind", "ro"]},
+                {"destination": "/etc/resolv.conf", "source": "/etc/resolv.conf",
+                 "options": ["bind", "rro"]},
+            ],
+        })
+    }
+
+    fn how(netns: GuestNetns, sandbox_pid: Option<u32>, pod_shm: bool) -> Amend<'static> {
+        Amend {
+            id: "c1",
+            share_dir: PathBuf::from("/run/sandboxvm/shares/sbx-rootfs/c1"),
+            netns,
+            sandbox_pid,
+            pod_shm,
+        }
+    }
+
+    fn amended(spec: &Value, how: &Amend<'_>) -> (Value, Vec<HostBind>) {
+        let g = amend(spec, how).unwrap();
+        (serde_json::from_str(&g.json).unwrap(), g.binds)
+    }
+
+    #[test]
+    fn a_pods_container_joins_its_sandboxs_namespaces_and_the_pod_network() {
+        let (s, _) = amended(&cri_spec(), &how(GuestNetns::Pod, Some(17), true));
+        assert_eq!(
+            s["linux"]["namespaces"],
+            json!([
+                {"type": "pid"},
+                {"type": "ipc", "path": "/proc/17/ns/ipc"},
+                {"type": "uts", "path": "/proc/17/ns/uts"},
+                {"type": "mount"},
+            ])
+        );
+    }
+
+    #[test]
+    fn host_namespace_paths_go_and_an_isolated_container_keeps_a_netns_of_its_own() {
+        let (s, _) = amended(&cri_spec(), &how(GuestNetns::Isolated, None, false));
+        assert_eq!(
+            s["linux"]["namespaces"],
+            json!([
+                {"type": "pid"},
+                {"type": "ipc"},
+                {"type": "uts"},
+                {"type": "mount"},
+                {"type": "network"},
+            ])
+        );
+        let (s, _) = amended(&cri_spec(), &how(GuestNetns::Pod, None, false));
+        assert_eq!(
+            s["linux"]["namespaces"],
+            json!([{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}])
+        );
+    }
+
+    #[test]
+    fn host_binds_move_into_the_share_with_a_pods_shm() {
+        let (s, binds) = amended(&cri_spec(), &how(GuestNetns::Pod, None, true));
+        let bind = |source: &str, name: &str, readonly| HostBind {
+            source: source.into(),
+            name: name.into(),
+            readonly,
+        };
+        assert_eq!(
+            binds,
+            vec![
+                bind("/etc/hosts", "0-hosts", false),
+                bind("/tmp", "1-tmp", true),
+                bind("/etc/resolv.conf", "2-resolv.conf", true),
+            ]
+        );
+        let m = &s["mounts"];
+        assert_eq!(m[0]["source"], "proc");
+        let share = "/run/sandboxvm/shares/sbx-rootfs/c1/mounts";
+        assert_eq!(m[1]["source"], format!("{share}/0-hosts"));
+        assert_eq!(m[2]["destination"], "/dev/shm");
+        assert_eq!(m[2]["source"], format!("{share}/1-tmp"));
+        assert_eq!(m[3]["source"], format!("{share}/2-resolv.conf"));
+    }
+
+    #[test]
+    fn hooks_go_the_cgroup_is_the_guests_and_unknown_fields_stay() {
+        let (s, _) = amended(&cri_spec(), &how(GuestNetns::Pod, None, true));
+        assert!(s.get("hooks").is_none());
+        assert_eq!(s["linux"]["cgroupsPath"], "/sandboxvm/c1");
+        assert_eq!(s["linux"]["unknownToUs"], json!({"kept": true}));
+        assert_eq!(s["process"]["args"], json!(["sh"]));
+    }
+
+    #[test]
+    fn a_stand_alone_containers_shm_becomes_a_tmpfs() {
+        let (s, binds) = amended(&cri_spec(), &how(GuestNetns::Pod, None, false));
+        assert_eq!(binds.len(), 2, "{binds:?}");
+        let shm = &s["mounts"][2];
+        assert_eq!(shm["destination"], "/dev/shm");
+        assert_eq!(shm["type"], "tmpfs");
+    }
+
+    #[test]
+    fn bad_bind_sources_are_errors() {
+        for (source, says) in [
+            ("/nonexistent/sandboxvm", "no such file"),
+            ("relative/path", "not an absolute path"),
+            ("", "not an absolute path"),
+        ] {
+            let s = json!({"mounts": [{"destination": "/x", "type": "bind", "source": source}]});
+            let e = amend(&s, &how(GuestNetns::Pod, None, false))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{source}: {e}");
+        }
+        let e = amend(&json!([1]), &how(GuestNetns::Pod, None, false)).unwrap_err();
+        assert!(e.to_string().contains("not a JSON object"));
+    }
+
+    #[test]
+    fn bind_names_are_plain_and_bounded() {
+        assert_eq!(bind_name(3, Path::new("/a/b c$(x)")), "3-b_c__x_");
+        assert_eq!(bind_name(0, Path::new("/")), "0-root");
+        assert!(bind_name(9, Path::new(&format!("/{}", "y".repeat(300)))).len() < 70);
+    }
+}
