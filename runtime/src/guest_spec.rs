@@ -82,6 +82,14 @@ pub struct GuestSpec {
     pub json: String,
     /// What to bind into the share, under the container's `mounts/`.
     pub binds: Vec<HostBind>,
+    /// `root.readonly`: the rootfs is shared read-only, so that a guest
+    /// that mounts the share itself cannot write it either; the agent
+    /// cannot then make mount points in it: [`GuestSpec::mount_points`].
+    pub readonly_root: bool,
+    /// The mount points the agent needs in the rootfs itself (a mount's
+    /// destination not inside another mount), relative to the rootfs, and
+    /// whether each is a file (a bind of a file).
+    pub mount_points: Vec<(PathBuf, bool)>,
 }
 
 /// The guest's version of `spec` (config.json), as the module says.
@@ -91,6 +99,8 @@ pub fn amend(spec: &Value, how: &Amend<'_>) -> Result<GuestSpec, Error> {
         return Err(Error::Invalid("config.json is not a JSON object".into()));
     }
     amend_namespaces(&mut spec, how);
+    let mount_points = mount_points(&spec);
+    let readonly_root = spec["root"]["readonly"].as_bool().unwrap_or(false);
     let binds = amend_mounts(&mut spec, how)?;
     if let Some(linux) = spec["linux"].as_object_mut() {
         linux.insert(
@@ -102,7 +112,41 @@ pub fn amend(spec: &Value, how: &Amend<'_>) -> Result<GuestSpec, Error> {
         obj.remove("hooks");
     }
     let json = serde_json::to_string(&spec).map_err(|e| Error::Invalid(e.to_string()))?;
-    Ok(GuestSpec { json, binds })
+    Ok(GuestSpec {
+        json,
+        binds,
+        readonly_root,
+        mount_points,
+    })
+}
+
+/// The spec's mount destinations that lie in the rootfs itself (not
+/// below another mount's destination), as paths relative to the rootfs;
+/// a destination with `..` or `.` is left to the agent, which refuses it.
+fn mount_points(spec: &Value) -> Vec<(PathBuf, bool)> {
+    let mounts = spec["mounts"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    let rel = |m: &Value| -> Option<PathBuf> {
+        let d = m["destination"].as_str()?;
+        let parts: Vec<&str> = d.split('/').filter(|p| !p.is_empty()).collect();
+        if parts.is_empty() || parts.iter().any(|p| matches!(*p, "." | "..")) {
+            return None;
+        }
+        Some(parts.iter().collect())
+    };
+    let dests: Vec<PathBuf> = mounts.iter().filter_map(rel).collect();
+    let mut out: Vec<(PathBuf, bool)> = Vec::new();
+    for m in mounts {
+        let Some(d) = rel(m) else { continue };
+        if dests.iter().any(|o| o != &d && d.starts_with(o)) || out.iter().any(|(o, _)| o == &d) {
+            continue;
+        }
+        let is_file = is_bind(m)
+            && m["source"]
+                .as_str()
+                .is_some_and(|s| std::fs::metadata(s).is_ok_and(|m| !m.is_dir()));
+        out.push((d, is_file));
+    }
+    out
 }
 
 fn amend_namespaces(spec: &mut Value, how: &Amend<'_>) {
@@ -347,6 +391,38 @@ mod tests {
         }
         let e = amend(&json!([1]), &how(GuestNetns::Pod, None, false)).unwrap_err();
         assert!(e.to_string().contains("not a JSON object"));
+    }
+
+    #[test]
+    fn mount_points_are_those_in_the_rootfs_itself() {
+        let spec = json!({
+            "root": {"path": "rootfs", "readonly": true},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
+                {"destination": "/dev/pts", "type": "devpts", "source": "devpts"},
+                {"destination": "/etc/hosts", "type": "bind", "source": "/etc/hosts"},
+                {"destination": "/data/vol", "type": "bind", "source": "/tmp"},
+                {"destination": "/x/../../escape", "type": "tmpfs", "source": "t"},
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+            ],
+        });
+        let g = amend(&spec, &how(GuestNetns::Pod, None, false)).unwrap();
+        assert!(g.readonly_root);
+        assert_eq!(
+            g.mount_points,
+            vec![
+                (PathBuf::from("proc"), false),
+                (PathBuf::from("dev"), false),
+                (PathBuf::from("etc/hosts"), true),
+                (PathBuf::from("data/vol"), false),
+            ]
+        );
+        assert!(
+            !amended(&cri_spec(), &how(GuestNetns::Pod, None, false)).0["root"]["readonly"]
+                .as_bool()
+                .unwrap_or(false)
+        );
     }
 
     #[test]

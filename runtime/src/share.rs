@@ -11,6 +11,8 @@
 
 use std::path::{Path, PathBuf};
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use crate::guest_spec::{Amend, GuestNetns, HostBind};
@@ -84,6 +86,25 @@ impl Share {
         }
         bind_tree(src, &target, readonly).map_err(err)?;
         Ok(self.guest_path(sub))
+    }
+
+    /// Binds the container's rootfs `src` at `sub` in the share; with
+    /// `readonly` (`root.readonly`) read-only, after making the mount
+    /// points the agent needs in it ([`make_mount_points`]).
+    pub fn bind_rootfs(
+        &self,
+        src: &Path,
+        sub: &str,
+        readonly: bool,
+        mount_points: &[(PathBuf, bool)],
+    ) -> Result<PathBuf, Error> {
+        if readonly {
+            make_mount_points(src, mount_points).map_err(|reason| Error::Bind {
+                src: src.to_path_buf(),
+                reason,
+            })?;
+        }
+        self.bind(src, sub, readonly)
     }
 
     /// Binds every one of `binds` at `<prefix>mounts/<name>` in the share
@@ -241,6 +262,121 @@ pub fn bind_tree(src: &Path, target: &Path, readonly: bool) -> Result<(), String
     Ok(())
 }
 
+/// Opens `path` below the directory `dirfd` as if `dirfd` were `/`
+/// (`openat2` with `RESOLVE_IN_ROOT`): a symlink in the rootfs resolves
+/// inside it, as it will in the container, never to a host path.
+fn open_in_root(dirfd: &OwnedFd, path: &Path, flags: i32) -> std::io::Result<OwnedFd> {
+    let c = c_path(path).map_err(std::io::Error::other)?;
+    // SAFETY: open_how is plain integers: all-zero is valid.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: openat2 reads the NUL-terminated path and `how` (its size
+    // given) during the call; the result is checked before use.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dirfd.as_raw_fd(),
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Makes the mount points `points` (relative paths; files or directories)
+/// in `rootfs` where they are missing, for a rootfs the guest gets
+/// read-only. Every path is resolved inside the rootfs (a symlink in the
+/// image cannot point a host write elsewhere); an entry that exists in any
+/// form, a symlink included, is left as it is (the agent resolves it).
+pub fn make_mount_points(rootfs: &Path, points: &[(PathBuf, bool)]) -> Result<(), String> {
+    let root = std::fs::File::open(rootfs)
+        .map(OwnedFd::from)
+        .map_err(|e| format!("open {}: {e}", rootfs.display()))?;
+    for (point, is_file) in points {
+        let fail = |what: &str, e: std::io::Error| {
+            format!("mount point /{} ({what}): {e}", point.display())
+        };
+        let Some(name) = point.file_name() else {
+            continue;
+        };
+        // The parent, made directory by directory where missing.
+        let mut parent = open_in_root(&root, Path::new("."), libc::O_PATH | libc::O_DIRECTORY)
+            .map_err(|e| fail("open the rootfs", e))?;
+        let mut sofar = PathBuf::new();
+        for part in point.parent().into_iter().flat_map(Path::components) {
+            sofar.push(part);
+            let dir = match open_in_root(&root, &sofar, libc::O_PATH | libc::O_DIRECTORY) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    mkdir_at(&parent, part.as_os_str()).map_err(|e| fail("mkdir", e))?;
+                    open_in_root(&root, &sofar, libc::O_PATH | libc::O_DIRECTORY)
+                }
+                other => other,
+            };
+            parent = dir.map_err(|e| fail("parent", e))?;
+        }
+        let cname = c_path(Path::new(name))?;
+        // SAFETY: fstatat with AT_SYMLINK_NOFOLLOW on a name relative to a
+        // descriptor we own, writing into a zeroed stat buffer.
+        let exists = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            libc::fstatat(
+                parent.as_raw_fd(),
+                cname.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            ) == 0
+        };
+        if exists {
+            continue;
+        }
+        if *is_file {
+            // SAFETY: openat on a name (no slash) relative to our
+            // descriptor, not following a symlink; the fd is closed at once.
+            let fd = unsafe {
+                libc::openat(
+                    parent.as_raw_fd(),
+                    cname.as_ptr(),
+                    libc::O_CREAT
+                        | libc::O_EXCL
+                        | libc::O_WRONLY
+                        | libc::O_NOFOLLOW
+                        | libc::O_CLOEXEC,
+                    0o644,
+                )
+            };
+            if fd < 0 {
+                return Err(fail("create", std::io::Error::last_os_error()));
+            }
+            // SAFETY: the descriptor just opened.
+            unsafe { libc::close(fd) };
+        } else {
+            mkdir_at(&parent, name).map_err(|e| fail("mkdir", e))?;
+        }
+    }
+    Ok(())
+}
+
+/// mkdirat(2) of `name` (one component) in `dir`; an existing entry is
+/// fine.
+fn mkdir_at(dir: &OwnedFd, name: &std::ffi::OsStr) -> std::io::Result<()> {
+    let c = c_path(Path::new(name)).map_err(std::io::Error::other)?;
+    // SAFETY: mkdirat on a single component relative to a descriptor we
+    // own; it never follows a symlink in that component.
+    if unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 /// Shares `bundle` with the guest through `dir` as the share `tag`: its
 /// rootfs at `rootfs`, the sources of its host bind mounts under `mounts/`
 /// ([`crate::guest_spec`]); returns the share and the spec for the agent,
@@ -266,7 +402,12 @@ pub fn share_bundle(
         },
     )
     .map_err(|e| Error::Spec(e.to_string()))?;
-    share.bind(&bundle.rootfs, "rootfs", false)?;
+    share.bind_rootfs(
+        &bundle.rootfs,
+        "rootfs",
+        guest.readonly_root,
+        &guest.mount_points,
+    )?;
     share.bind_all("", &guest.binds)?;
     Ok((share, guest.json))
 }
@@ -417,6 +558,50 @@ mod tests {
         );
         assert!(std::fs::write(view.join("c2/mounts/0-late/f"), "x").is_err());
         assert!(unmount_under(&base));
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn mount_points_are_made_inside_the_rootfs_and_never_through_its_symlinks() {
+        let base = std::env::temp_dir().join(format!("sandboxvm-mp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let rootfs = base.join("rootfs");
+        let victim = base.join("victim");
+        std::fs::create_dir_all(rootfs.join("proc")).unwrap();
+        std::fs::create_dir_all(&victim).unwrap();
+        // An image's symlinks: absolute ones to where the host has a
+        // directory, and a relative one that climbs out.
+        std::os::unix::fs::symlink(&victim, rootfs.join("etc")).unwrap();
+        std::os::unix::fs::symlink("../../victim", rootfs.join("up")).unwrap();
+        std::os::unix::fs::symlink("/etc/hosts", rootfs.join("hostsfile")).unwrap();
+        let points = |list: &[(&str, bool)]| -> Vec<(PathBuf, bool)> {
+            list.iter().map(|(p, f)| (PathBuf::from(p), *f)).collect()
+        };
+        make_mount_points(
+            &rootfs,
+            &points(&[
+                ("proc", false),
+                ("data/vol", false),
+                ("run/secrets/token", true),
+            ]),
+        )
+        .unwrap();
+        assert!(rootfs.join("data/vol").is_dir());
+        assert!(rootfs.join("run/secrets/token").is_file());
+        // A symlink in place of the mount point itself is the agent's to
+        // resolve: left alone.
+        make_mount_points(&rootfs, &points(&[("hostsfile", true)])).unwrap();
+        assert!(std::fs::symlink_metadata(rootfs.join("hostsfile"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        // Through the symlinks: resolved in the rootfs (where their
+        // targets do not exist), so refused; the host directory untouched.
+        for p in ["etc/hosts", "up/x", "etc/sub/file"] {
+            let e = make_mount_points(&rootfs, &points(&[(p, true)])).unwrap_err();
+            assert!(e.contains(p), "{e}");
+        }
+        assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 0);
         std::fs::remove_dir_all(&base).unwrap();
     }
 

@@ -300,6 +300,63 @@ try 'echo mine >$m/rootfs/tmp/mine' own-rootfs
     assert_clean(&r);
 }
 
+/// `root.readonly`: read-only for the workload (the agent's remount) and
+/// for an owned guest that writes the rootfs through its own mount of the
+/// share (the host shares it read-only); the mount point of a volume the
+/// image lacks is made by the host, inside the rootfs.
+#[test]
+fn a_read_only_rootfs_is_read_only_for_an_owned_guest_too() {
+    let vol = work_dir().join("rw-volume");
+    let _ = std::fs::remove_dir_all(&vol);
+    std::fs::create_dir_all(&vol).unwrap();
+    std::fs::write(vol.join("file"), "keep").unwrap();
+    let attack = r#"
+m=/proc/1/root/run/sandboxvm/shares/sbx-rootfs
+try() { if e=$( (eval "$1") 2>&1 ); then echo "WROTE $2"; else echo "refused $2: $e"; fi; }
+try 'echo x >$m/rootfs/tmp/mine' through-share
+try 'echo x >/tmp/mine' in-container
+try 'echo more >>/data/new/vol/file' volume
+"#;
+    let b = bundle("ro-root", &["sh", "-c", attack], |s| {
+        s["root"]["readonly"] = json!(true);
+        s["process"]["capabilities"]["bounding"] = json!(["CAP_SYS_ADMIN", "CAP_DAC_OVERRIDE"]);
+        s["process"]["capabilities"]["effective"] = json!(["CAP_SYS_ADMIN", "CAP_DAC_OVERRIDE"]);
+        s["process"]["capabilities"]["permitted"] = json!(["CAP_SYS_ADMIN", "CAP_DAC_OVERRIDE"]);
+        s["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|ns| ns["type"] != "pid");
+        s["mounts"].as_array_mut().unwrap().push(json!({
+            "destination": "/data/new/vol", "type": "bind",
+            "source": vol, "options": ["rbind", "rw"]
+        }));
+    });
+    assert!(!b.join("rootfs/data").exists());
+    let r = run(&b);
+    assert_eq!(r.code, 0, "{r:?}");
+    for what in ["through-share", "in-container"] {
+        let line = r
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("refused {what}:")));
+        assert!(
+            line.is_some_and(|l| l.contains("Read-only file system")),
+            "{what}: {r:?}"
+        );
+    }
+    assert!(r.stdout.contains("WROTE volume"), "{r:?}");
+    assert_eq!(
+        std::fs::read_to_string(vol.join("file")).unwrap(),
+        "keepmore\n"
+    );
+    assert!(!b.join("rootfs/tmp/mine").exists());
+    assert!(
+        b.join("rootfs/data/new/vol").is_dir(),
+        "the host made the mount point"
+    );
+    assert_clean(&r);
+}
+
 /// Runs a bad bundle (on this host: these fail before any VM is booted, or
 /// in the nested host when they need one) and checks the one-line error.
 fn assert_fails(r: &Ran, expect: &str) {
