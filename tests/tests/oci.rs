@@ -137,7 +137,7 @@ grep -c . /proc/$(cat state/c1/vmm.pid)/task/*/status | wc -l >vmm.threads
 # Not the OCI record the runtime acts on (a taken-over VMM could forge it).
 {{ ls -A /proc/$(cat state/c1/vmm.pid)/root/; test -e /proc/$(cat state/c1/vmm.pid)/root/etc/passwd && echo passwd; }} >vmm.root
 v=/proc/$(cat state/c1/vmm.pid)/root$PWD/state/c1
-{{ ls -A $v; ls -A $v/vmm; }} >vmm.sees 2>&1
+{{ ls -A $v; ls -A $v/vmm; }} >vmm.sees 2>vmm.sees.err
 # The VMM and virtiofsd in the spec's cgroup.
 cat /proc/$(cat state/c1/vmm.pid)/cgroup /proc/$(cat state/c1/virtiofsd.pid)/cgroup >vm.cgroups
 $S start c1; echo $? >start.rc
@@ -184,14 +184,15 @@ ls -d /sys/fs/cgroup/e2e-oci >cgroup.left 2>&1
     assert_eq!(
         sees.lines().next(),
         Some("vmm"),
-        "the VMM's view of its state directory: {sees}"
+        "the VMM's view of its state directory: {sees} {}",
+        o.read("vmm.sees.err")
     );
     assert!(
         sees.contains("console.log") && sees.contains("vsock.sock"),
         "{sees}"
     );
     assert!(
-        !sees.contains("state.json") && !sees.contains("pid"),
+        !sees.contains("state.json") && !sees.contains("vmm.pid"),
         "{sees}"
     );
     assert_eq!(

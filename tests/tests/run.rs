@@ -214,6 +214,31 @@ fn files_written_in_the_container_appear_in_the_bundle_rootfs() {
     assert_clean(&r);
 }
 
+/// Every capability (`--privileged`): the container plays an owned guest.
+fn all_capabilities() -> serde_json::Value {
+    json!([
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_FOWNER",
+        "CAP_FSETID",
+        "CAP_KILL",
+        "CAP_SETGID",
+        "CAP_SETUID",
+        "CAP_SETPCAP",
+        "CAP_NET_ADMIN",
+        "CAP_SYS_ADMIN",
+        "CAP_SYS_RAWIO",
+        "CAP_MKNOD",
+        "CAP_SYS_CHROOT",
+        "CAP_DAC_READ_SEARCH",
+        "CAP_LINUX_IMMUTABLE",
+        "CAP_SYS_PTRACE",
+        "CAP_SYS_MODULE",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_AUDIT_WRITE"
+    ])
+}
+
 /// The owned guest: a container with every capability, in the guest's pid
 /// namespace, takes the guest's own mount of the share (as an owned guest
 /// kernel would) and tries to write what the host shared read-only:
@@ -240,27 +265,7 @@ try 'echo owned >$v/file' volume-file
 try 'echo new >$v/new' volume-new
 try 'echo mine >$m/rootfs/tmp/mine' own-rootfs
 "#;
-    let all_caps = json!([
-        "CAP_CHOWN",
-        "CAP_DAC_OVERRIDE",
-        "CAP_FOWNER",
-        "CAP_FSETID",
-        "CAP_KILL",
-        "CAP_SETGID",
-        "CAP_SETUID",
-        "CAP_SETPCAP",
-        "CAP_NET_ADMIN",
-        "CAP_SYS_ADMIN",
-        "CAP_SYS_RAWIO",
-        "CAP_MKNOD",
-        "CAP_SYS_CHROOT",
-        "CAP_DAC_READ_SEARCH",
-        "CAP_LINUX_IMMUTABLE",
-        "CAP_SYS_PTRACE",
-        "CAP_SYS_MODULE",
-        "CAP_NET_BIND_SERVICE",
-        "CAP_AUDIT_WRITE"
-    ]);
+    let all_caps = all_capabilities();
     let b = bundle("attack-share", &["sh", "-c", attack], |s| {
         for set in ["bounding", "effective", "permitted"] {
             s["process"]["capabilities"][set] = all_caps.clone();
@@ -319,9 +324,9 @@ try 'echo more >>/data/new/vol/file' volume
 "#;
     let b = bundle("ro-root", &["sh", "-c", attack], |s| {
         s["root"]["readonly"] = json!(true);
-        s["process"]["capabilities"]["bounding"] = json!(["CAP_SYS_ADMIN", "CAP_DAC_OVERRIDE"]);
-        s["process"]["capabilities"]["effective"] = json!(["CAP_SYS_ADMIN", "CAP_DAC_OVERRIDE"]);
-        s["process"]["capabilities"]["permitted"] = json!(["CAP_SYS_ADMIN", "CAP_DAC_OVERRIDE"]);
+        for set in ["bounding", "effective", "permitted"] {
+            s["process"]["capabilities"][set] = all_capabilities();
+        }
         s["linux"]["namespaces"]
             .as_array_mut()
             .unwrap()
