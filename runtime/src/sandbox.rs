@@ -267,6 +267,7 @@ impl Sandbox {
             .arg(format!("quiet {}", opts.cmdline))
             .arg("--jail")
             .arg(&vmm_dir)
+            .args(["--user", "auto"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log("vmm.log")?);

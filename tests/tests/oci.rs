@@ -133,6 +133,9 @@ setpriv --reuid=65534 --regid=65534 --clear-groups ls state/c1 >/dev/null 2>&1; 
 # The VMM's threads: no capabilities, no new privileges.
 grep -hE '^(CapEff|CapBnd|NoNewPrivs):' /proc/$(cat state/c1/vmm.pid)/task/*/status | sort -u >vmm.status
 grep -c . /proc/$(cat state/c1/vmm.pid)/task/*/status | wc -l >vmm.threads
+# A user of its own (real, effective, saved, fs uids), on every thread.
+grep -h '^Uid:' /proc/$(cat state/c1/vmm.pid)/task/*/status | sort -u >vmm.uid
+cp state/c1/vmm.pid vmm.pid
 # Its root: only the way to its state directory.
 # Not the OCI record the runtime acts on (a taken-over VMM could forge it).
 {{ ls -A /proc/$(cat state/c1/vmm.pid)/root/; test -e /proc/$(cat state/c1/vmm.pid)/root/etc/passwd && echo passwd; }} >vmm.root
@@ -194,6 +197,13 @@ ls -d /sys/fs/cgroup/e2e-oci >cgroup.left 2>&1
     assert!(
         !sees.contains("state.json") && !sees.contains("vmm.pid"),
         "{sees}"
+    );
+    let vmm_pid: u32 = o.read("vmm.pid").trim().parse().unwrap_or(0);
+    let uid = 0x7000_0000 + vmm_pid;
+    assert_eq!(
+        o.read("vmm.uid"),
+        format!("Uid:\t{uid}\t{uid}\t{uid}\t{uid}\n"),
+        "the VMM's user (pid {vmm_pid})"
     );
     assert_eq!(
         o.read("vmm.status"),

@@ -9,9 +9,11 @@
 //! still opens (the console log's next generation, guest connections to
 //! `vsock.sock_<port>`) cannot name any other host file or socket.
 //!
-//! Not (yet) here: an unprivileged uid (the state files, /dev/kvm and the
-//! taps would need their owners arranged) and RLIMIT_NPROC (it counts every
-//! process of the uid: for root, the whole host's).
+//! [`apply`] can also make it an unprivileged user of its own ([`User`]):
+//! everything it opened stays usable, the jail's directory is given to that
+//! user (for the console log's next generation), and no file of the host's
+//! root user is its own any more. With a user of its own, RLIMIT_NPROC
+//! bounds its threads (it counts every task of the uid).
 
 use std::ffi::CString;
 use std::io;
@@ -92,6 +94,8 @@ pub fn jail(dir: &Path) -> io::Result<()> {
         _ => {}
     }
     let root_c = c(&root)?;
+    // 0711: a VMM that became another user (apply) still walks the path to
+    // its directory, without listing anything.
     // SAFETY: as above.
     unsafe {
         check(
@@ -100,7 +104,7 @@ pub fn jail(dir: &Path) -> io::Result<()> {
                 root_c.as_ptr(),
                 c"tmpfs".as_ptr(),
                 libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                c"size=64k,mode=0700".as_ptr().cast(),
+                c"size=64k,mode=0711".as_ptr().cast(),
             ),
             "mount the jail's root",
         )?;
@@ -135,10 +139,73 @@ pub fn jail(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Most tasks (threads) of the VMM's own user: vCPUs and device workers.
+pub const NPROC: u64 = 256;
+
+/// First uid (and gid) of [`User::Auto`]: the VMM's pid is added, so that
+/// no two live VMMs share one (pids are below 2^22).
+pub const AUTO_ID_BASE: u32 = 0x7000_0000;
+
+/// Which user the VMM becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum User {
+    /// A uid and gid of its own: [`AUTO_ID_BASE`] + its pid.
+    Auto,
+    /// These.
+    Ids {
+        /// The uid.
+        uid: u32,
+        /// The gid.
+        gid: u32,
+    },
+}
+
+impl User {
+    /// The ids this stands for, in this process.
+    pub fn ids(self) -> (u32, u32) {
+        match self {
+            User::Auto => {
+                let id = AUTO_ID_BASE + std::process::id();
+                (id, id)
+            }
+            User::Ids { uid, gid } => (uid, gid),
+        }
+    }
+}
+
+impl std::str::FromStr for User {
+    type Err = String;
+
+    /// `auto`, `UID` or `UID:GID` (numbers; 0 is refused: the point is to
+    /// stop being root).
+    fn from_str(s: &str) -> Result<User, String> {
+        if s == "auto" {
+            return Ok(User::Auto);
+        }
+        let bad = || format!("{s:?}: expected auto, UID or UID:GID (numbers, not 0)");
+        let (u, g) = s.split_once(':').unwrap_or((s, s));
+        let uid: u32 = u.parse().map_err(|_| bad())?;
+        let gid: u32 = g.parse().map_err(|_| bad())?;
+        if uid == 0 || gid == 0 || uid == u32::MAX || gid == u32::MAX {
+            return Err(bad());
+        }
+        Ok(User::Ids { uid, gid })
+    }
+}
+
+/// Gives `dir` (the jail's directory) to `user`, so that the VMM can still
+/// make files there (the console log's next generation) once it is that
+/// user.
+pub fn give_dir(dir: &Path, user: User) -> io::Result<()> {
+    let (uid, gid) = user.ids();
+    std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+}
+
 /// Confines the calling thread (and the threads it starts later): no new
 /// privileges, no capabilities in any set, no core dumps (they would hold
-/// guest memory), at most [`NOFILE`] files and [`FSIZE`] bytes a file.
-pub fn apply() -> io::Result<()> {
+/// guest memory), at most [`NOFILE`] files and [`FSIZE`] bytes a file; with
+/// `user`, that user (no supplementary groups) and at most [`NPROC`] tasks.
+pub fn apply(user: Option<User>) -> io::Result<()> {
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(io::Error::last_os_error());
@@ -172,6 +239,18 @@ pub fn apply() -> io::Result<()> {
             0,
         )
     };
+    if let Some(user) = user {
+        let (uid, gid) = user.ids();
+        set_limit(libc::RLIMIT_NPROC, NPROC)?;
+        // SAFETY: setgroups with no list, setresgid and setresuid with
+        // integers; still privileged here (the capabilities go below, and a
+        // uid change from 0 clears the permitted set anyway).
+        unsafe {
+            check(libc::setgroups(0, std::ptr::null()), "setgroups")?;
+            check(libc::setresgid(gid, gid, gid), "setresgid")?;
+            check(libc::setresuid(uid, uid, uid), "setresuid")?;
+        }
+    }
     let mut header = CapHeader {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
@@ -213,7 +292,7 @@ mod tests {
         if std::env::var_os("SANDBOXVM_TEST_CONFINE_CHILD").is_none() {
             return;
         }
-        apply().unwrap();
+        apply(None).unwrap();
         // A thread started afterwards, as the vCPUs are.
         let status = std::thread::spawn(|| std::fs::read_to_string("/proc/thread-self/status"))
             .join()
@@ -270,19 +349,54 @@ mod tests {
         let dir = std::path::PathBuf::from(dir);
         let before = std::fs::File::open("/etc/hostname").unwrap();
         jail(&dir).unwrap();
-        apply().unwrap();
+        give_dir(&dir, User::Auto).unwrap();
+        apply(Some(User::Auto)).unwrap();
         let mut seen = String::new();
         seen += &format!(
             "state={:?}\n",
             std::fs::read_to_string(dir.join("state")).ok()
         );
         std::fs::write(dir.join("written"), "inside").unwrap();
+        // A file of root's: not the VMM's own any more.
+        seen += &format!(
+            "root-file-writable={}\n",
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(dir.join("roots"))
+                .is_ok()
+        );
+        // SAFETY: getuid/getgid have no preconditions.
+        seen += &format!("ids={} {}\n", unsafe { libc::getuid() }, unsafe {
+            libc::getgid()
+        });
         for p in ["/etc/passwd", "/run", "/proc/self", "/dev/kvm", "/tmp"] {
             seen += &format!("{p}={}\n", std::path::Path::new(p).exists());
         }
         // What was open before stays usable.
         seen += &format!("open-before={}\n", before.metadata().is_ok());
         print!("{seen}");
+    }
+
+    #[test]
+    fn users_are_auto_or_numbers_never_root() {
+        assert_eq!("auto".parse(), Ok(User::Auto));
+        assert_eq!(
+            "1000".parse(),
+            Ok(User::Ids {
+                uid: 1000,
+                gid: 1000
+            })
+        );
+        assert_eq!(
+            "1000:2000".parse(),
+            Ok(User::Ids {
+                uid: 1000,
+                gid: 2000
+            })
+        );
+        for bad in ["0", "0:5", "5:0", "root", "-1", "", "1:2:3", "4294967295"] {
+            assert!(bad.parse::<User>().is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -294,7 +408,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sandboxvm-jail-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("state"), "here").unwrap();
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
+        std::fs::write(dir.join("roots"), "root's").unwrap();
+        std::fs::set_permissions(
+            dir.join("roots"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
                 "confine::tests::jailed_child",
@@ -302,8 +422,12 @@ mod tests {
                 "--test-threads=1",
             ])
             .env("SANDBOXVM_TEST_JAIL_CHILD", &dir)
-            .output()
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .unwrap();
+        let id = AUTO_ID_BASE + child.id();
+        let out = child.wait_with_output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -317,6 +441,8 @@ mod tests {
             "/proc/self=false",
             "/dev/kvm=false",
             "open-before=true",
+            "root-file-writable=false",
+            &format!("ids={id} {id}"),
         ] {
             assert!(text.contains(want), "{want} not in {text}");
         }

@@ -52,6 +52,11 @@ pub struct Boot {
     /// the vsock sockets, virtiofsd's socket), at its usual path.
     #[arg(long, value_name = "DIR")]
     pub jail: Option<PathBuf>,
+    /// Once the VM is built, become this user: `auto` (a uid and gid of the
+    /// VMM's own, 0x70000000 + its pid), `UID` or `UID:GID`. The `--jail`
+    /// directory is given to it.
+    #[arg(long, value_name = "auto|UID[:GID]")]
+    pub user: Option<vmm::confine::User>,
 }
 
 fn parse_fs(s: &str) -> Result<FsConfig, String> {
@@ -127,8 +132,12 @@ impl Boot {
         if let Some(dir) = &self.jail {
             vmm::confine::jail(dir)
                 .with_context(|| format!("cannot jail the VMM in {}", dir.display()))?;
+            if let Some(user) = self.user {
+                vmm::confine::give_dir(dir, user)
+                    .with_context(|| format!("cannot give {} to the VMM's user", dir.display()))?;
+            }
         }
-        vmm::confine::apply().context("cannot confine the VMM")?;
+        vmm::confine::apply(self.user).context("cannot confine the VMM")?;
         // SANDBOXVM_VMM_SECCOMP=off: a debugging aid (strace of the VMM).
         if std::env::var("SANDBOXVM_VMM_SECCOMP").as_deref() == Ok("off") {
             log::warn!("the VMM's seccomp filters are off (SANDBOXVM_VMM_SECCOMP=off)");
@@ -136,8 +145,12 @@ impl Boot {
             vmm::seccomp::enable().context("cannot confine the VMM")?;
         }
         log::info!(
-            "VMM confined in {} us (no capabilities, no_new_privs, limits, seccomp)",
-            confining.elapsed().as_micros()
+            "VMM confined in {} us (no capabilities, no_new_privs, limits, seccomp{})",
+            confining.elapsed().as_micros(),
+            match self.user {
+                Some(u) => format!(", uid {}", u.ids().0),
+                None => String::new(),
+            }
         );
         let exit = vmm.run().context("the VM failed")?;
         log::info!(
