@@ -219,6 +219,12 @@ impl Sandbox {
                 // fail with ESTALE when the shared directory is itself on
                 // virtiofs (seen in the nested CI host); O_PATH fds work.
                 "--inode-file-handles=never",
+                // Its own sandbox, named rather than left to defaults: a
+                // mount namespace pivoted into the shared directory (and
+                // user/pid/network namespaces), seccomp killing on any
+                // system call outside its list.
+                "--sandbox=namespace",
+                "--seccomp=kill",
             ])
             .args(["--log-level=error"])
             .stdin(Stdio::null())

@@ -136,6 +136,12 @@ grep -c . /proc/$(cat state/c1/vmm.pid)/task/*/status | wc -l >vmm.threads
 # A user of its own (real, effective, saved, fs uids), on every thread.
 grep -h '^Uid:' /proc/$(cat state/c1/vmm.pid)/task/*/status | sort -u >vmm.uid
 cp state/c1/vmm.pid vmm.pid
+# virtiofsd's own sandbox: the process serving the guest (the child of
+# the one we started, which only waits for it) has seccomp on and another
+# mount namespace.
+f=$(cat state/c1/virtiofsd.pid)
+f=$(awk '{{print $1}}' /proc/$f/task/$f/children)
+{{ grep '^Seccomp:' /proc/$f/status; [ "$(readlink /proc/$f/ns/mnt)" != "$(readlink /proc/self/ns/mnt)" ] && echo own-mount-ns; }} >vfs.sandbox
 # Its root: only the way to its state directory.
 # Not the OCI record the runtime acts on (a taken-over VMM could forge it).
 {{ ls -A /proc/$(cat state/c1/vmm.pid)/root/; test -e /proc/$(cat state/c1/vmm.pid)/root/etc/passwd && echo passwd; }} >vmm.root
@@ -197,6 +203,11 @@ ls -d /sys/fs/cgroup/e2e-oci >cgroup.left 2>&1
     assert!(
         !sees.contains("state.json") && !sees.contains("vmm.pid"),
         "{sees}"
+    );
+    assert_eq!(
+        o.read("vfs.sandbox"),
+        "Seccomp:\t2\nown-mount-ns\n",
+        "virtiofsd's sandbox"
     );
     let vmm_pid: u32 = o.read("vmm.pid").trim().parse().unwrap_or(0);
     let uid = 0x7000_0000 + vmm_pid;
