@@ -219,10 +219,10 @@ impl Sandbox {
                 // fail with ESTALE when the shared directory is itself on
                 // virtiofs (seen in the nested CI host); O_PATH fds work.
                 "--inode-file-handles=never",
-                // Its own sandbox, named rather than left to defaults: a
-                // mount namespace pivoted into the shared directory (and
-                // user/pid/network namespaces), seccomp killing on any
-                // system call outside its list.
+                // Its own sandbox, named rather than left to defaults:
+                // mount, pid and network namespaces of its own, pivoted
+                // into the shared directory; seccomp killing on any system
+                // call outside its list.
                 "--sandbox=namespace",
                 "--seccomp=kill",
             ])

@@ -25,7 +25,7 @@ use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
 use crate::{error_limited as error, warn_limited as warn};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{MAX_FRAME_LEN, VNET_HDR_LEN};
@@ -235,7 +235,7 @@ impl Rxtx {
                     Delivery::NoBuffers => {
                         // Ask the guest to notify us of new buffers; if it
                         // added some meanwhile, try again at once.
-                        match queue.enable_notification(mem) {
+                        match reenable_notification(mem, queue, "rx") {
                             Ok(true) => continue,
                             Ok(false) => return RxStop::NoBuffers,
                             Err(e) => {
@@ -414,7 +414,7 @@ impl Rxtx {
                 add_used(mem, queue, head, 0, "tx");
                 *used = true;
             }
-            match queue.enable_notification(mem) {
+            match reenable_notification(mem, queue, "tx") {
                 Ok(true) => continue,
                 Ok(false) => return TxStop::QueueEmpty,
                 Err(e) => {
@@ -501,6 +501,28 @@ fn rx_interrupt_needed(mem: &GuestMemoryMmap, queue: &Queue, old: Wrapping<u16>)
         Ok(event) => new - Wrapping(u16::from_le(event)) - Wrapping(1) < new - old,
         Err(_) => true,
     }
+}
+
+/// `Queue::enable_notification`: whether the driver added buffers since the
+/// queue was last drained, and the next one can be taken. The driver's
+/// available index alone is not enough: `pop_descriptor_chain` refuses an
+/// index more than a queue's worth ahead, or an available ring at address
+/// 0, and retrying on those would spin forever. The queue then stays
+/// stalled until the driver fixes it (or resets the device).
+fn reenable_notification(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    which: &str,
+) -> Result<bool, virtio_queue::Error> {
+    if !queue.enable_notification(mem)? {
+        return Ok(false);
+    }
+    if queue.pop_descriptor_chain(mem).is_none() {
+        warn!("virtio-net: {which} available ring index refused; the queue is stalled");
+        return Ok(false);
+    }
+    queue.go_to_previous_position();
+    Ok(true)
 }
 
 fn add_used(mem: &GuestMemoryMmap, queue: &mut Queue, head: u16, len: u32, which: &str) {

@@ -587,3 +587,51 @@ fn rx_yields_after_its_budget() {
     );
     assert_eq!(usize::from(d.used_idx()), BUDGET + 5);
 }
+
+/// Found by fuzzing (fuzz/ `net_rxtx`): an available index more than a
+/// queue's worth ahead, or an available ring at address 0, made
+/// `enable_notification` report new buffers that `pop_descriptor_chain`
+/// refuses, and both loops retried forever.
+#[test]
+fn an_available_index_too_far_ahead_does_not_spin() {
+    let mem = memory();
+    let d = Driver::new(&mem, TX_BASE, 16);
+    let mut q = d.queue(false);
+    mem.write_obj(17u16, GuestAddress(TX_BASE + 16 * 16 + 2))
+        .unwrap();
+    let (mut tap, irq) = (FakeTap::default(), Irq::default());
+    let mut rxtx = Rxtx::new(MRG);
+    assert_eq!(
+        rxtx.process_tx(&mem, &mut q, &mut tap, &irq),
+        TxStop::QueueEmpty
+    );
+    assert!(tap.written.is_empty());
+    assert_eq!(d.used_idx(), 0);
+
+    let d = Driver::new(&mem, 0, 16);
+    let mut q = d.queue(true);
+    mem.write_obj(0x8000u16, GuestAddress(16 * 16 + 2)).unwrap();
+    let mut tap = FakeTap {
+        to_read: [frame([0; 12], 100, 0)].into_iter().collect(),
+        ..FakeTap::default()
+    };
+    assert_eq!(
+        rxtx.process_rx(&mem, &mut q, &mut tap, &irq),
+        RxStop::NoBuffers
+    );
+    assert!(rxtx.rx_blocked());
+    assert_eq!(d.used_idx(), 0);
+
+    // The available ring at 0 (the transport takes it): one entry on it.
+    let mut q = virtio_queue::Queue::new(16).unwrap();
+    q.try_set_desc_table_address(GuestAddress(0x1000)).unwrap();
+    q.try_set_avail_ring_address(GuestAddress(0)).unwrap();
+    q.try_set_used_ring_address(GuestAddress(0x2000)).unwrap();
+    q.set_ready(true);
+    assert!(q.is_valid(&mem));
+    mem.write_obj(1u16, GuestAddress(2)).unwrap();
+    assert_eq!(
+        rxtx.process_tx(&mem, &mut q, &mut tap, &irq),
+        TxStop::QueueEmpty
+    );
+}
