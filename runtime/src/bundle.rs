@@ -117,7 +117,21 @@ impl Bundle {
         crate::cgroup::resolve(path.as_deref(), id)
     }
 
-    /// vCPUs for the VM: enough for the spec's CPU quota, at least 1.
+    /// A number the CRI put in annotation `key` (containerd writes a pod
+    /// sandbox's resources, the sum of its containers' limits, there).
+    fn cri_number(&self, key: &str) -> Option<i64> {
+        self.spec
+            .annotations()
+            .as_ref()?
+            .get(key)?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// vCPUs for the VM: enough for the spec's CPU quota, or for a pod
+    /// sandbox the quota of the whole pod the CRI annotates it with,
+    /// whichever is larger; at least 1, at most 32.
     pub fn vcpus(&self) -> u8 {
         let cpu = self
             .spec
@@ -125,28 +139,33 @@ impl Bundle {
             .as_ref()
             .and_then(|l| l.resources().as_ref())
             .and_then(|r| r.cpu().as_ref());
-        let (quota, period) = match cpu {
-            Some(c) => (c.quota().unwrap_or(0), c.period().unwrap_or(100_000)),
-            None => (0, 100_000),
+        let own = match cpu {
+            Some(c) => cpus_for(c.quota().unwrap_or(0), c.period().unwrap_or(100_000)),
+            None => 1,
         };
-        if quota <= 0 || period == 0 {
-            return 1;
-        }
-        let n = (quota as u64).div_ceil(period);
-        n.clamp(1, 32) as u8
+        let pod = match (
+            self.cri_number(SANDBOX_CPU_QUOTA),
+            self.cri_number(SANDBOX_CPU_PERIOD),
+        ) {
+            (Some(quota), Some(period)) => cpus_for(quota, u64::try_from(period).unwrap_or(0)),
+            _ => 1,
+        };
+        own.max(pod)
     }
 
-    /// Guest memory in MiB: the spec's memory limit plus room for the guest
-    /// kernel and agent, at least the VMM default.
+    /// Guest memory in MiB: the spec's memory limit (or for a pod sandbox,
+    /// the pod's the CRI annotates it with, whichever is larger) plus room
+    /// for the guest kernel and agent; at least the VMM default.
     pub fn memory_mib(&self) -> u64 {
-        let limit = self
+        let own = self
             .spec
             .linux()
             .as_ref()
             .and_then(|l| l.resources().as_ref())
             .and_then(|r| r.memory().as_ref())
-            .and_then(|m| m.limit())
-            .filter(|&l| l > 0);
+            .and_then(|m| m.limit());
+        let pod = self.cri_number(SANDBOX_MEMORY);
+        let limit = own.into_iter().chain(pod).filter(|&l| l > 0).max();
         match limit {
             Some(bytes) => ((bytes as u64).div_ceil(1 << 20) + GUEST_OVERHEAD_MIB)
                 .max(vmm::config::DEFAULT_MEMORY_MIB),
@@ -166,6 +185,22 @@ impl Bundle {
 
 /// What the guest kernel and agent need on top of the container's limit.
 pub const GUEST_OVERHEAD_MIB: u64 = 64;
+
+/// The CRI's annotations of a pod sandbox's resources (containerd 1.6+,
+/// from the kubelet's PodSandboxConfig: the sum of the containers' limits).
+pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+/// See [`SANDBOX_CPU_QUOTA`].
+pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+/// See [`SANDBOX_CPU_QUOTA`]: bytes.
+pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+
+/// vCPUs enough for a CPU quota per period: at least 1, at most 32.
+fn cpus_for(quota: i64, period: u64) -> u8 {
+    if quota <= 0 || period == 0 {
+        return 1;
+    }
+    (quota as u64).div_ceil(period).clamp(1, 32) as u8
+}
 
 /// Accepts OCI runtime spec versions 1.0.0 to 1.2.x.
 fn check_version(v: &str) -> Result<(), String> {
@@ -230,6 +265,31 @@ mod tests {
         assert_eq!(b.vcpus(), 2);
         assert_eq!(b.memory_mib(), 512 + GUEST_OVERHEAD_MIB);
         assert!(!b.terminal());
+    }
+
+    #[test]
+    fn a_pod_sandbox_is_sized_for_its_pod_from_the_cri_annotations() {
+        let pause = r#"{"ociVersion":"1.0.2","process":{"args":["/pause"],"cwd":"/","user":{"uid":0,"gid":0}},"root":{"path":"rootfs"},
+            "annotations":{"io.kubernetes.cri.container-type":"sandbox",
+                "io.kubernetes.cri.sandbox-cpu-quota":"250000","io.kubernetes.cri.sandbox-cpu-period":"100000",
+                "io.kubernetes.cri.sandbox-memory":"1073741824"},
+            "linux":{"resources":{"cpu":{"shares":2}}}}"#;
+        let b = Bundle::load(bundle(pause, true).path()).unwrap();
+        assert_eq!(b.vcpus(), 3);
+        assert_eq!(b.memory_mib(), 1024 + GUEST_OVERHEAD_MIB);
+        // No limits in the pod (0, as containerd writes it): the defaults.
+        let unlimited = pause.replace("250000", "0").replace("1073741824", "0");
+        let b = Bundle::load(bundle(&unlimited, true).path()).unwrap();
+        assert_eq!(b.vcpus(), 1);
+        assert_eq!(b.memory_mib(), vmm::config::DEFAULT_MEMORY_MIB);
+        // Garbage is ignored; the container's own limits still count.
+        let junk = GOOD.replace(
+            r#""root":"#,
+            r#""annotations":{"io.kubernetes.cri.sandbox-memory":"lots","io.kubernetes.cri.sandbox-cpu-quota":"-5","io.kubernetes.cri.sandbox-cpu-period":"x"},"root":"#,
+        );
+        let b = Bundle::load(bundle(&junk, true).path()).unwrap();
+        assert_eq!(b.vcpus(), 2);
+        assert_eq!(b.memory_mib(), 512 + GUEST_OVERHEAD_MIB);
     }
 
     #[test]

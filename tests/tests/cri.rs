@@ -96,7 +96,8 @@ fn a_pod_of_two_containers_runs_in_one_vm_through_cri() {
 mkdir -p "$W/empty-dir"
 step version $CC version
 step images $CC images
-POD="$POD --share-pid"
+# The pod's limits, as the kubelet passes them: the VM is sized for them.
+POD="$POD --share-pid --cpus 1.5 --memory-mib 512"
 step runpod $CC run-pod $POD --handler sandboxvm
 P=$(cat runpod.out)
 step podstatus $CC pod-status "$P"
@@ -111,6 +112,7 @@ C2=$(cat create2.out)
 step start2 $CC start "$C2"
 for _ in $(seq 50); do [ -s empty-dir/note ] && break; sleep 0.1; done
 step exec1 $CC exec "$C1" -- sh -c 'uname -r; cat /proc/sys/kernel/random/boot_id; echo one-err >&2; exit 3'
+step size $CC exec "$C1" -- sh -c 'grep -c ^processor /proc/cpuinfo; grep MemTotal /proc/meminfo'
 step exec2 $CC exec "$C2" -- sh -c 'uname -r; cat /proc/sys/kernel/random/boot_id; cat /data/note; cat /dev/shm/one; echo $WHO'
 step host_kernel uname -r
 step host_boot_id cat /proc/sys/kernel/random/boot_id
@@ -183,6 +185,17 @@ step left leftovers
         ok(&r, "host_boot_id"),
         "the guest's boot, not the host's"
     );
+    // Sized for the pod: 2 vCPUs for 1.5 CPUs, 512 MiB + the guest's own
+    // 64 MiB (MemTotal is that less what the guest kernel keeps).
+    let size = ok(&r, "size");
+    let mut size = size.lines();
+    assert_eq!(size.next(), Some("2"), "vCPUs");
+    let kb: u64 = size
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!((520_000..=576 * 1024).contains(&kb), "MemTotal {kb} kB");
     assert_eq!(ok(&r, "vmms"), "1", "one VMM for the pod");
     assert_eq!(ok(&r, "shims"), "1", "one shim for the pod");
     assert_eq!(ok(&r, "all_shims"), "1", "and no other");

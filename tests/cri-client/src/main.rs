@@ -20,12 +20,12 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerFilter, ContainerMetadata, ContainerState, ContainerStatsRequest,
     ContainerStatusRequest, CreateContainerRequest, ExecSyncRequest, ImageSpec, KeyValue,
-    LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, ListContainersRequest, ListImagesRequest, ListPodSandboxRequest,
-    Mount, NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxState,
-    PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest, UInt64Value,
-    VersionRequest,
+    LinuxContainerConfig, LinuxContainerResources, LinuxContainerSecurityContext,
+    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListContainersRequest, ListImagesRequest,
+    ListPodSandboxRequest, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
+    StopPodSandboxRequest, UInt64Value, VersionRequest,
 };
 use serde_json::{json, Value};
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -63,6 +63,13 @@ struct Pod {
     /// else one per container, the Kubernetes default.
     #[arg(long)]
     share_pid: bool,
+    /// The pod's CPU limit (the sum of its containers', as the kubelet
+    /// passes it in PodSandboxConfig.linux.resources).
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// The pod's memory limit in MiB (likewise).
+    #[arg(long)]
+    memory_mib: Option<i64>,
 }
 
 #[derive(Subcommand)]
@@ -218,6 +225,14 @@ fn pod_config(pod: &Pod) -> PodSandboxConfig {
                     ..Default::default()
                 }),
                 ..Default::default()
+            }),
+            resources: (pod.cpus.is_some() || pod.memory_mib.is_some()).then(|| {
+                LinuxContainerResources {
+                    cpu_period: 100_000,
+                    cpu_quota: pod.cpus.map_or(0, |c| (c * 100_000.0) as i64),
+                    memory_limit_in_bytes: pod.memory_mib.map_or(0, |m| m << 20),
+                    ..Default::default()
+                }
             }),
             ..Default::default()
         }),
