@@ -68,6 +68,14 @@ pub const AGENT_PORT: u32 = 1024;
 /// On success the stream is a byte pipe to the guest listener.
 pub fn connect_vsock_bridge(uds: &Path, port: u32, timeout: Duration) -> io::Result<UnixStream> {
     let deadline = Instant::now() + timeout;
+    // The socket's directory may belong to the VMM's user: connect to a
+    // socket there, never through a symlink to another service's.
+    if std::fs::symlink_metadata(uds).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(io::Error::other(format!(
+            "the VMM vsock socket {} is a symlink",
+            uds.display()
+        )));
+    }
     let stream = UnixStream::connect(uds).map_err(|e| {
         io::Error::new(
             e.kind(),

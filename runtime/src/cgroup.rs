@@ -135,6 +135,14 @@ impl Cgroup {
     }
 
     fn create_in(mount: &Path, rel: &Path) -> Result<Cgroup, Error> {
+        if rel.as_os_str().is_empty()
+            || !rel.components().all(|c| matches!(c, Component::Normal(_)))
+        {
+            return Err(Error::BadPath {
+                path: rel.display().to_string(),
+                why: "not a plain path below the cgroup root",
+            });
+        }
         let dir = mount.join(rel);
         let made = make_dirs(mount, rel)?;
         let procs = std::fs::OpenOptions::new()
@@ -153,6 +161,17 @@ impl Cgroup {
     /// The cgroup's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The memory limit in force here, in bytes: the smallest `memory.max`
+    /// of this cgroup and its ancestors; `None` when there is none.
+    pub fn memory_limit(&self) -> Option<u64> {
+        self.dir
+            .ancestors()
+            .take_while(|d| d.starts_with(MOUNT))
+            .filter_map(|d| std::fs::read_to_string(d.join("memory.max")).ok())
+            .filter_map(|v| v.trim().parse::<u64>().ok())
+            .min()
     }
 
     /// Makes the child `cmd` starts join this cgroup before it runs
@@ -191,8 +210,10 @@ impl Cgroup {
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
-        // The processes were reaped; their cgroup empties a moment later.
+        // The processes were reaped; their cgroup empties a moment later
+        // (anything they left, virtiofsd's sandboxed child, is killed).
         if self.made.last() == Some(&self.dir) {
+            let _ = std::fs::write(self.dir.join("cgroup.kill"), "1");
             remove_when_empty(&self.dir);
         }
         remove_dirs(&self.made);
@@ -230,10 +251,14 @@ pub fn remove_recorded(state_dir: &Path) {
         .collect();
     // Processes killed just now leave their cgroup a moment later.
     if let Some(leaf) = made.last() {
+        let _ = std::fs::write(leaf.join("cgroup.kill"), "1");
         remove_when_empty(leaf);
     }
     remove_dirs(&made);
-    let _ = std::fs::remove_file(state_dir.join(RECORD));
+    // Kept while the leaf stays, for a later delete to try again.
+    if made.last().is_none_or(|leaf| !leaf.exists()) {
+        let _ = std::fs::remove_file(state_dir.join(RECORD));
+    }
 }
 
 /// Removes cgroup `dir`, waiting up to half a second for its last
@@ -250,6 +275,17 @@ fn remove_when_empty(dir: &Path) {
 /// Makes `mount/rel` and its missing parents, enabling controllers on the
 /// way down; returns the directories it made, outermost first.
 fn make_dirs(mount: &Path, rel: &Path) -> Result<Vec<PathBuf>, Error> {
+    // A parent another sandbox made may go between our two mkdirs (its
+    // sandbox ended): once more then.
+    match make_dirs_once(mount, rel) {
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            make_dirs_once(mount, rel)
+        }
+        other => other,
+    }
+}
+
+fn make_dirs_once(mount: &Path, rel: &Path) -> Result<Vec<PathBuf>, Error> {
     let mut made = Vec::new();
     let mut at = mount.to_path_buf();
     for part in rel.components() {

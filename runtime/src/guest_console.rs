@@ -150,8 +150,18 @@ fn read_end(path: &Path) -> std::io::Result<String> {
 /// The last `max` bytes of the file at `path`, from a line start, and the
 /// file's length.
 fn read_last(path: &Path, max: u64) -> std::io::Result<(String, u64)> {
-    let mut f = std::fs::File::open(path)?;
-    let len = f.metadata()?.len();
+    use std::os::unix::fs::OpenOptionsExt;
+    // The log's directory belongs to the VMM's user: a regular file only,
+    // never a symlink (to a host file) or a fifo (that would hang us).
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let len = meta.len();
     let start = len.saturating_sub(max);
     f.seek(SeekFrom::Start(start))?;
     let mut buf = Vec::with_capacity((len - start) as usize);
@@ -212,6 +222,23 @@ mod tests {
         ));
         std::fs::write(&p, text).unwrap();
         (Log(p.clone()), p)
+    }
+
+    #[test]
+    fn a_console_log_swapped_for_a_symlink_or_a_fifo_is_not_read() {
+        let (_secret, secret) = log("root:$6$secret:19000:0:99999:7:::\n");
+        let (_l, link) = log("");
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        assert!(tail(&link, 5).is_empty(), "followed a symlink");
+        assert_eq!(diagnose(&link), "");
+        let (_f, fifo) = log("");
+        std::fs::remove_file(&fifo).unwrap();
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // Returns (no writer would ever come) with nothing.
+        assert!(tail(&fifo, 5).is_empty());
     }
 
     #[test]

@@ -73,6 +73,13 @@ pub struct Amend<'a> {
     /// A pod's container: its `/dev/shm` bind (the pod's) is shared, not
     /// made a tmpfs.
     pub pod_shm: bool,
+    /// A Kubernetes pod's container: user and time namespaces, which the
+    /// agent does not make, are dropped with a warning (a pod's
+    /// `hostUsers: false`; the VM is the pod's boundary) rather than
+    /// refused, as `run` and `create` refuse them (the agent says so).
+    pub drop_user_and_time: bool,
+    /// Where a relative bind source is (the bundle directory).
+    pub bundle_dir: PathBuf,
 }
 
 /// The amended spec and the host paths the guest's mounts need.
@@ -156,6 +163,19 @@ fn amend_namespaces(spec: &mut Value, how: &Amend<'_>) {
     if how.netns == GuestNetns::Pod {
         namespaces.retain(|ns| ns["type"] != "network");
     }
+    if how.drop_user_and_time {
+        namespaces.retain(|ns| {
+            let drop = matches!(ns["type"].as_str(), Some("user" | "time"));
+            if drop {
+                log::warn!(
+                    "container {}: no {} namespace in the guest (the VM isolates the pod)",
+                    how.id,
+                    ns["type"].as_str().unwrap_or_default()
+                );
+            }
+            !drop
+        });
+    }
     for ns in namespaces.iter_mut() {
         let typ = ns["type"].as_str().unwrap_or_default().to_string();
         let Some(obj) = ns.as_object_mut() else {
@@ -223,13 +243,12 @@ fn amend_mounts(spec: &mut Value, how: &Amend<'_>) -> Result<Vec<HostBind>, Erro
             });
             continue;
         }
-        let source = PathBuf::from(m["source"].as_str().unwrap_or_default());
-        if !source.is_absolute() {
-            return Err(Error::Invalid(format!(
-                "bind mount {dest:?}: source {:?} is not an absolute path",
-                source.display()
-            )));
+        let given = m["source"].as_str().unwrap_or_default();
+        if given.is_empty() {
+            return Err(Error::Invalid(format!("bind mount {dest:?} has no source")));
         }
+        // A relative source is the bundle's (the OCI spec allows it).
+        let source = how.bundle_dir.join(given);
         if std::fs::metadata(&source).is_err() {
             return Err(Error::Invalid(format!(
                 "bind mount {dest:?}: {}: no such file or directory",
@@ -269,6 +288,8 @@ mod tests {
                     {"type": "uts", "path": "/proc/4242/ns/uts"},
                     {"type": "mount"},
                     {"type": "network", "path": "/var/run/netns/cni-1"},
+                    {"type": "user"},
+                    {"type": "time"},
                 ],
                 "unknownToUs": {"kept": true},
             },
@@ -291,6 +312,8 @@ mod tests {
             netns,
             sandbox_pid,
             pod_shm,
+            drop_user_and_time: pod_shm,
+            bundle_dir: PathBuf::from("/nonexistent/bundle"),
         }
     }
 
@@ -324,9 +347,27 @@ mod tests {
                 {"type": "uts"},
                 {"type": "mount"},
                 {"type": "network"},
+                {"type": "user"},
+                {"type": "time"},
             ])
         );
         let (s, _) = amended(&cri_spec(), &how(GuestNetns::Pod, None, false));
+        assert_eq!(
+            s["linux"]["namespaces"],
+            json!([
+                {"type": "pid"},
+                {"type": "ipc"},
+                {"type": "uts"},
+                {"type": "mount"},
+                {"type": "user"},
+                {"type": "time"},
+            ])
+        );
+    }
+
+    #[test]
+    fn a_kubernetes_pods_user_and_time_namespaces_go() {
+        let (s, _) = amended(&cri_spec(), &how(GuestNetns::Pod, None, true));
         assert_eq!(
             s["linux"]["namespaces"],
             json!([{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}])
@@ -380,8 +421,11 @@ mod tests {
     fn bad_bind_sources_are_errors() {
         for (source, says) in [
             ("/nonexistent/sandboxvm", "no such file"),
-            ("relative/path", "not an absolute path"),
-            ("", "not an absolute path"),
+            (
+                "relative/path",
+                "/nonexistent/bundle/relative/path: no such file",
+            ),
+            ("", "has no source"),
         ] {
             let s = json!({"mounts": [{"destination": "/x", "type": "bind", "source": source}]});
             let e = amend(&s, &how(GuestNetns::Pod, None, false))
@@ -423,6 +467,18 @@ mod tests {
                 .as_bool()
                 .unwrap_or(false)
         );
+    }
+
+    #[test]
+    fn a_relative_bind_source_is_the_bundles() {
+        let mut h = how(GuestNetns::Pod, None, false);
+        h.bundle_dir = std::env::temp_dir();
+        let name = format!("sandboxvm-rel-{}", std::process::id());
+        std::fs::write(std::env::temp_dir().join(&name), "x").unwrap();
+        let s = json!({"mounts": [{"destination": "/x", "type": "bind", "source": name}]});
+        let g = amend(&s, &h).unwrap();
+        std::fs::remove_file(std::env::temp_dir().join(&name)).unwrap();
+        assert_eq!(g.binds[0].source, std::env::temp_dir().join(&name));
     }
 
     #[test]

@@ -71,6 +71,9 @@ pub enum Error {
     /// The sandbox's host cgroup.
     #[error(transparent)]
     Cgroup(#[from] crate::cgroup::Error),
+    /// The VM does not fit the memory it may use.
+    #[error("{0}")]
+    Memory(String),
 }
 
 /// How to start a sandbox.
@@ -188,6 +191,7 @@ impl Sandbox {
             File::create(&path).map_err(|source| Error::StateDir { path, source })
         };
 
+        let mut memory_mib = opts.memory_mib;
         if let Some(rel) = &opts.cgroup {
             let cgroup = Cgroup::create(rel)?;
             cgroup.record(&opts.dir).map_err(|source| Error::StateDir {
@@ -195,6 +199,7 @@ impl Sandbox {
                 source,
             })?;
             log::debug!("VMM and virtiofsd in cgroup {}", cgroup.dir().display());
+            memory_mib = fit_memory(memory_mib, cgroup.memory_limit(), cgroup.dir())?;
             sandbox.cgroup = Some(cgroup);
         }
         let vmm_dir = vmm_dir(&opts.dir);
@@ -262,7 +267,7 @@ impl Sandbox {
             .arg("--cpus")
             .arg(opts.vcpus.to_string())
             .arg("--memory")
-            .arg(opts.memory_mib.to_string())
+            .arg(memory_mib.to_string())
             .arg("--console-log")
             .arg(console_log_in(&opts.dir))
             .arg("--vsock")
@@ -314,7 +319,7 @@ impl Sandbox {
         sandbox.vmm = Some(child);
         sandbox.launched = Some(Instant::now());
         write_pid(&opts.dir.join("vmm.pid"), pid)?;
-        log::info!("VMM started ({} vCPU, {} MiB)", opts.vcpus, opts.memory_mib);
+        log::info!("VMM started ({} vCPU, {} MiB)", opts.vcpus, memory_mib);
         Ok(())
     }
 
@@ -486,9 +491,11 @@ impl Drop for Sandbox {
             let _ = child.kill();
             let _ = child.wait();
         }
-        // Its processes are reaped: the cgroup can go.
-        if self.cgroup.take().is_some() {
-            let _ = std::fs::remove_file(self.dir.join("cgroup"));
+        // Its processes are reaped: the cgroup can go (its record stays
+        // while it does not, for `delete` to try again).
+        if let Some(cgroup) = self.cgroup.take() {
+            drop(cgroup);
+            crate::cgroup::remove_recorded(&self.dir);
         }
         if let Network::Pod(pod) = std::mem::take(&mut self.network) {
             if let Err(e) = pod.teardown() {
@@ -512,6 +519,41 @@ impl Drop for Sandbox {
             log::warn!("cannot remove {}: {e}", self.dir.display());
         }
     }
+}
+
+/// Host memory the VMM and virtiofsd need besides guest RAM (their code,
+/// heaps, page tables, queues), kept free below a cgroup's memory limit.
+pub const VMM_RESERVE_MIB: u64 = 64;
+/// The smallest guest that boots the agent and runs a container.
+pub const MIN_GUEST_MIB: u64 = 128;
+
+/// Guest memory that fits the cgroup the VM runs in: guest RAM is shared
+/// memory, charged there as the guest touches it and never given back, so
+/// a guest larger than the cgroup's limit (less [`VMM_RESERVE_MIB`]) would
+/// end with the host's OOM killer taking the VMM. A Kubernetes pod's limit
+/// is its containers' plus the RuntimeClass's overhead
+/// (`resources/runtimeclass.yaml`).
+fn fit_memory(wanted_mib: u64, limit: Option<u64>, cgroup: &Path) -> Result<u64, Error> {
+    let Some(limit) = limit else {
+        return Ok(wanted_mib);
+    };
+    let fit = (limit >> 20).saturating_sub(VMM_RESERVE_MIB);
+    if fit < MIN_GUEST_MIB {
+        return Err(Error::Memory(format!(
+            "cgroup {} allows {} MiB: not enough for a {MIN_GUEST_MIB} MiB guest and the VMM's              {VMM_RESERVE_MIB} MiB (give the pod's RuntimeClass an overhead)",
+            cgroup.display(),
+            limit >> 20
+        )));
+    }
+    if wanted_mib > fit {
+        log::warn!(
+            "guest memory {wanted_mib} MiB cut to {fit} MiB: cgroup {} allows {} MiB for the VM",
+            cgroup.display(),
+            limit >> 20
+        );
+        return Ok(fit);
+    }
+    Ok(wanted_mib)
 }
 
 /// The part of the state directory `dir` that the VMM reaches once jailed
@@ -595,6 +637,26 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn the_guest_fits_the_cgroups_memory_limit() {
+        let cg = Path::new("/sys/fs/cgroup/pod");
+        assert_eq!(fit_memory(576, None, cg).unwrap(), 576);
+        // 512 MiB of containers + 160 MiB of overhead: the whole guest fits.
+        assert_eq!(fit_memory(576, Some(672 << 20), cg).unwrap(), 576);
+        // No overhead declared: cut to what leaves the VMM its reserve.
+        assert_eq!(
+            fit_memory(576, Some(512 << 20), cg).unwrap(),
+            512 - VMM_RESERVE_MIB
+        );
+        let e = fit_memory(256, Some(128 << 20), cg)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("allows 128 MiB") && e.contains("overhead"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -283,7 +283,13 @@ fn open_in_root(dirfd: &OwnedFd, path: &Path, flags: i32) -> std::io::Result<Own
         )
     };
     if fd < 0 {
-        return Err(std::io::Error::last_os_error());
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOSYS) {
+            return Err(std::io::Error::other(
+                "openat2 is missing: a read-only rootfs needs Linux 5.6 or later",
+            ));
+        }
+        return Err(e);
     }
     // SAFETY: a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
@@ -293,7 +299,9 @@ fn open_in_root(dirfd: &OwnedFd, path: &Path, flags: i32) -> std::io::Result<Own
 /// in `rootfs` where they are missing, for a rootfs the guest gets
 /// read-only. Every path is resolved inside the rootfs (a symlink in the
 /// image cannot point a host write elsewhere); an entry that exists in any
-/// form, a symlink included, is left as it is (the agent resolves it).
+/// form, a symlink included, is left as it is (the agent resolves it), and
+/// so is one below a symlink that leads nowhere in the rootfs (the agent
+/// then says what is missing). Modes are 0755 and 0644 whatever the umask.
 pub fn make_mount_points(rootfs: &Path, points: &[(PathBuf, bool)]) -> Result<(), String> {
     let root = std::fs::File::open(rootfs)
         .map(OwnedFd::from)
@@ -309,16 +317,31 @@ pub fn make_mount_points(rootfs: &Path, points: &[(PathBuf, bool)]) -> Result<()
         let mut parent = open_in_root(&root, Path::new("."), libc::O_PATH | libc::O_DIRECTORY)
             .map_err(|e| fail("open the rootfs", e))?;
         let mut sofar = PathBuf::new();
+        let mut reachable = true;
         for part in point.parent().into_iter().flat_map(Path::components) {
             sofar.push(part);
             let dir = match open_in_root(&root, &sofar, libc::O_PATH | libc::O_DIRECTORY) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     mkdir_at(&parent, part.as_os_str()).map_err(|e| fail("mkdir", e))?;
-                    open_in_root(&root, &sofar, libc::O_PATH | libc::O_DIRECTORY)
+                    match open_in_root(&root, &sofar, libc::O_PATH | libc::O_DIRECTORY) {
+                        // A dangling symlink in the image: not ours to fix.
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                            reachable = false;
+                            break;
+                        }
+                        other => other,
+                    }
                 }
                 other => other,
             };
             parent = dir.map_err(|e| fail("parent", e))?;
+        }
+        if !reachable {
+            log::debug!(
+                "mount point /{}: a symlink on the way leads nowhere in the rootfs",
+                point.display()
+            );
+            continue;
         }
         let cname = c_path(Path::new(name))?;
         // SAFETY: fstatat with AT_SYMLINK_NOFOLLOW on a name relative to a
@@ -353,8 +376,12 @@ pub fn make_mount_points(rootfs: &Path, points: &[(PathBuf, bool)]) -> Result<()
             if fd < 0 {
                 return Err(fail("create", std::io::Error::last_os_error()));
             }
-            // SAFETY: the descriptor just opened.
-            unsafe { libc::close(fd) };
+            // SAFETY: the descriptor just opened: its mode whatever the
+            // umask, then closed.
+            unsafe {
+                libc::fchmod(fd, 0o644);
+                libc::close(fd);
+            }
         } else {
             mkdir_at(&parent, name).map_err(|e| fail("mkdir", e))?;
         }
@@ -373,7 +400,12 @@ fn mkdir_at(dir: &OwnedFd, name: &std::ffi::OsStr) -> std::io::Result<()> {
         if e.kind() != std::io::ErrorKind::AlreadyExists {
             return Err(e);
         }
+        return Ok(());
     }
+    // 0755 whatever the umask. The rootfs is not shared yet: nothing can
+    // have swapped the new directory for a symlink.
+    // SAFETY: as above, on the directory just made.
+    unsafe { libc::fchmodat(dir.as_raw_fd(), c.as_ptr(), 0o755, 0) };
     Ok(())
 }
 
@@ -399,6 +431,8 @@ pub fn share_bundle(
             netns,
             sandbox_pid: None,
             pod_shm: false,
+            drop_user_and_time: false,
+            bundle_dir: bundle.dir.clone(),
         },
     )
     .map_err(|e| Error::Spec(e.to_string()))?;
@@ -595,14 +629,52 @@ mod tests {
             .unwrap()
             .file_type()
             .is_symlink());
-        // Through the symlinks: resolved in the rootfs (where their
-        // targets do not exist), so refused; the host directory untouched.
-        for p in ["etc/hosts", "up/x", "etc/sub/file"] {
-            let e = make_mount_points(&rootfs, &points(&[(p, true)])).unwrap_err();
-            assert!(e.contains(p), "{e}");
-        }
+        // Through the symlinks: resolved in the rootfs, where their targets
+        // do not exist: left to the agent; the host directory untouched.
+        make_mount_points(
+            &rootfs,
+            &points(&[("etc/hosts", true), ("up/x", true), ("etc/sub/file", true)]),
+        )
+        .unwrap();
         assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 0);
+        assert!(!rootfs.join("victim").exists());
+        // Modes whatever the umask: made by a child process under umask
+        // 077 (the mask is the whole process's).
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "share::tests::umask_child", "--test-threads=1"])
+            .env("SANDBOXVM_TEST_UMASK_ROOTFS", &rootfs)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &str| {
+            std::fs::metadata(rootfs.join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(
+            (mode("srv"), mode("srv/a/b"), mode("srv/f")),
+            (0o755, 0o755, 0o644)
+        );
         std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// Not a test by itself: the child of
+    /// `mount_points_are_made_inside_the_rootfs_and_never_through_its_symlinks`.
+    #[test]
+    fn umask_child() {
+        let Some(rootfs) = std::env::var_os("SANDBOXVM_TEST_UMASK_ROOTFS") else {
+            return;
+        };
+        // SAFETY: umask only sets this (child) process's mask.
+        unsafe { libc::umask(0o077) };
+        let points = [
+            (PathBuf::from("srv/a/b"), false),
+            (PathBuf::from("srv/f"), true),
+        ];
+        make_mount_points(Path::new(&rootfs), &points).unwrap();
     }
 
     #[test]
@@ -635,6 +707,8 @@ mod tests {
                 netns: GuestNetns::Pod,
                 sandbox_pid: None,
                 pod_shm: false,
+                drop_user_and_time: false,
+                bundle_dir: base.clone(),
             },
         )
         .unwrap();

@@ -110,6 +110,8 @@ impl Container {
                 // A CRI pod's containers all bind the pod's shm directory (a
                 // host tmpfs): through the share it stays one for the pod.
                 pod_shm: spec_json["annotations"][spec::CONTAINER_TYPE].is_string(),
+                drop_user_and_time: true,
+                bundle_dir: PathBuf::from(&req.bundle),
             },
         )
         .map_err(|e| Error::Invalid(e.to_string()))?;

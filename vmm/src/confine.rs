@@ -111,6 +111,13 @@ pub fn jail(dir: &Path) -> io::Result<()> {
     }
     let inside = root.join(dir.strip_prefix("/").unwrap_or(&dir));
     std::fs::create_dir_all(&inside)?;
+    // Walkable by the VMM's own user (apply) whatever the umask.
+    for d in inside
+        .ancestors()
+        .take_while(|d| d.starts_with(&root) && *d != root)
+    {
+        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
+    }
     let (dir_c, inside_c) = (c(&dir)?, c(&inside)?);
     // SAFETY: as above; pivot_root takes two NUL-terminated paths.
     unsafe {
@@ -143,7 +150,10 @@ pub fn jail(dir: &Path) -> io::Result<()> {
 pub const NPROC: u64 = 256;
 
 /// First uid (and gid) of [`User::Auto`]: the VMM's pid is added, so that
-/// no two live VMMs share one (pids are below 2^22).
+/// no two live VMMs of one pid namespace share one (pids are below 2^22).
+/// Runtimes in different pid namespaces on one host (nested containerised
+/// nodes), or Kubernetes user-namespace ranges reaching this high, can meet
+/// such ids: give `--user UID:GID` there.
 pub const AUTO_ID_BASE: u32 = 0x7000_0000;
 
 /// Which user the VMM becomes.

@@ -594,6 +594,18 @@ fn rx_yields_after_its_budget() {
 /// refuses, and both loops retried forever.
 #[test]
 fn an_available_index_too_far_ahead_does_not_spin() {
+    // On the old code this spun forever: a failure, not a hung test run.
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        an_available_index_too_far_ahead_body();
+        let _ = done.send(());
+    });
+    finished
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the rx/tx loops spun on a bad available index (or failed)");
+}
+
+fn an_available_index_too_far_ahead_body() {
     let mem = memory();
     let d = Driver::new(&mem, TX_BASE, 16);
     let mut q = d.queue(false);
