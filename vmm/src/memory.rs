@@ -7,7 +7,7 @@
 //! `within_size` or `always`), the guest's memory is faulted in 2 MiB at a
 //! time, and every fault a booting guest takes is one exit into the host
 //! kernel fewer. Measured in the nested CI host, boot to the test guest's init
-//! marker, medians of 6: 4.7 s with 4 KiB pages, 2.6 s with huge pages.
+//! marker, medians of 6: 4.7 s with 4 KiB pages, 2.6-2.7 s with huge pages.
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
