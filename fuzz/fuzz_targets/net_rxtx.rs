@@ -11,7 +11,7 @@ use std::io;
 use devices::virtio::net::rxtx::{Rxtx, RxtxFeatures, Signal, TapIo};
 use devices::virtio::net::{MAX_FRAME_LEN, QUEUE_SIZE, VNET_HDR_LEN};
 use libfuzzer_sys::fuzz_target;
-use sandboxvm_fuzz::{check_used, driver_step, guest_memory, Input, QueueSpec};
+use sandboxvm_fuzz::{check_used, driver_step, guest_memory, rx_tx_queues, Input};
 use virtio_queue::QueueT;
 
 /// What the tap does with writes.
@@ -94,16 +94,9 @@ fuzz_target!(|data: &[u8]| {
         guest_csum: flags & 2 != 0,
     };
     let mem = guest_memory();
-    let rx_spec = QueueSpec::from_input(&mut inp, QUEUE_SIZE);
-    let tx_spec = QueueSpec::from_input(&mut inp, QUEUE_SIZE);
-    let (Some(mut rxq), Some(mut txq)) = (
-        rx_spec.build(&mem, QUEUE_SIZE),
-        tx_spec.build(&mem, QUEUE_SIZE),
-    ) else {
+    let Some((mut rxq, mut txq, strict)) = rx_tx_queues(&mut inp, &mem, QUEUE_SIZE) else {
         return;
     };
-    // Used entries can be read back only if no device write can hit them.
-    let strict = inp.strict && !rx_spec.overlaps(&tx_spec);
     let mut tap = FakeTap {
         frames: VecDeque::new(),
         write: TapWrite::Accept,

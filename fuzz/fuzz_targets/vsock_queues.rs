@@ -15,8 +15,8 @@ use devices::virtio::vsock::{Muxer, QUEUE_SIZE};
 use devices::virtio::VirtioInterrupt;
 use libfuzzer_sys::fuzz_target;
 use sandboxvm_fuzz::{
-    check_used, driver_step, guest_memory, make_available, scratch_dir, write_desc, Input,
-    QueueSpec,
+    check_used, driver_step, guest_memory, make_available, rx_tx_queues, scratch_dir, write_desc,
+    Input,
 };
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
@@ -68,16 +68,9 @@ fn header(inp: &mut Input, len: u32) -> [u8; HDR_LEN] {
 fuzz_target!(|data: &[u8]| {
     let mut inp = Input::new(data);
     let mem = guest_memory();
-    let rx_spec = QueueSpec::from_input(&mut inp, QUEUE_SIZE);
-    let tx_spec = QueueSpec::from_input(&mut inp, QUEUE_SIZE);
-    let (Some(mut rxq), Some(mut txq)) = (
-        rx_spec.build(&mem, QUEUE_SIZE),
-        tx_spec.build(&mem, QUEUE_SIZE),
-    ) else {
+    let Some((mut rxq, mut txq, strict)) = rx_tx_queues(&mut inp, &mem, QUEUE_SIZE) else {
         return;
     };
-    // Used entries can be read back only if no device write can hit them.
-    let strict = inp.strict && !rx_spec.overlaps(&tx_spec);
     let dir = scratch_dir();
     let uds = dir.join("vsock.sock");
     let _ = std::fs::remove_file(&uds);

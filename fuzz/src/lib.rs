@@ -208,6 +208,23 @@ impl QueueSpec {
     }
 }
 
+/// A device's rx and tx queues from the input, as the transport would
+/// accept them (`None`: it would not), and whether used entries may be read
+/// back (strict input whose rings do not overlap: no device write can hit
+/// them).
+pub fn rx_tx_queues(
+    inp: &mut Input,
+    mem: &GuestMemoryMmap,
+    max: u16,
+) -> Option<(Queue, Queue, bool)> {
+    let rx_spec = QueueSpec::from_input(inp, max);
+    let tx_spec = QueueSpec::from_input(inp, max);
+    let rxq = rx_spec.build(mem, max)?;
+    let txq = tx_spec.build(mem, max)?;
+    let strict = inp.strict && !rx_spec.overlaps(&tx_spec);
+    Some((rxq, txq, strict))
+}
+
 /// Driver side: writes descriptor `idx` of the table at `table`.
 pub fn write_desc(
     mem: &GuestMemoryMmap,

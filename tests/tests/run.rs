@@ -214,9 +214,11 @@ fn files_written_in_the_container_appear_in_the_bundle_rootfs() {
     assert_clean(&r);
 }
 
-/// Every capability (`--privileged`): the container plays an owned guest.
-fn all_capabilities() -> serde_json::Value {
-    json!([
+/// Makes the container play an owned guest kernel (`--privileged`): every
+/// capability, and the guest's pid namespace, so that it reaches the guest's
+/// own mount of the share through PID 1 (the agent).
+fn as_owned_guest(s: &mut serde_json::Value) {
+    let all_caps = json!([
         "CAP_CHOWN",
         "CAP_DAC_OVERRIDE",
         "CAP_FOWNER",
@@ -236,7 +238,36 @@ fn all_capabilities() -> serde_json::Value {
         "CAP_SYS_MODULE",
         "CAP_NET_BIND_SERVICE",
         "CAP_AUDIT_WRITE"
-    ])
+    ]);
+    for set in ["bounding", "effective", "permitted"] {
+        s["process"]["capabilities"][set] = all_caps.clone();
+    }
+    s["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|ns| ns["type"] != "pid");
+}
+
+/// The start of an owned guest's script: `$m` is the guest's mount of the
+/// share; `try CODE NAME` prints "WROTE NAME" or "refused NAME: error".
+const OWNED_GUEST: &str = r#"
+m=/proc/1/root/run/sandboxvm/shares/sbx-rootfs
+try() { if e=$( (eval "$1") 2>&1 ); then echo "WROTE $2"; else echo "refused $2: $e"; fi; }
+"#;
+
+/// Each of `attempts` was refused by the host's read-only mount (not
+/// missing, not some other error).
+fn assert_read_only_refused(r: &Ran, attempts: &[&str]) {
+    for what in attempts {
+        let line = r
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("refused {what}:")));
+        assert!(
+            line.is_some_and(|l| l.contains("Read-only file system")),
+            "{what}: {r:?}"
+        );
+    }
 }
 
 /// The owned guest: a container with every capability, in the guest's pid
@@ -250,13 +281,10 @@ fn an_owned_guest_writes_only_its_own_rootfs_through_the_share() {
     let _ = std::fs::remove_dir_all(&vol);
     std::fs::create_dir_all(&vol).unwrap();
     std::fs::write(vol.join("file"), "keep").unwrap();
-    // Outside a pid namespace, with every capability, the container reaches
-    // the guest's own mount of the share through PID 1 (the agent).
-    let attack = r#"
-m=/proc/1/root/run/sandboxvm/shares/sbx-rootfs
+    let attack = OWNED_GUEST.to_string()
+        + r#"
 [ -d $m/rootfs ] && echo reached
 v=$(echo $m/mounts/*-ro-volume)
-try() { if e=$( (eval "$1") 2>&1 ); then echo "WROTE $2"; else echo "refused $2: $e"; fi; }
 try 'echo x >$m/fill' skeleton-file
 try 'mkdir $m/mounts/evil' skeleton-dir
 try 'ln -s / $m/mounts/link' skeleton-symlink
@@ -265,15 +293,8 @@ try 'echo owned >$v/file' volume-file
 try 'echo new >$v/new' volume-new
 try 'echo mine >$m/rootfs/tmp/mine' own-rootfs
 "#;
-    let all_caps = all_capabilities();
-    let b = bundle("attack-share", &["sh", "-c", attack], |s| {
-        for set in ["bounding", "effective", "permitted"] {
-            s["process"]["capabilities"][set] = all_caps.clone();
-        }
-        s["linux"]["namespaces"]
-            .as_array_mut()
-            .unwrap()
-            .retain(|ns| ns["type"] != "pid");
+    let b = bundle("attack-share", &["sh", "-c", &attack], |s| {
+        as_owned_guest(s);
         s["mounts"].as_array_mut().unwrap().push(json!({
             "destination": "/data", "type": "bind",
             "source": vol, "options": ["rbind", "ro"]
@@ -285,16 +306,10 @@ try 'echo mine >$m/rootfs/tmp/mine' own-rootfs
     assert!(!r.stdout.contains("WROTE skeleton"), "{r:?}");
     assert!(!r.stdout.contains("WROTE volume"), "{r:?}");
     // Refused by the host (the share's view), not missing.
-    for what in ["skeleton-file", "skeleton-dir", "volume-file", "volume-new"] {
-        let line = r
-            .stdout
-            .lines()
-            .find(|l| l.starts_with(&format!("refused {what}:")));
-        assert!(
-            line.is_some_and(|l| l.contains("Read-only file system")),
-            "{what}: {r:?}"
-        );
-    }
+    assert_read_only_refused(
+        &r,
+        &["skeleton-file", "skeleton-dir", "volume-file", "volume-new"],
+    );
     assert!(r.stdout.contains("WROTE own-rootfs"), "{r:?}");
     assert_eq!(std::fs::read_to_string(vol.join("file")).unwrap(), "keep");
     assert!(!vol.join("new").exists());
@@ -315,22 +330,15 @@ fn a_read_only_rootfs_is_read_only_for_an_owned_guest_too() {
     let _ = std::fs::remove_dir_all(&vol);
     std::fs::create_dir_all(&vol).unwrap();
     std::fs::write(vol.join("file"), "keep").unwrap();
-    let attack = r#"
-m=/proc/1/root/run/sandboxvm/shares/sbx-rootfs
-try() { if e=$( (eval "$1") 2>&1 ); then echo "WROTE $2"; else echo "refused $2: $e"; fi; }
+    let attack = OWNED_GUEST.to_string()
+        + r#"
 try 'echo x >$m/rootfs/tmp/mine' through-share
 try 'echo x >/tmp/mine' in-container
 try 'echo more >>/data/new/vol/file' volume
 "#;
-    let b = bundle("ro-root", &["sh", "-c", attack], |s| {
+    let b = bundle("ro-root", &["sh", "-c", &attack], |s| {
         s["root"]["readonly"] = json!(true);
-        for set in ["bounding", "effective", "permitted"] {
-            s["process"]["capabilities"][set] = all_capabilities();
-        }
-        s["linux"]["namespaces"]
-            .as_array_mut()
-            .unwrap()
-            .retain(|ns| ns["type"] != "pid");
+        as_owned_guest(s);
         s["mounts"].as_array_mut().unwrap().push(json!({
             "destination": "/data/new/vol", "type": "bind",
             "source": vol, "options": ["rbind", "rw"]
@@ -339,16 +347,7 @@ try 'echo more >>/data/new/vol/file' volume
     assert!(!b.join("rootfs/data").exists());
     let r = run(&b);
     assert_eq!(r.code, 0, "{r:?}");
-    for what in ["through-share", "in-container"] {
-        let line = r
-            .stdout
-            .lines()
-            .find(|l| l.starts_with(&format!("refused {what}:")));
-        assert!(
-            line.is_some_and(|l| l.contains("Read-only file system")),
-            "{what}: {r:?}"
-        );
-    }
+    assert_read_only_refused(&r, &["through-share", "in-container"]);
     assert!(r.stdout.contains("WROTE volume"), "{r:?}");
     assert_eq!(
         std::fs::read_to_string(vol.join("file")).unwrap(),
