@@ -3,6 +3,7 @@
 
 pub mod containerd;
 pub mod fixtures;
+pub mod run;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -50,6 +51,17 @@ pub const BUSYBOX: &str = "/bin/busybox";
 
 /// Writes the test guest's initramfs (uncompressed newc) to `out`.
 pub fn write_test_initramfs(out: &Path) -> Result<(), String> {
+    write_busybox_initramfs(out, INIT, &[])
+}
+
+/// Writes an initramfs (uncompressed newc) to `out` whose `/init` is the
+/// busybox script `init`, with the host files `extra` as `(guest path,
+/// host path)`, modes kept.
+pub fn write_busybox_initramfs(
+    out: &Path,
+    init: &str,
+    extra: &[(&str, &Path)],
+) -> Result<(), String> {
     let busybox = Path::new(BUSYBOX);
     let mut cpio = initramfs::Writer::new(Vec::new());
     (|| -> initramfs::Result<()> {
@@ -60,7 +72,10 @@ pub fn write_test_initramfs(out: &Path) -> Result<(), String> {
         cpio.char_device("dev/null", 0o666, 1, 3)?;
         cpio.host_file("bin/busybox", busybox)?;
         cpio.symlink("bin/sh", "busybox")?;
-        cpio.file("init", 0o755, INIT.as_bytes())?;
+        cpio.file("init", 0o755, init.as_bytes())?;
+        for (guest, host) in extra {
+            cpio.host_file(guest, host)?;
+        }
         Ok(())
     })()
     .map_err(|e| format!("{e} (is Debian's busybox-static installed?)"))?;
@@ -129,6 +144,24 @@ fn from_env_or_script(var: &str, script: &str, args: &[&str]) -> Result<PathBuf,
     Ok(PathBuf::from(
         stdout.lines().last().unwrap_or_default().trim(),
     ))
+}
+
+/// The test-only guest kernel with `/dev/mem` over all physical memory
+/// (MMIO included) for the hostile-guest tests: `$SANDBOXVM_DEVMEM_KERNEL`,
+/// or what `kernel-config/build --variant devmem` builds (or finds).
+pub fn devmem_kernel() -> Result<PathBuf, String> {
+    from_env_or_script(
+        "SANDBOXVM_DEVMEM_KERNEL",
+        "kernel-config/build",
+        &["--variant", "devmem"],
+    )
+}
+
+/// The static `guest-attack` binary the hostile-guest tests copy into a
+/// bundle: `$SANDBOXVM_GUEST_ATTACK`, or what `tests/build-guest-attack`
+/// builds.
+pub fn guest_attack_bin() -> Result<PathBuf, String> {
+    from_env_or_script("SANDBOXVM_GUEST_ATTACK", "tests/build-guest-attack", &[])
 }
 
 /// Whether this host boots standard guests itself (`sandboxvm check` says

@@ -1,106 +1,17 @@
 //! End to end: `sandboxvm run` of a busybox bundle, with the real guest
 //! kernel, agent initramfs, virtiofsd and KVM (this host if it has hardware
 //! virtualization, else the nested CI host).
-//!
-//! Each test runs a small shell script on the KVM host that runs sandboxvm
-//! with its stdout, stderr and status going to files, then records what is
-//! left behind (state directories, virtiofsd or VMM processes, mounts).
+//! Each test runs sandboxvm through `e2e::run` (a script on the KVM host
+//! that records what is left behind).
 
-use std::path::Path;
 use std::process::Command;
 
 use e2e::fixtures::{artefacts, bundle, work_dir};
-use e2e::{on_kvm_host, sandboxvm_bin};
+use e2e::run::{
+    as_owned_guest, assert_clean, assert_read_only_refused, run, run_during, run_with, Ran,
+    OWNED_GUEST,
+};
 use serde_json::json;
-
-/// What a run left: the command's output and status, and the leftovers.
-#[derive(Debug)]
-struct Ran {
-    stdout: String,
-    stderr: String,
-    code: i32,
-    /// Entries left in the state root, virtiofsd/VMM processes still alive,
-    /// virtiofs/fuse mounts: all must be empty.
-    leftovers: String,
-}
-
-/// Runs `sandboxvm run <extra> <bundle>` on a KVM host with `stdin` on its
-/// standard input (`wrap` may wrap the command, e.g. in `script`).
-fn run_with(bundle: &Path, extra: &str, stdin: &str, wrap: Option<&str>) -> Ran {
-    run_during(bundle, extra, stdin, wrap, "")
-}
-
-/// As [`run_with`], running the shell code `during` on the KVM host while
-/// sandboxvm runs (in the directory holding its `stdout` file).
-fn run_during(bundle: &Path, extra: &str, stdin: &str, wrap: Option<&str>, during: &str) -> Ran {
-    let a = artefacts();
-    let dir = bundle.with_extension("out");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("stdin"), stdin).unwrap();
-    let root = dir.join("state");
-    let initrd = if extra.contains("--initrd") {
-        String::new()
-    } else {
-        format!("--initrd {}", a.initrd.display())
-    };
-    let cmd = format!(
-        "{} run --root {} --kernel {} {initrd} {extra} {}",
-        sandboxvm_bin().display(),
-        root.display(),
-        a.kernel.display(),
-        bundle.display()
-    );
-    let cmd = match wrap {
-        Some(w) => w.replace("{}", &cmd),
-        None => cmd,
-    };
-    let script = format!(
-        r#"cd {dir}
-{cmd} <stdin >stdout 2>stderr &
-pid=$!
-{during}
-wait $pid
-echo $? >code
-sleep 0.2
-{{
-  ls -A state 2>/dev/null
-  pgrep -a virtiofsd
-  pgrep -af 'sandboxvm.* boot '
-  grep -F -e {dir} -e /run/sandboxvm /proc/self/mountinfo
-}} >leftovers 2>&1
-true
-"#,
-        dir = dir.display()
-    );
-    let script_path = dir.join("script.sh");
-    std::fs::write(&script_path, script).unwrap();
-    let out = on_kvm_host(&["bash", script_path.to_str().unwrap()])
-        .output()
-        .expect("run the test script");
-    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
-    let code = read("code").trim().parse().unwrap_or_else(|_| {
-        panic!(
-            "the script did not finish: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    Ran {
-        stdout: read("stdout"),
-        stderr: read("stderr"),
-        code,
-        leftovers: read("leftovers"),
-    }
-}
-
-fn run(bundle: &Path) -> Ran {
-    run_with(bundle, "", "", None)
-}
-
-fn assert_clean(r: &Ran) {
-    assert_eq!(r.leftovers, "", "sandboxvm left things behind: {r:?}");
-}
 
 #[test]
 fn echo_output_arrives_and_the_status_is_0() {
@@ -212,62 +123,6 @@ fn files_written_in_the_container_appear_in_the_bundle_rootfs() {
         "written-inside\n"
     );
     assert_clean(&r);
-}
-
-/// Makes the container play an owned guest kernel (`--privileged`): every
-/// capability, and the guest's pid namespace, so that it reaches the guest's
-/// own mount of the share through PID 1 (the agent).
-fn as_owned_guest(s: &mut serde_json::Value) {
-    let all_caps = json!([
-        "CAP_CHOWN",
-        "CAP_DAC_OVERRIDE",
-        "CAP_FOWNER",
-        "CAP_FSETID",
-        "CAP_KILL",
-        "CAP_SETGID",
-        "CAP_SETUID",
-        "CAP_SETPCAP",
-        "CAP_NET_ADMIN",
-        "CAP_SYS_ADMIN",
-        "CAP_SYS_RAWIO",
-        "CAP_MKNOD",
-        "CAP_SYS_CHROOT",
-        "CAP_DAC_READ_SEARCH",
-        "CAP_LINUX_IMMUTABLE",
-        "CAP_SYS_PTRACE",
-        "CAP_SYS_MODULE",
-        "CAP_NET_BIND_SERVICE",
-        "CAP_AUDIT_WRITE"
-    ]);
-    for set in ["bounding", "effective", "permitted"] {
-        s["process"]["capabilities"][set] = all_caps.clone();
-    }
-    s["linux"]["namespaces"]
-        .as_array_mut()
-        .unwrap()
-        .retain(|ns| ns["type"] != "pid");
-}
-
-/// The start of an owned guest's script: `$m` is the guest's mount of the
-/// share; `try CODE NAME` prints "WROTE NAME" or "refused NAME: error".
-const OWNED_GUEST: &str = r#"
-m=/proc/1/root/run/sandboxvm/shares/sbx-rootfs
-try() { if e=$( (eval "$1") 2>&1 ); then echo "WROTE $2"; else echo "refused $2: $e"; fi; }
-"#;
-
-/// Each of `attempts` was refused by the host's read-only mount (not
-/// missing, not some other error).
-fn assert_read_only_refused(r: &Ran, attempts: &[&str]) {
-    for what in attempts {
-        let line = r
-            .stdout
-            .lines()
-            .find(|l| l.starts_with(&format!("refused {what}:")));
-        assert!(
-            line.is_some_and(|l| l.contains("Read-only file system")),
-            "{what}: {r:?}"
-        );
-    }
 }
 
 /// The owned guest: a container with every capability, in the guest's pid
