@@ -435,3 +435,75 @@ ip netns del sbxctd; ip link del sbxctd0 2>/dev/null
     assert_eq!(left.out, "", "tap or tc filter left: {left:?}");
     r.assert_clean();
 }
+
+/// The owned guest races the host: a privileged first container of a pod
+/// mounts the share's tag itself and, while the pod's second container is
+/// created (a read-only rootfs whose mount point the host makes, a volume
+/// shared with the attacker, a read-only volume nested in it), keeps
+/// swapping directories for symlinks to a host path, in the shared volume
+/// and at the second container's paths under its own mount of the tag. (A
+/// guest mounting the tag again gets the guest kernel's newest virtio-fs
+/// superblock of that device: with virtiofsd's announced submounts, one of
+/// the submounts, here the shared volume. The skeleton's own refusal is
+/// run.rs's `an_owned_guest_writes_only_its_own_rootfs_through_the_share`.)
+/// The host never follows them: the escape target stays empty, the
+/// read-only volume keeps its file, the second container gets its
+/// read-only rootfs and the mount point the host made in it.
+#[test]
+fn an_owned_guest_racing_symlinks_cannot_steer_the_next_containers_share() {
+    let r = run(
+        "race",
+        r#"
+mkdir -p race/v race/ro race/escape; echo keep >race/ro/file
+E=$W/race/escape
+A="--annotation io.kubernetes.cri.sandbox-id=pod1 --annotation io.kubernetes.cri.container-type"
+step attacker $C run $SN $R -d --privileged --mount type=bind,src=$W/race/v,dst=/v,options=rbind:rw $A=sandbox @IMAGE@ pod1 sh -c '
+mkdir -p /mnt/s && mount -t virtiofs sbx-rootfs /mnt/s && echo mounted-the-tag >/attack.log
+end=$(( $(date +%s) + 20 )); n=0
+while [ $(date +%s) -lt $end ]; do
+  rm -f /v/sub; ln -sfn '$E' /v/sub 2>/dev/null; rm -f /v/sub; mkdir /v/sub 2>/dev/null; rmdir /v/sub 2>/dev/null
+  for t in app app/rootfs app/mounts app/rootfs/new app/rootfs/new/dir; do
+    rm -rf /mnt/s/$t 2>/dev/null; ln -sfn '$E' /mnt/s/$t 2>/dev/null
+  done
+  n=$((n+1))
+done >>/attack.log 2>&1
+echo swaps $n >>/attack.log
+sleep 1000'
+sleep 2
+step app $C run $SN $R --read-only --mount type=bind,src=$W/race/v,dst=/v,options=rbind:rw --mount type=bind,src=$W/race/ro,dst=/v/sub,options=rbind:ro --mount type=bind,src=$W/race/ro,dst=/new/dir,options=rbind:ro $A=container @IMAGE@ app sh -c 'cat /new/dir/file; cat /v/sub/file 2>/dev/null || echo sub-gone; echo x 2>/dev/null >/new/dir/file || echo refused'
+for i in $(seq 60); do $C task exec --exec-id w$i pod1 grep -q swaps /attack.log && break; sleep 1; done
+step attack_log $C task exec --exec-id log pod1 cat /attack.log
+$C task delete app; $C container delete app
+$C task kill -s SIGKILL pod1
+for _ in $(seq 100); do $C task ls | grep -q 'pod1.*STOPPED' && break; sleep 0.1; done
+$C task delete pod1; $C container delete pod1
+step escape ls -A race/escape
+step ro cat race/ro/file
+"#
+        .replace("@IMAGE@", IMAGE)
+        .as_str(),
+    );
+    let attacker = r.step("attacker");
+    assert_eq!(attacker.code, 0, "{attacker:?}\n{}", r.tail());
+    let app = r.step("app");
+    assert_eq!(app.code, 0, "{app:?}\n{}", r.tail());
+    // The volume nested in the shared one may be gone: the attacker shares
+    // its parent and removes the directory it is mounted on (inside the
+    // guest, between two containers of one pod: not the host's boundary).
+    // Never anything but the host's read-only file.
+    assert!(
+        ["keep\nkeep\nrefused\n", "keep\nsub-gone\nrefused\n"].contains(&app.out.as_str()),
+        "{app:?}"
+    );
+    let log = r.step("attack_log").out;
+    assert!(log.starts_with("mounted-the-tag\n"), "{log}");
+    let swaps: u32 = log
+        .lines()
+        .find_map(|l| l.strip_prefix("swaps "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the attack did not finish: {log}"));
+    assert!(swaps > 0, "{log}");
+    assert_eq!(r.step("escape").out, "", "the host followed a symlink");
+    assert_eq!(r.step("ro").out, "keep\n");
+    r.assert_clean();
+}
