@@ -44,8 +44,9 @@ done
 echo "$anon $vlog $clog" >watched
 "#;
 
-fn watched(r: &Path) -> Watched {
-    let text = std::fs::read_to_string(r.with_extension("out").join("watched")).unwrap();
+/// The figures a watch loop wrote to `file`: "RssAnon vmm.log console".
+fn watched(file: &Path) -> Watched {
+    let text = std::fs::read_to_string(file).unwrap();
     let n: Vec<u64> = text
         .split_whitespace()
         .map(|w| w.parse().unwrap())
@@ -109,7 +110,7 @@ fn an_owned_guest_floods_registers_and_feeds_the_net_device_garbage() {
         )),
         WATCH,
     );
-    let w = watched(&b);
+    let w = watched(&b.with_extension("out").join("watched"));
     eprintln!("guest-attack said:\n{}", r.stdout);
     assert_eq!(r.code, 0, "{r:?}");
     let said = |prefix: &str| {
@@ -176,7 +177,7 @@ fn an_owned_guest_that_cuts_off_its_agent_ends_its_run_with_one_line() {
         other.display()
     );
     let r = run_during(&b, &kernel_arg(), "", None, &during);
-    let w = watched(&b);
+    let w = watched(&b.with_extension("out").join("watched"));
     let out = b.with_extension("out");
     let read = |f: &str| std::fs::read_to_string(out.join(f)).unwrap_or_default();
     assert_eq!(r.code, 1, "{r:?}");
@@ -258,15 +259,7 @@ echo "$anon $vlog $(stat -c %s console)" >watched
         "the cap on queued resets was not reached"
     );
     assert!(console.contains("ATTACK-DONE"), "{console}");
-    let n: Vec<u64> = read("watched")
-        .split_whitespace()
-        .map(|w| w.parse().unwrap())
-        .collect();
-    let w = Watched {
-        anon_kib: n[0],
-        vmm_log: n[1],
-        console_log: n[2],
-    };
+    let w = watched(&dir.join("watched"));
     eprintln!("{said}: {w:?}");
     assert!(w.anon_kib > 0 && w.anon_kib < 64 * 1024, "{w:?}");
     assert!(w.vmm_log < 64 * 1024, "{w:?}");
