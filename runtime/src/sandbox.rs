@@ -276,14 +276,19 @@ impl Sandbox {
             .arg(format!("{}:{ROOTFS_TAG}", fs_sock.display()))
             .arg("--cmdline")
             .arg(format!("quiet {}", opts.cmdline))
-            .arg("--jail")
-            .arg(&vmm_dir)
-            .args(["--user", "auto"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log("vmm.log")?);
         for dev in sandbox.network.devices() {
             cmd.arg("--net").arg(dev.arg());
+        }
+        // SANDBOXVM_VMM_CONFINE=off: the VMM without its jail, own user and
+        // seccomp filters, for measuring what they cost (ci/bench-run).
+        if std::env::var("SANDBOXVM_VMM_CONFINE").as_deref() == Ok("off") {
+            log::warn!("the VMM is not jailed, has no user of its own and no seccomp filters (SANDBOXVM_VMM_CONFINE=off)");
+            cmd.env("SANDBOXVM_VMM_SECCOMP", "off");
+        } else {
+            cmd.arg("--jail").arg(&vmm_dir).args(["--user", "auto"]);
         }
         pdeathsig(&mut cmd);
         if let Some(cgroup) = &sandbox.cgroup {
