@@ -158,10 +158,13 @@ pub fn devmem_kernel() -> Result<PathBuf, String> {
 }
 
 /// The static `guest-attack` binary the hostile-guest tests copy into a
-/// bundle: `$SANDBOXVM_GUEST_ATTACK`, or what `tests/build-guest-attack`
-/// builds.
+/// bundle: `$SANDBOXVM_GUEST_ATTACK`, or what `ci/build-static` builds.
 pub fn guest_attack_bin() -> Result<PathBuf, String> {
-    from_env_or_script("SANDBOXVM_GUEST_ATTACK", "tests/build-guest-attack", &[])
+    from_env_or_script(
+        "SANDBOXVM_GUEST_ATTACK",
+        "ci/build-static",
+        &["--release", "e2e", "guest-attack"],
+    )
 }
 
 /// Whether this host boots standard guests itself (`sandboxvm check` says

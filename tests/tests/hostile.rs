@@ -24,25 +24,32 @@ struct Watched {
     console_log: u64,
 }
 
-/// Shell code for `run_during`: samples the VMM of the run (the one whose
-/// console log is under `state/`) every 0.2 s until the run ends, keeping
-/// the largest figures in `watched`.
+/// Shell code that samples a VMM every 0.2 s while the process `$pid` (the
+/// run, or the VMM itself) lives, keeping in `watched` the largest RssAnon of
+/// the process `vmm_pid` prints and the largest sizes of the `vmm.log` and
+/// `console*` files under `state/`.
 const WATCH: &str = r#"
 anon=0 vlog=0 clog=0
 while kill -0 $pid 2>/dev/null; do
-  vmm=$(pgrep -f "boot .*--console-log $PWD/state/" | head -n1)
+  vmm=$(vmm_pid)
   if [ -n "$vmm" ]; then
     a=$(awk '/^RssAnon:/ {print $2}' /proc/$vmm/status 2>/dev/null || true)
     [ "${a:-0}" -gt $anon ] && anon=$a
   fi
   v=$(find state -name vmm.log -printf '%s\n' 2>/dev/null | sort -n | tail -n1)
   [ "${v:-0}" -gt $vlog ] && vlog=$v
-  c=$(find state -name 'console.log*' -printf '%s\n' 2>/dev/null | awk '{n += $1} END {print n + 0}')
+  c=$(find state -name 'console*' -printf '%s\n' 2>/dev/null | awk '{n += $1} END {print n + 0}')
   [ "${c:-0}" -gt $clog ] && clog=$c
   sleep 0.2
 done
 echo "$anon $vlog $clog" >watched
 "#;
+
+/// [`WATCH`] for `run_during`: the run's VMM is the one whose console log
+/// is under its `state/`.
+fn watch_run() -> String {
+    format!("vmm_pid() {{ pgrep -f \"boot .*--console-log $PWD/state/\" | head -n1; }}\n{WATCH}")
+}
 
 /// The figures a watch loop wrote to `file`: "RssAnon vmm.log console".
 fn watched(file: &Path) -> Watched {
@@ -108,7 +115,7 @@ fn an_owned_guest_floods_registers_and_feeds_the_net_device_garbage() {
             "(ip tuntap add dev {tap} mode tap && ip link set {tap} up && {{}}; \
              s=$?; ip link del {tap}; exit $s)"
         )),
-        WATCH,
+        &watch_run(),
     );
     let w = watched(&b.with_extension("out").join("watched"));
     eprintln!("guest-attack said:\n{}", r.stdout);
@@ -170,11 +177,12 @@ fn an_owned_guest_that_cuts_off_its_agent_ends_its_run_with_one_line() {
     let a = artefacts();
     let during = format!(
         "{} run --root $PWD/other-state --kernel {} --initrd {} {} >other.out 2>other.err &\n\
-         other=$!\n{WATCH}\nwait $other; echo $? >other.code\n",
+         other=$!\n{}\nwait $other; echo $? >other.code\n",
         sandboxvm_bin().display(),
         a.kernel.display(),
         a.initrd.display(),
-        other.display()
+        other.display(),
+        watch_run()
     );
     let r = run_during(&b, &kernel_arg(), "", None, &during);
     let w = watched(&b.with_extension("out").join("watched"));
@@ -219,19 +227,13 @@ fn a_guest_that_posts_no_vsock_receive_buffers_cannot_grow_the_vmm() {
     .unwrap();
     let script = format!(
         r#"cd {dir}
-{bin} boot --kernel {kernel} --initrd attack.cpio --vsock $PWD/v.sock >console 2>vmm.log &
+mkdir state
+{bin} boot --kernel {kernel} --initrd attack.cpio --vsock $PWD/v.sock >state/console 2>state/vmm.log &
 pid=$!
-anon=0 vlog=0
-while kill -0 $pid 2>/dev/null; do
-  a=$(awk '/^RssAnon:/ {{print $2}}' /proc/$pid/status 2>/dev/null || true)
-  [ "${{a:-0}}" -gt $anon ] && anon=$a
-  v=$(stat -c %s vmm.log)
-  [ "$v" -gt $vlog ] && vlog=$v
-  sleep 0.2
-done
+vmm_pid() {{ echo $pid; }}
+{WATCH}
 wait $pid
 echo $? >code
-echo "$anon $vlog $(stat -c %s console)" >watched
 "#,
         dir = dir.display(),
         bin = sandboxvm_bin().display(),
@@ -241,10 +243,11 @@ echo "$anon $vlog $(stat -c %s console)" >watched
     let out = on_kvm_host(&["bash", dir.join("script.sh").to_str().unwrap()])
         .output()
         .unwrap();
-    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    let read = |f: &str| std::fs::read_to_string(dir.join("state").join(f)).unwrap_or_default();
     let console = read("console");
     eprintln!("console:\n{console}\nvmm.log:\n{}", read("vmm.log"));
-    assert_eq!(read("code").trim(), "0", "{out:?}");
+    let code = std::fs::read_to_string(dir.join("code")).unwrap_or_default();
+    assert_eq!(code.trim(), "0", "{out:?}");
     let said = console
         .lines()
         .find(|l| l.starts_with("vsock: ") && l.contains("packets sent"))

@@ -4,7 +4,7 @@
 //! drives the virtio-mmio registers through `/dev/mem` and, once it has
 //! taken a device from its guest driver, writes the device's virtqueue rings
 //! itself in memory whose guest-physical addresses it reads from
-//! `/proc/self/pagemap`. Built static (as the agent) and copied into a test
+//! `/proc/self/pagemap`. Built static (`ci/build-static`, as the agent) and copied into a test
 //! bundle's rootfs by the hostile-guest e2e tests (`tests/tests/hostile.rs`).
 //!
 //! ```text
@@ -380,7 +380,14 @@ fn console_flood(seconds: u64) {
 /// One bad chain on the net device's transmit queue, judged by the status
 /// and used index it leaves.
 fn net_attack(dev: &Mmio, queues: &mut [Queue], buf: &Dma, name: &str) {
-    let mut desc_at = None;
+    if name == "queue-outside-memory" {
+        let status = set_up(dev, queues, Some(OUTSIDE));
+        println!(
+            "net {name}: status {status:#x} needs-reset {}",
+            status & NEEDS_RESET != 0
+        );
+        return;
+    }
     let status = set_up(dev, queues, None);
     if status & DRIVER_OK == 0 {
         die(format!(
@@ -421,7 +428,6 @@ fn net_attack(dev: &Mmio, queues: &mut [Queue], buf: &Dma, name: &str) {
         "index-far-ahead" => {
             tx.page.put(AVAIL + 2, 0x9000u16);
         }
-        "queue-outside-memory" => desc_at = Some(OUTSIDE),
         "reactivate" => {
             // DRIVER_OK cleared and set again, a queue disabled and its
             // size changed, all without a reset.
@@ -433,14 +439,6 @@ fn net_attack(dev: &Mmio, queues: &mut [Queue], buf: &Dma, name: &str) {
             dev.write(reg::QUEUE_READY, 1);
         }
         _ => die(format!("no net attack {name}")),
-    }
-    if let Some(at) = desc_at {
-        let status = set_up(dev, queues, Some(at));
-        println!(
-            "net {name}: status {status:#x} needs-reset {}",
-            status & NEEDS_RESET != 0
-        );
-        return;
     }
     dev.write(reg::QUEUE_NOTIFY, 1);
     let used = wait_used(&queues[1], 1, Duration::from_millis(300));
