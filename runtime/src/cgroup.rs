@@ -125,6 +125,8 @@ pub struct Cgroup {
     /// The directories this made, outermost first.
     made: Vec<PathBuf>,
     procs: File,
+    /// Where [`Cgroup::record`] noted `made`.
+    record: Option<PathBuf>,
 }
 
 impl Cgroup {
@@ -155,7 +157,12 @@ impl Cgroup {
                     source,
                 }
             })?;
-        Ok(Cgroup { dir, made, procs })
+        Ok(Cgroup {
+            dir,
+            made,
+            procs,
+            record: None,
+        })
     }
 
     /// The cgroup's directory.
@@ -212,11 +219,7 @@ impl Drop for Cgroup {
     fn drop(&mut self) {
         // The processes were reaped; their cgroup empties a moment later
         // (anything they left, virtiofsd's sandboxed child, is killed).
-        if self.made.last() == Some(&self.dir) {
-            let _ = std::fs::write(self.dir.join("cgroup.kill"), "1");
-            remove_when_empty(&self.dir);
-        }
-        remove_dirs(&self.made);
+        remove_made(&self.made, self.record.as_deref());
     }
 }
 
@@ -226,14 +229,18 @@ impl Drop for Cgroup {
 const RECORD: &str = "cgroup";
 
 impl Cgroup {
-    /// Notes in `state_dir` what [`remove_recorded`] removes.
-    pub fn record(&self, state_dir: &Path) -> std::io::Result<()> {
+    /// Notes in `state_dir` what [`remove_recorded`] removes (the note
+    /// goes with the directories when this is dropped).
+    pub fn record(&mut self, state_dir: &Path) -> std::io::Result<()> {
         let mut text = String::new();
         for d in &self.made {
             text.push_str(&d.to_string_lossy());
             text.push('\n');
         }
-        std::fs::write(state_dir.join(RECORD), text)
+        let path = state_dir.join(RECORD);
+        std::fs::write(&path, text)?;
+        self.record = Some(path);
+        Ok(())
     }
 }
 
@@ -249,15 +256,24 @@ pub fn remove_recorded(state_dir: &Path) {
         // Only what this module can have made.
         .filter(|p| p.starts_with(MOUNT) && p.components().all(|c| c != Component::ParentDir))
         .collect();
+    remove_made(&made, Some(&state_dir.join(RECORD)));
+}
+
+/// Kills what is left in the innermost of `made` (the directories a
+/// sandbox made, outermost first: the innermost is its cgroup), removes
+/// them once empty, and then the `record` that names them; a record stays
+/// while its cgroup does, for a later delete to try again.
+fn remove_made(made: &[PathBuf], record: Option<&Path>) {
     // Processes killed just now leave their cgroup a moment later.
     if let Some(leaf) = made.last() {
         let _ = std::fs::write(leaf.join("cgroup.kill"), "1");
         remove_when_empty(leaf);
     }
-    remove_dirs(&made);
-    // Kept while the leaf stays, for a later delete to try again.
-    if made.last().is_none_or(|leaf| !leaf.exists()) {
-        let _ = std::fs::remove_file(state_dir.join(RECORD));
+    remove_dirs(made);
+    if let Some(record) = record {
+        if made.last().is_none_or(|leaf| !leaf.exists()) {
+            let _ = std::fs::remove_file(record);
+        }
     }
 }
 

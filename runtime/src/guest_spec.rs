@@ -93,9 +93,10 @@ pub struct GuestSpec {
     /// that mounts the share itself cannot write it either; the agent
     /// cannot then make mount points in it: [`GuestSpec::mount_points`].
     pub readonly_root: bool,
-    /// The mount points the agent needs in the rootfs itself (a mount's
-    /// destination not inside another mount), relative to the rootfs, and
-    /// whether each is a file (a bind of a file).
+    /// With `readonly_root`, the mount points the agent needs in the rootfs
+    /// itself (a mount's destination not inside another mount), relative to
+    /// the rootfs, and whether each is a file (a bind of a file); else none
+    /// (the agent makes them in the writable rootfs).
     pub mount_points: Vec<(PathBuf, bool)>,
 }
 
@@ -106,8 +107,12 @@ pub fn amend(spec: &Value, how: &Amend<'_>) -> Result<GuestSpec, Error> {
         return Err(Error::Invalid("config.json is not a JSON object".into()));
     }
     amend_namespaces(&mut spec, how);
-    let mount_points = mount_points(&spec);
     let readonly_root = spec["root"]["readonly"].as_bool().unwrap_or(false);
+    let mount_points = if readonly_root {
+        mount_points(&spec, &how.bundle_dir)
+    } else {
+        Vec::new()
+    };
     let binds = amend_mounts(&mut spec, how)?;
     if let Some(linux) = spec["linux"].as_object_mut() {
         linux.insert(
@@ -130,7 +135,8 @@ pub fn amend(spec: &Value, how: &Amend<'_>) -> Result<GuestSpec, Error> {
 /// The spec's mount destinations that lie in the rootfs itself (not
 /// below another mount's destination), as paths relative to the rootfs;
 /// a destination with `..` or `.` is left to the agent, which refuses it.
-fn mount_points(spec: &Value) -> Vec<(PathBuf, bool)> {
+/// A relative bind source is `bundle_dir`'s.
+fn mount_points(spec: &Value, bundle_dir: &Path) -> Vec<(PathBuf, bool)> {
     let mounts = spec["mounts"].as_array().map(Vec::as_slice).unwrap_or(&[]);
     let rel = |m: &Value| -> Option<PathBuf> {
         let d = m["destination"].as_str()?;
@@ -150,7 +156,7 @@ fn mount_points(spec: &Value) -> Vec<(PathBuf, bool)> {
         let is_file = is_bind(m)
             && m["source"]
                 .as_str()
-                .is_some_and(|s| std::fs::metadata(s).is_ok_and(|m| !m.is_dir()));
+                .is_some_and(|s| std::fs::metadata(bundle_dir.join(s)).is_ok_and(|m| !m.is_dir()));
         out.push((d, is_file));
     }
     out
@@ -475,10 +481,15 @@ mod tests {
         h.bundle_dir = std::env::temp_dir();
         let name = format!("sandboxvm-rel-{}", std::process::id());
         std::fs::write(std::env::temp_dir().join(&name), "x").unwrap();
-        let s = json!({"mounts": [{"destination": "/x", "type": "bind", "source": name}]});
+        let s = json!({
+            "root": {"path": "rootfs", "readonly": true},
+            "mounts": [{"destination": "/x", "type": "bind", "source": name}],
+        });
         let g = amend(&s, &h).unwrap();
         std::fs::remove_file(std::env::temp_dir().join(&name)).unwrap();
         assert_eq!(g.binds[0].source, std::env::temp_dir().join(&name));
+        // A file, so its mount point in a read-only rootfs is a file.
+        assert_eq!(g.mount_points, vec![(PathBuf::from("x"), true)]);
     }
 
     #[test]

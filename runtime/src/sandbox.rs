@@ -193,7 +193,7 @@ impl Sandbox {
 
         let mut memory_mib = opts.memory_mib;
         if let Some(rel) = &opts.cgroup {
-            let cgroup = Cgroup::create(rel)?;
+            let mut cgroup = Cgroup::create(rel)?;
             cgroup.record(&opts.dir).map_err(|source| Error::StateDir {
                 path: opts.dir.join("cgroup"),
                 source,
@@ -498,10 +498,7 @@ impl Drop for Sandbox {
         }
         // Its processes are reaped: the cgroup can go (its record stays
         // while it does not, for `delete` to try again).
-        if let Some(cgroup) = self.cgroup.take() {
-            drop(cgroup);
-            crate::cgroup::remove_recorded(&self.dir);
-        }
+        drop(self.cgroup.take());
         if let Network::Pod(pod) = std::mem::take(&mut self.network) {
             if let Err(e) = pod.teardown() {
                 log::warn!("pod network: {e}");
@@ -545,7 +542,7 @@ fn fit_memory(wanted_mib: u64, limit: Option<u64>, cgroup: &Path) -> Result<u64,
     let fit = (limit >> 20).saturating_sub(VMM_RESERVE_MIB);
     if fit < MIN_GUEST_MIB {
         return Err(Error::Memory(format!(
-            "cgroup {} allows {} MiB: not enough for a {MIN_GUEST_MIB} MiB guest and the VMM's              {VMM_RESERVE_MIB} MiB (give the pod's RuntimeClass an overhead)",
+            "cgroup {} allows {} MiB: not enough for a {MIN_GUEST_MIB} MiB guest and the VMM's {VMM_RESERVE_MIB} MiB (give the pod's RuntimeClass an overhead)",
             cgroup.display(),
             limit >> 20
         )));
