@@ -13,7 +13,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use protocol::agent::*;
-use ttrpc::proto::{GenMessage, MessageHeader, MESSAGE_HEADER_LENGTH, MESSAGE_LENGTH_MAX};
+use ttrpc::proto::{MessageHeader, MESSAGE_HEADER_LENGTH, MESSAGE_LENGTH_MAX};
 
 /// Decodes `bytes` as `M`; whatever decodes must encode and decode back to
 /// the same message.
@@ -35,13 +35,7 @@ fn decode_all(bytes: &[u8]) {
     roundtrip::<WaitProcessResponse>(bytes);
     roundtrip::<SignalProcessRequest>(bytes);
     roundtrip::<WriteStdinRequest>(bytes);
-    if let Some(r) = roundtrip::<WriteStdinResponse>(bytes) {
-        // runtime/src/agent.rs `write_stdin`: the guest's count is clamped
-        // to what was sent, so a lying reply cannot slice out of bounds.
-        let sent = bytes.len();
-        let n = (r.len as usize).min(sent);
-        assert!(n <= sent);
-    }
+    roundtrip::<WriteStdinResponse>(bytes);
     roundtrip::<ReadStreamRequest>(bytes);
     roundtrip::<ReadStreamResponse>(bytes);
     roundtrip::<TtyWinResizeRequest>(bytes);
@@ -85,23 +79,20 @@ fuzz_target!(|data: &[u8]| {
                 return;
             }
             let header = MessageHeader::from(&rest[..MESSAGE_HEADER_LENGTH]);
-            let body = &rest[MESSAGE_HEADER_LENGTH..];
-            let msg = GenMessage {
-                header,
-                payload: body[..body.len().min(header.length as usize)].to_vec(),
-            };
             // Oversized frames are refused before their body is read
             // (ttrpc's `check_oversize`).
             if header.length as usize > MESSAGE_LENGTH_MAX {
                 return;
             }
+            let body = &rest[MESSAGE_HEADER_LENGTH..];
+            let payload = &body[..body.len().min(header.length as usize)];
             if mode % 4 == 1 {
-                if let Some(req) = roundtrip::<ttrpc::Request>(&msg.payload) {
+                if let Some(req) = roundtrip::<ttrpc::Request>(payload) {
                     if req.service == "sandboxvm.agent.v1.Agent" || mode & 0x80 != 0 {
                         decode_request(&req.method, &req.payload);
                     }
                 }
-            } else if let Some(resp) = roundtrip::<ttrpc::Response>(&msg.payload) {
+            } else if let Some(resp) = roundtrip::<ttrpc::Response>(payload) {
                 decode_all(&resp.payload);
             }
         }

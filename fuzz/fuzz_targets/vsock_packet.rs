@@ -6,34 +6,18 @@
 
 #![no_main]
 
+use devices::virtio::vsock::connection::MAX_PKT_DATA;
 use devices::virtio::vsock::packet::{Header, Packet};
 use devices::virtio::vsock::queue_handler::VirtqQueues;
 use devices::virtio::vsock::GuestQueues;
 use libfuzzer_sys::fuzz_target;
-use sandboxvm_fuzz::{guest_memory, used_entry, write_desc, Input, QueueSpec};
+use sandboxvm_fuzz::{
+    decode_vsock_header as decode, guest_memory, used_entry, write_desc, Input, QueueSpec,
+    VSOCK_HDR_LEN,
+};
 use vm_memory::{Bytes, GuestAddress};
 
-const HDR_LEN: usize = 44;
-/// The largest tx payload the device accepts (`connection::MAX_PKT_DATA`).
-const MAX_PKT_DATA: usize = 64 * 1024;
-
-fn decode(h: &[u8; HDR_LEN]) -> Header {
-    let u64_at = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().unwrap());
-    let u32_at = |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().unwrap());
-    let u16_at = |i: usize| u16::from_le_bytes(h[i..i + 2].try_into().unwrap());
-    Header {
-        src_cid: u64_at(0),
-        dst_cid: u64_at(8),
-        src_port: u32_at(16),
-        dst_port: u32_at(20),
-        len: u32_at(24),
-        type_: u16_at(28),
-        op: u16_at(30),
-        flags: u32_at(32),
-        buf_alloc: u32_at(36),
-        fwd_cnt: u32_at(40),
-    }
-}
+const HDR_LEN: usize = VSOCK_HDR_LEN;
 
 fuzz_target!(|data: &[u8]| {
     let mut inp = Input::new(data);
@@ -97,7 +81,7 @@ fuzz_target!(|data: &[u8]| {
     match shape & 3 {
         // Header and payload in one descriptor (Linux >= 6.2).
         0 => {
-            let _ = mem.write_slice(&payload, GuestAddress(hdr_at.wrapping_add(44)));
+            let _ = mem.write_slice(&payload, GuestAddress(hdr_at.wrapping_add(HDR_LEN as u64)));
             write_desc(
                 &mem,
                 0,

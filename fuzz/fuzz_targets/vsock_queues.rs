@@ -9,14 +9,14 @@
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 
-use devices::virtio::vsock::packet::{HOST_CID, TYPE_STREAM};
+use devices::virtio::vsock::packet::{Header, HOST_CID, TYPE_STREAM};
 use devices::virtio::vsock::queue_handler::VirtqQueues;
-use devices::virtio::vsock::{Muxer, QUEUE_SIZE};
+use devices::virtio::vsock::{connection, muxer, Muxer, QUEUE_SIZE};
 use devices::virtio::VirtioInterrupt;
 use libfuzzer_sys::fuzz_target;
 use sandboxvm_fuzz::{
-    check_used, driver_step, guest_memory, make_available, rx_tx_queues, scratch_dir, write_desc,
-    Input,
+    check_used, driver_step, encode_vsock_header, guest_memory, make_available, rx_tx_queues,
+    scratch_dir, write_desc, Input, VSOCK_HDR_LEN,
 };
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
@@ -24,10 +24,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const CID: u64 = 3;
 const LISTEN_PORT: u32 = 1024;
-/// `virtio_vsock_hdr`.
-const HDR_LEN: usize = 44;
+const HDR_LEN: usize = VSOCK_HDR_LEN;
 /// The largest payload the device puts in one rx packet.
-const MAX_PKT_DATA: u32 = 64 * 1024;
+const MAX_PKT_DATA: u32 = connection::MAX_PKT_DATA as u32;
 
 /// A header from the input, mostly with the CIDs and type the muxer
 /// accepts so the fuzzer reaches the connection state machines.
@@ -43,7 +42,7 @@ fn header(inp: &mut Input, len: u32) -> [u8; HDR_LEN] {
         0 => LISTEN_PORT,
         1 => inp.u32(),
         // The host side's local ports (host-initiated connections).
-        2 => (1 << 30) + u32::from(inp.u8() % 4),
+        2 => muxer::LOCAL_PORT_BASE + u32::from(inp.u8() % 4),
         _ => 7,
     };
     let op_ = match inp.u8() {
@@ -51,18 +50,19 @@ fn header(inp: &mut Input, len: u32) -> [u8; HDR_LEN] {
         _ => inp.u16(),
     };
     let len = if tag & 1 != 0 { inp.u32() } else { len };
-    let mut h = [0u8; HDR_LEN];
-    h[0..8].copy_from_slice(&src_cid.to_le_bytes());
-    h[8..16].copy_from_slice(&dst_cid.to_le_bytes());
-    h[16..20].copy_from_slice(&src_port.to_le_bytes());
-    h[20..24].copy_from_slice(&dst_port.to_le_bytes());
-    h[24..28].copy_from_slice(&len.to_le_bytes());
-    h[28..30].copy_from_slice(&type_.to_le_bytes());
-    h[30..32].copy_from_slice(&op_.to_le_bytes());
-    h[32..36].copy_from_slice(&inp.u32().to_le_bytes()); // flags
-    h[36..40].copy_from_slice(&inp.u32().to_le_bytes()); // buf_alloc
-    h[40..44].copy_from_slice(&inp.u32().to_le_bytes()); // fwd_cnt
-    h
+    // The last three fields are read from the input in this order.
+    encode_vsock_header(&Header {
+        src_cid,
+        dst_cid,
+        src_port,
+        dst_port,
+        len,
+        type_,
+        op: op_,
+        flags: inp.u32(),
+        buf_alloc: inp.u32(),
+        fwd_cnt: inp.u32(),
+    })
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -113,17 +113,17 @@ fuzz_target!(|data: &[u8]| {
                     0 => write_desc(&mem, txq.desc_table(), head, at, HDR_LEN as u32, 0, 0),
                     1 => {
                         write_desc(&mem, txq.desc_table(), head, at, HDR_LEN as u32, 1, n1);
-                        write_desc(&mem, txq.desc_table(), n1, at + 44, plen, 0, 0);
+                        write_desc(&mem, txq.desc_table(), n1, at + HDR_LEN as u64, plen, 0, 0);
                     }
                     _ => {
                         let half = plen / 2;
                         write_desc(&mem, txq.desc_table(), head, at, HDR_LEN as u32, 1, n1);
-                        write_desc(&mem, txq.desc_table(), n1, at + 44, half, 1, n2);
+                        write_desc(&mem, txq.desc_table(), n1, at + HDR_LEN as u64, half, 1, n2);
                         write_desc(
                             &mem,
                             txq.desc_table(),
                             n2,
-                            at + 44 + half as u64,
+                            at + HDR_LEN as u64 + half as u64,
                             plen - half,
                             0,
                             0,

@@ -6,6 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use devices::virtio::vsock::packet::Header;
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -43,11 +45,6 @@ impl<'a> Input<'a> {
         let (head, tail) = self.data.split_at(n);
         self.data = tail;
         head
-    }
-
-    /// The rest of the input.
-    pub fn rest(&mut self) -> &'a [u8] {
-        self.bytes(self.data.len())
     }
 
     fn array<const N: usize>(&mut self) -> [u8; N] {
@@ -235,13 +232,9 @@ pub fn write_desc(
     flags: u16,
     next: u16,
 ) {
-    let mut raw = [0u8; 16];
-    raw[..8].copy_from_slice(&addr.to_le_bytes());
-    raw[8..12].copy_from_slice(&len.to_le_bytes());
-    raw[12..14].copy_from_slice(&flags.to_le_bytes());
-    raw[14..].copy_from_slice(&next.to_le_bytes());
+    let desc = RawDescriptor::from(Descriptor::new(addr, len, flags, next));
     let at = table.wrapping_add(16 * u64::from(idx));
-    let _ = mem.write_slice(&raw, GuestAddress(at));
+    let _ = mem.write_obj(desc, GuestAddress(at));
 }
 
 /// Driver side: puts `head` on the available ring of `q` and bumps its
@@ -412,4 +405,42 @@ pub fn scratch_dir() -> &'static Path {
         unsafe { libc::atexit(cleanup) };
         dir
     })
+}
+
+/// The size of a vsock packet header (`virtio_vsock_hdr`) in guest memory.
+pub const VSOCK_HDR_LEN: usize = 44;
+
+/// A vsock packet header as the guest lays it out (little endian).
+pub fn encode_vsock_header(h: &Header) -> [u8; VSOCK_HDR_LEN] {
+    let mut b = [0u8; VSOCK_HDR_LEN];
+    b[0..8].copy_from_slice(&h.src_cid.to_le_bytes());
+    b[8..16].copy_from_slice(&h.dst_cid.to_le_bytes());
+    b[16..20].copy_from_slice(&h.src_port.to_le_bytes());
+    b[20..24].copy_from_slice(&h.dst_port.to_le_bytes());
+    b[24..28].copy_from_slice(&h.len.to_le_bytes());
+    b[28..30].copy_from_slice(&h.type_.to_le_bytes());
+    b[30..32].copy_from_slice(&h.op.to_le_bytes());
+    b[32..36].copy_from_slice(&h.flags.to_le_bytes());
+    b[36..40].copy_from_slice(&h.buf_alloc.to_le_bytes());
+    b[40..44].copy_from_slice(&h.fwd_cnt.to_le_bytes());
+    b
+}
+
+/// The header the guest laid out in `b`.
+pub fn decode_vsock_header(b: &[u8; VSOCK_HDR_LEN]) -> Header {
+    let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+    let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+    let u16_at = |i: usize| u16::from_le_bytes(b[i..i + 2].try_into().unwrap());
+    Header {
+        src_cid: u64_at(0),
+        dst_cid: u64_at(8),
+        src_port: u32_at(16),
+        dst_port: u32_at(20),
+        len: u32_at(24),
+        type_: u16_at(28),
+        op: u16_at(30),
+        flags: u32_at(32),
+        buf_alloc: u32_at(36),
+        fwd_cnt: u32_at(40),
+    }
 }

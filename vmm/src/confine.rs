@@ -314,16 +314,13 @@ mod tests {
 
     #[test]
     fn the_vmm_keeps_no_capability_and_cannot_regain_one() {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "confine::tests::confined_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("SANDBOXVM_TEST_CONFINE_CHILD", "1")
-            .output()
-            .unwrap();
+        let out = crate::child_test(
+            "SANDBOXVM_TEST_CONFINE_CHILD",
+            "confine::tests::confined_child",
+            "1",
+        )
+        .output()
+        .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{text}");
         let field = |name: &str| {
@@ -424,18 +421,15 @@ mod tests {
             std::os::unix::fs::PermissionsExt::from_mode(0o600),
         )
         .unwrap();
-        let child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "confine::tests::jailed_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("SANDBOXVM_TEST_JAIL_CHILD", &dir)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = crate::child_test(
+            "SANDBOXVM_TEST_JAIL_CHILD",
+            "confine::tests::jailed_child",
+            &dir,
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
         let id = AUTO_ID_BASE + child.id();
         let out = child.wait_with_output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout);

@@ -343,6 +343,22 @@ fn outcome(
     }
 }
 
+/// Test seam: this test executable run again for the one test `test`
+/// only, with `var=value` in its environment (a child test does its work,
+/// a seccomp filter or a jail that would end the test runner, only when
+/// `var` is set).
+#[cfg(test)]
+pub(crate) fn child_test(
+    var: &str,
+    test: &str,
+    value: impl AsRef<std::ffi::OsStr>,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(var, value);
+    cmd
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -80,21 +80,24 @@ pub fn enable() -> Result<(), Error> {
     apply(Thread::Process)
 }
 
+/// The compiled filter named `key` in the allowlists.
+fn filter(key: &str) -> Result<&'static BpfProgram, Error> {
+    filters()?
+        .get(key)
+        .ok_or_else(|| Error::Compile(format!("no {key} filter")))
+}
+
 /// Adds `thread`'s filter to the calling thread, if filtering is on.
 pub fn apply(thread: Thread) -> Result<(), Error> {
     if !ENABLED.load(Ordering::SeqCst) {
         return Ok(());
     }
-    let prog = filters()?
-        .get(thread.key())
-        .ok_or_else(|| Error::Compile(format!("no {} filter", thread.key())))?;
+    let prog = filter(thread.key())?;
     let installed = if thread == Thread::Process {
         // Every thread of the process, should one exist already; with
         // clone3 failing, so that new threads come from the clone whose
         // flags the process filter checks.
-        let threads_only = filters()?
-            .get("threads_only")
-            .ok_or_else(|| Error::Compile("no threads_only filter".into()))?;
+        let threads_only = filter("threads_only")?;
         seccompiler::apply_filter_all_threads(threads_only)
             .and_then(|()| seccompiler::apply_filter_all_threads(prog))
     } else {
@@ -259,16 +262,13 @@ mod tests {
 
     #[test]
     fn the_vmm_makes_threads_but_cannot_fork() {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "seccomp::tests::forking_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("SANDBOXVM_TEST_SECCOMP_FORK", "1")
-            .output()
-            .unwrap();
+        let out = crate::child_test(
+            "SANDBOXVM_TEST_SECCOMP_FORK",
+            "seccomp::tests::forking_child",
+            "1",
+        )
+        .output()
+        .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("a thread ran\n"), "{err}");
         assert!(err.contains("clone3: -1 38\n"), "ENOSYS: {err}");
@@ -282,16 +282,13 @@ mod tests {
 
     #[test]
     fn a_forbidden_syscall_ends_the_process_with_one_line() {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "seccomp::tests::filtered_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("SANDBOXVM_TEST_SECCOMP_CHILD", "1")
-            .output()
-            .unwrap();
+        let out = crate::child_test(
+            "SANDBOXVM_TEST_SECCOMP_CHILD",
+            "seccomp::tests::filtered_child",
+            "1",
+        )
+        .output()
+        .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(EXIT_STATUS), "{err}");
         // openat is 257 on x86_64.
