@@ -88,10 +88,28 @@ impl Share {
         Ok(self.guest_path(sub))
     }
 
+    /// Shares a container whose guest spec is `guest`: its rootfs `rootfs`
+    /// at `<prefix>rootfs` and its host binds under `<prefix>mounts/`
+    /// (`prefix`: a pod container's directory, with its slash, or "").
+    pub fn add_container(
+        &self,
+        prefix: &str,
+        rootfs: &Path,
+        guest: &crate::guest_spec::GuestSpec,
+    ) -> Result<(), Error> {
+        self.bind_rootfs(
+            rootfs,
+            &format!("{prefix}rootfs"),
+            guest.readonly_root,
+            &guest.mount_points,
+        )?;
+        self.bind_all(prefix, &guest.binds)
+    }
+
     /// Binds the container's rootfs `src` at `sub` in the share; with
     /// `readonly` (`root.readonly`) read-only, after making the mount
     /// points the agent needs in it ([`make_mount_points`]).
-    pub fn bind_rootfs(
+    fn bind_rootfs(
         &self,
         src: &Path,
         sub: &str,
@@ -107,9 +125,8 @@ impl Share {
         self.bind(src, sub, readonly)
     }
 
-    /// Binds every one of `binds` at `<prefix>mounts/<name>` in the share
-    /// (`prefix`: a pod container's directory, with its slash, or "").
-    pub fn bind_all(&self, prefix: &str, binds: &[HostBind]) -> Result<(), Error> {
+    /// Binds every one of `binds` at `<prefix>mounts/<name>` in the share.
+    fn bind_all(&self, prefix: &str, binds: &[HostBind]) -> Result<(), Error> {
         for b in binds {
             self.bind(&b.source, &format!("{prefix}mounts/{}", b.name), b.readonly)?;
         }
@@ -436,13 +453,7 @@ pub fn share_bundle(
         },
     )
     .map_err(|e| Error::Spec(e.to_string()))?;
-    share.bind_rootfs(
-        &bundle.rootfs,
-        "rootfs",
-        guest.readonly_root,
-        &guest.mount_points,
-    )?;
-    share.bind_all("", &guest.binds)?;
+    share.add_container("", &bundle.rootfs, &guest)?;
     Ok((share, guest.json))
 }
 

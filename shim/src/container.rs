@@ -116,13 +116,7 @@ impl Container {
         )
         .map_err(|e| Error::Invalid(e.to_string()))?;
         let cleanup = Share(dir.clone());
-        share.bind_rootfs(
-            &bundle.rootfs,
-            &format!("{id}/rootfs"),
-            guest.readonly_root,
-            &guest.mount_points,
-        )?;
-        share.bind_all(&format!("{id}/"), &guest.binds)?;
+        share.add_container(&format!("{id}/"), &bundle.rootfs, &guest)?;
         pod.agent
             .create_in(&id, &guest.json, ROOTFS_TAG, &format!("{id}/rootfs"))?;
         let stdio = Paths {
