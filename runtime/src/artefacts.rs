@@ -1,7 +1,9 @@
 //! Where the guest kernel, the agent's initramfs and virtiofsd are found.
 //!
 //! In order: an explicit flag, the environment (`SANDBOXVM_KERNEL`,
-//! `SANDBOXVM_INITRD`, `SANDBOXVM_VIRTIOFSD`), the build cache
+//! `SANDBOXVM_INITRD`, `SANDBOXVM_VIRTIOFSD`), the configuration file
+//! ([`crate::config`]: `guest.kernel`, `guest.initrd`, `virtiofsd.path`),
+//! the build cache
 //! (`${SANDBOXVM_CACHE:-~/.cache/sandboxvm}/vmlinux` and `initramfs.cpio`,
 //! links that `kernel-config/build` and `guest-agent/build-initramfs` keep
 //! pointing at their latest result), then the install location
@@ -46,30 +48,35 @@ fn cache_dir() -> PathBuf {
     base.join("sandboxvm")
 }
 
+/// The first of the flag, the environment variable `env` and the
+/// configured path that is given; it must exist.
+fn given(
+    flag: Option<&Path>,
+    env: &str,
+    configured: Option<&Path>,
+    what: &'static str,
+) -> Option<Result<PathBuf, Error>> {
+    let p = flag
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os(env).map(PathBuf::from))
+        .or_else(|| configured.map(Path::to_path_buf))?;
+    Some(if p.is_file() {
+        Ok(p)
+    } else {
+        Err(Error::Missing { what, path: p })
+    })
+}
+
 fn find(
     flag: Option<&Path>,
+    configured: Option<&Path>,
     what: &'static str,
     env: &str,
     name: &str,
     hint: &'static str,
 ) -> Result<PathBuf, Error> {
-    if let Some(p) = flag {
-        return if p.is_file() {
-            Ok(p.to_path_buf())
-        } else {
-            Err(Error::Missing {
-                what,
-                path: p.to_path_buf(),
-            })
-        };
-    }
-    if let Some(p) = std::env::var_os(env) {
-        let p = PathBuf::from(p);
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(Error::Missing { what, path: p })
-        };
+    if let Some(found) = given(flag, env, configured, what) {
+        return found;
     }
     let candidates = [cache_dir().join(name), Path::new(SHARE_DIR).join(name)];
     for c in &candidates {
@@ -88,10 +95,12 @@ fn find(
     })
 }
 
-/// The guest kernel.
-pub fn kernel(flag: Option<&Path>) -> Result<PathBuf, Error> {
+/// The guest kernel: `flag`, else `$SANDBOXVM_KERNEL`, else `configured`,
+/// else the build cache or the install location.
+pub fn kernel(flag: Option<&Path>, configured: Option<&Path>) -> Result<PathBuf, Error> {
     find(
         flag,
+        configured,
         "guest kernel",
         "SANDBOXVM_KERNEL",
         "vmlinux",
@@ -99,10 +108,11 @@ pub fn kernel(flag: Option<&Path>) -> Result<PathBuf, Error> {
     )
 }
 
-/// The guest agent's initramfs.
-pub fn initrd(flag: Option<&Path>) -> Result<PathBuf, Error> {
+/// The guest agent's initramfs (looked for as [`kernel`]).
+pub fn initrd(flag: Option<&Path>, configured: Option<&Path>) -> Result<PathBuf, Error> {
     find(
         flag,
+        configured,
         "guest initramfs",
         "SANDBOXVM_INITRD",
         "initramfs.cpio",
@@ -110,10 +120,11 @@ pub fn initrd(flag: Option<&Path>) -> Result<PathBuf, Error> {
     )
 }
 
-/// virtiofsd: `SANDBOXVM_VIRTIOFSD`, `PATH`, `~/.cargo/bin`, `/usr/libexec`.
-pub fn virtiofsd() -> Result<PathBuf, Error> {
-    if let Some(p) = std::env::var_os("SANDBOXVM_VIRTIOFSD") {
-        return Ok(PathBuf::from(p));
+/// virtiofsd: `SANDBOXVM_VIRTIOFSD`, `configured`, `PATH`, `~/.cargo/bin`,
+/// `/usr/libexec`.
+pub fn virtiofsd(configured: Option<&Path>) -> Result<PathBuf, Error> {
+    if let Some(found) = given(None, "SANDBOXVM_VIRTIOFSD", configured, "virtiofsd") {
+        return found;
     }
     let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| {

@@ -153,10 +153,11 @@ impl Bundle {
         own.max(pod)
     }
 
-    /// Guest memory in MiB: the spec's memory limit (or for a pod sandbox,
-    /// the pod's the CRI annotates it with, whichever is larger) plus room
-    /// for the guest kernel and agent; at least the VMM default.
-    pub fn memory_mib(&self) -> u64 {
+    /// Guest memory in MiB the spec needs: its memory limit (or for a pod
+    /// sandbox, the pod's the CRI annotates it with, whichever is larger)
+    /// plus room for the guest kernel and agent; None without a limit (the
+    /// configuration's default applies, [`crate::config::Config::size`]).
+    pub fn memory_mib(&self) -> Option<u64> {
         let own = self
             .spec
             .linux()
@@ -166,11 +167,12 @@ impl Bundle {
             .and_then(|m| m.limit());
         let pod = self.cri_number(SANDBOX_MEMORY);
         let limit = own.into_iter().chain(pod).filter(|&l| l > 0).max();
-        match limit {
-            Some(bytes) => ((bytes as u64).div_ceil(1 << 20) + GUEST_OVERHEAD_MIB)
-                .max(vmm::config::DEFAULT_MEMORY_MIB),
-            None => vmm::config::DEFAULT_MEMORY_MIB,
-        }
+        limit.map(|bytes| (bytes as u64).div_ceil(1 << 20) + GUEST_OVERHEAD_MIB)
+    }
+
+    /// The spec's annotations.
+    pub fn annotations(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.spec.annotations().iter().flat_map(|a| a.iter())
     }
 
     /// Whether the process wants a terminal.
@@ -263,7 +265,7 @@ mod tests {
             std::fs::canonicalize(d.path()).unwrap().join("rootfs")
         );
         assert_eq!(b.vcpus(), 2);
-        assert_eq!(b.memory_mib(), 512 + GUEST_OVERHEAD_MIB);
+        assert_eq!(b.memory_mib(), Some(512 + GUEST_OVERHEAD_MIB));
         assert!(!b.terminal());
     }
 
@@ -276,12 +278,12 @@ mod tests {
             "linux":{"resources":{"cpu":{"shares":2}}}}"#;
         let b = Bundle::load(bundle(pause, true).path()).unwrap();
         assert_eq!(b.vcpus(), 3);
-        assert_eq!(b.memory_mib(), 1024 + GUEST_OVERHEAD_MIB);
+        assert_eq!(b.memory_mib(), Some(1024 + GUEST_OVERHEAD_MIB));
         // No limits in the pod (0, as containerd writes it): the defaults.
         let unlimited = pause.replace("250000", "0").replace("1073741824", "0");
         let b = Bundle::load(bundle(&unlimited, true).path()).unwrap();
         assert_eq!(b.vcpus(), 1);
-        assert_eq!(b.memory_mib(), vmm::config::DEFAULT_MEMORY_MIB);
+        assert_eq!(b.memory_mib(), None);
         // Garbage is ignored; the container's own limits still count.
         let junk = GOOD.replace(
             r#""root":"#,
@@ -289,7 +291,7 @@ mod tests {
         );
         let b = Bundle::load(bundle(&junk, true).path()).unwrap();
         assert_eq!(b.vcpus(), 2);
-        assert_eq!(b.memory_mib(), 512 + GUEST_OVERHEAD_MIB);
+        assert_eq!(b.memory_mib(), Some(512 + GUEST_OVERHEAD_MIB));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`agent`]: the guest agent's API over the VM's vsock;
 //! - [`bundle`]: OCI bundles; [`artefacts`]: where kernel, initramfs and
 //!   virtiofsd are found; [`signals`], [`tty`]: host-side helpers;
+//! - [`config`]: the configuration file (`/etc/sandboxvm/config.toml`);
 //! - [`timeouts`]: how long the host waits for the guest;
 //!   [`guest_console`]: the guest console read for diagnostics;
 //! - [`net`]: pod networking (a host network namespace mirrored into the VM).
@@ -13,6 +14,7 @@ pub mod agent;
 pub mod artefacts;
 pub mod bundle;
 pub mod cgroup;
+pub mod config;
 pub mod guest_console;
 pub mod guest_spec;
 pub mod net;

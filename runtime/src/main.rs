@@ -5,12 +5,18 @@
 
 mod cli;
 
-use sandboxvm::{artefacts, bundle, sandbox, signals, timeouts, tty};
+use sandboxvm::{bundle, sandbox, signals, timeouts, tty};
 
 use clap::Parser;
 
 fn main() {
     let cli = cli::Cli::try_parse().unwrap_or_else(|e| usage_error(e));
+    if let Some(config) = &cli.config {
+        // The library's own lookups (the OCI commands' agent limits) and
+        // the processes this one starts see the same file. Set before any
+        // thread exists.
+        std::env::set_var(sandboxvm::config::ENV, config);
+    }
     let g = cli::Globals {
         verbose: if cli.debug {
             cli.verbose.max(2)
@@ -20,6 +26,7 @@ fn main() {
         root: cli.root,
         log: cli.log,
         log_format: cli.log_format,
+        config: cli.config,
     };
     let to_stderr = g.log.is_none() && !cli.command.is_monitor();
     init_logging(&g, to_stderr);
@@ -87,8 +94,13 @@ fn dedup_chain(chain: &[String]) -> String {
 /// its stderr is the container's.
 fn init_logging(g: &cli::Globals, to_stderr: bool) {
     use std::io::Write;
+    // Without -v, the configuration's level (a broken file is reported by
+    // the command that needs it).
+    let configured = sandboxvm::config::Loaded::load(g.config.as_deref())
+        .ok()
+        .and_then(|l| l.config.log.level);
     let default = match g.verbose {
-        0 => "warn",
+        0 => configured.map_or("warn", |l| l.as_str()),
         1 => "info",
         2 => "debug",
         _ => "trace",

@@ -74,6 +74,12 @@ pub enum Error {
     /// The VM does not fit the memory it may use.
     #[error("{0}")]
     Memory(String),
+    /// The kernel, initramfs or virtiofsd is not there.
+    #[error(transparent)]
+    Artefact(#[from] crate::artefacts::Error),
+    /// The configuration refuses the VM's size or the pod's annotations.
+    #[error("{0}")]
+    Config(String),
 }
 
 /// How to start a sandbox.
@@ -95,6 +101,13 @@ pub struct Options {
     pub shared_dir: PathBuf,
     /// virtiofsd binary.
     pub virtiofsd: PathBuf,
+    /// virtiofsd's cache mode.
+    pub virtiofsd_cache: crate::config::CacheMode,
+    /// virtiofsd's thread pool.
+    pub virtiofsd_threads: u16,
+    /// The VMM jailed, as its own user, under seccomp (see
+    /// [`crate::config::Vmm::confine`]).
+    pub confine: bool,
     /// Extra kernel command line.
     pub cmdline: String,
     /// Log level passed to the VMM (`-v` count).
@@ -105,6 +118,67 @@ pub struct Options {
     /// The host cgroup of the VMM and virtiofsd, relative to the cgroup
     /// mount ([`crate::cgroup::resolve`]); None: the caller's.
     pub cgroup: Option<PathBuf>,
+}
+
+/// What a command line sets over the configuration (`run`'s flags).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--kernel`.
+    pub kernel: Option<PathBuf>,
+    /// `--initrd`.
+    pub initrd: Option<PathBuf>,
+    /// `--cpus`.
+    pub vcpus: Option<u8>,
+    /// `--memory`.
+    pub memory_mib: Option<u64>,
+    /// `-v` count, passed on to the VMM.
+    pub verbose: u8,
+}
+
+impl Options {
+    /// How to start the sandbox of `bundle` in `dir` under `config`: the
+    /// artefacts found ([`crate::artefacts`]), the VM sized from the
+    /// bundle's resources and annotations
+    /// ([`crate::config::Config::size`]), `flags` over both. The one place
+    /// that `run`, `create` and the containerd shim get their options from.
+    pub fn for_bundle(
+        config: &crate::config::Config,
+        dir: PathBuf,
+        id: &crate::oci::ContainerId,
+        bundle: &crate::bundle::Bundle,
+        flags: &Overrides,
+    ) -> Result<Options, Error> {
+        let size = config
+            .size(
+                Some(bundle.vcpus()),
+                bundle.memory_mib(),
+                bundle.annotations(),
+            )
+            .map_err(Error::Config)?;
+        Ok(Options {
+            dir,
+            id: id.clone(),
+            kernel: crate::artefacts::kernel(
+                flags.kernel.as_deref(),
+                config.guest.kernel.as_deref(),
+            )?,
+            initrd: crate::artefacts::initrd(
+                flags.initrd.as_deref(),
+                config.guest.initrd.as_deref(),
+            )?,
+            vcpus: flags.vcpus.unwrap_or(size.vcpus),
+            memory_mib: flags.memory_mib.unwrap_or(size.memory_mib),
+            shared_dir: bundle.rootfs.clone(),
+            virtiofsd: crate::artefacts::virtiofsd(config.virtiofsd.path.as_deref())?,
+            virtiofsd_cache: config.virtiofsd.cache,
+            virtiofsd_threads: config.virtiofsd.thread_pool_size,
+            confine: config.vmm.confine,
+            cmdline: size.kernel_params,
+            verbose: flags.verbose,
+            vmm_exe: None,
+            cgroup: bundle.host_cgroup(id)?,
+        })
+    }
 }
 
 /// The virtio-fs tag of the container's root filesystem.
@@ -216,9 +290,9 @@ impl Sandbox {
         let mut cmd = Command::new(&opts.virtiofsd);
         cmd.arg(format!("--socket-path={}", fs_sock.display()))
             .arg(format!("--shared-dir={}", opts.shared_dir.display()))
+            .arg(format!("--cache={}", opts.virtiofsd_cache.as_str()))
+            .arg(format!("--thread-pool-size={}", opts.virtiofsd_threads))
             .args([
-                "--cache=auto",
-                "--thread-pool-size=1",
                 "--announce-submounts",
                 // File handles make creating files in sticky directories
                 // fail with ESTALE when the shared directory is itself on
@@ -282,10 +356,19 @@ impl Sandbox {
         for dev in sandbox.network.devices() {
             cmd.arg("--net").arg(dev.arg());
         }
-        // SANDBOXVM_VMM_CONFINE=off: the VMM without its jail, own user and
-        // seccomp filters, for measuring what they cost (ci/bench-run).
-        if std::env::var("SANDBOXVM_VMM_CONFINE").as_deref() == Ok("off") {
-            log::warn!("the VMM is not jailed, has no user of its own and no seccomp filters (SANDBOXVM_VMM_CONFINE=off)");
+        // vmm.confine = false or SANDBOXVM_VMM_CONFINE=off: the VMM without
+        // its jail, own user and seccomp filters, for measuring what they
+        // cost (ci/bench-run).
+        let env_off = std::env::var("SANDBOXVM_VMM_CONFINE").as_deref() == Ok("off");
+        if !opts.confine || env_off {
+            let why = if env_off {
+                "SANDBOXVM_VMM_CONFINE=off"
+            } else {
+                "vmm.confine = false"
+            };
+            log::warn!(
+                "the VMM is not jailed, has no user of its own and no seccomp filters ({why})"
+            );
             cmd.env("SANDBOXVM_VMM_SECCOMP", "off");
         } else {
             cmd.arg("--jail").arg(&vmm_dir).args(["--user", "auto"]);

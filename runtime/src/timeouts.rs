@@ -5,9 +5,11 @@
 //! - `call`: one ordinary agent call (30 s; the blocking ones, `Wait` and
 //!   the output reads, have none).
 //!
-//! `SANDBOXVM_BOOT_TIMEOUT` and `SANDBOXVM_AGENT_TIMEOUT` (seconds) replace
-//! the defaults; `SANDBOXVM_TIMEOUT_SCALE` (a factor, e.g. `4` on an
-//! emulated host) multiplies both. A call limit also scales with the guest
+//! The configuration file's `[timeouts]` (`boot_secs`, `agent_secs`,
+//! `scale`) replace the defaults; `SANDBOXVM_BOOT_TIMEOUT` and
+//! `SANDBOXVM_AGENT_TIMEOUT` (seconds) replace those, and
+//! `SANDBOXVM_TIMEOUT_SCALE` (a factor, e.g. `4` on an emulated host) the
+//! file's scale, which multiplies both. A call limit also scales with the guest
 //! itself: once the agent is up, calls get at least
 //! [`CALLS_PER_BOOT`] times the time the guest took to come up, so a host
 //! that boots guests slowly (overcommitted, or emulated) does not turn every
@@ -26,11 +28,20 @@ pub const CALLS_PER_BOOT: u32 = 20;
 
 /// Errors in the timeout settings.
 #[derive(Debug, thiserror::Error)]
-#[error("{var}={value:?}: {why}")]
-pub struct Error {
-    var: &'static str,
-    value: String,
-    why: &'static str,
+pub enum Error {
+    /// A variable's value.
+    #[error("{var}={value:?}: {why}")]
+    Setting {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// The configuration file.
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
 }
 
 /// The limits in force.
@@ -52,13 +63,23 @@ impl Default for Timeouts {
 }
 
 impl Timeouts {
-    /// The defaults with the environment's overrides and scale.
+    /// The limits of the configuration in force ([`crate::config`]) with
+    /// the environment's overrides.
     pub fn from_env() -> Result<Timeouts, Error> {
-        Timeouts::from_vars(|k| std::env::var(k).ok())
+        let loaded = crate::config::Loaded::load(None)?;
+        Timeouts::configured(&loaded.config.timeouts)
     }
 
-    /// As [`Timeouts::from_env`], reading variables through `var`.
-    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Timeouts, Error> {
+    /// `file`'s limits with the environment's overrides.
+    pub fn configured(file: &crate::config::Timeouts) -> Result<Timeouts, Error> {
+        Timeouts::from_vars(file, |k| std::env::var(k).ok())
+    }
+
+    /// As [`Timeouts::configured`], reading variables through `var`.
+    pub fn from_vars(
+        file: &crate::config::Timeouts,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Result<Timeouts, Error> {
         let secs = |name: &'static str, default: Duration| -> Result<Duration, Error> {
             match var(name) {
                 None => Ok(default),
@@ -66,7 +87,7 @@ impl Timeouts {
                     Ok(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => {
                         Ok(Duration::from_secs_f64(s))
                     }
-                    _ => Err(Error {
+                    _ => Err(Error::Setting {
                         var: name,
                         value: v,
                         why: "not a number of seconds between 0 and 86400",
@@ -75,17 +96,25 @@ impl Timeouts {
             }
         };
         let mut t = Timeouts {
-            boot: secs("SANDBOXVM_BOOT_TIMEOUT", DEFAULT_BOOT)?,
-            call: secs("SANDBOXVM_AGENT_TIMEOUT", DEFAULT_CALL)?,
+            boot: secs(
+                "SANDBOXVM_BOOT_TIMEOUT",
+                file.boot_secs.map_or(DEFAULT_BOOT, Duration::from_secs_f64),
+            )?,
+            call: secs(
+                "SANDBOXVM_AGENT_TIMEOUT",
+                file.agent_secs
+                    .map_or(DEFAULT_CALL, Duration::from_secs_f64),
+            )?,
         };
-        if let Some(v) = var("SANDBOXVM_TIMEOUT_SCALE") {
+        let scale = var("SANDBOXVM_TIMEOUT_SCALE").or_else(|| file.scale.map(|f| f.to_string()));
+        if let Some(v) = scale {
             match v.trim().parse::<f64>() {
                 Ok(f) if f.is_finite() && (0.1..=100.0).contains(&f) => {
                     t.boot = t.boot.mul_f64(f);
                     t.call = t.call.mul_f64(f);
                 }
                 _ => {
-                    return Err(Error {
+                    return Err(Error::Setting {
                         var: "SANDBOXVM_TIMEOUT_SCALE",
                         value: v,
                         why: "not a factor between 0.1 and 100",
@@ -96,10 +125,13 @@ impl Timeouts {
         Ok(t)
     }
 
-    /// The environment's limits with `boot_secs` (a `--boot-timeout` flag),
-    /// if given, replacing the boot limit.
-    pub fn with_boot_flag(boot_secs: Option<u64>) -> Result<Timeouts, Error> {
-        let mut t = Timeouts::from_env()?;
+    /// The limits of `file` and the environment with `boot_secs` (a
+    /// `--boot-timeout` flag), if given, replacing the boot limit.
+    pub fn with_boot_flag(
+        file: &crate::config::Timeouts,
+        boot_secs: Option<u64>,
+    ) -> Result<Timeouts, Error> {
+        let mut t = Timeouts::configured(file)?;
         if let Some(s) = boot_secs {
             t.boot = Duration::from_secs(s);
         }
@@ -123,7 +155,29 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Timeouts::from_vars(|k| m.get(k).cloned())
+        Timeouts::from_vars(&Default::default(), |k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn the_files_limits_come_before_the_variables() {
+        let file = crate::config::Timeouts {
+            boot_secs: Some(100.0),
+            agent_secs: Some(10.0),
+            scale: Some(2.0),
+        };
+        let t = Timeouts::from_vars(&file, |_| None).unwrap();
+        assert_eq!(
+            (t.boot, t.call),
+            (Duration::from_secs(200), Duration::from_secs(20))
+        );
+        let t = Timeouts::from_vars(&file, |k| {
+            (k == "SANDBOXVM_TIMEOUT_SCALE").then(|| "1".to_string())
+        })
+        .unwrap();
+        assert_eq!(
+            (t.boot, t.call),
+            (Duration::from_secs(100), Duration::from_secs(10))
+        );
     }
 
     #[test]

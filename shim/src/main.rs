@@ -18,6 +18,7 @@ mod container;
 mod error;
 mod events;
 mod mounts;
+mod options;
 mod pod;
 mod process;
 mod service;

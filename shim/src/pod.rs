@@ -204,9 +204,14 @@ fn pod_netns(bundle: &Bundle) -> Option<PathBuf> {
 
 impl Pod {
     /// Creates the pod's state directory and shared mount, boots the VM
-    /// (sized from `bundle`, the pod's first container) and connects to
-    /// its agent. On failure nothing is left behind.
-    pub fn boot(ns: &str, id: &str, bundle: &Bundle) -> Result<Pod> {
+    /// (sized from `bundle`, the pod's first container, under `config`)
+    /// and connects to its agent. On failure nothing is left behind.
+    pub fn boot(
+        ns: &str,
+        id: &str,
+        bundle: &Bundle,
+        config: &sandboxvm::config::Config,
+    ) -> Result<Pod> {
         let id = ContainerId::new(id)?;
         // containerd's namespaces follow the same rule.
         ContainerId::new(ns)?;
@@ -239,20 +244,18 @@ impl Pod {
         let served =
             sandboxvm::share::Share::new(&shared, sandboxvm::sandbox::ROOTFS_TAG)?.served()?;
 
-        let opts = Options {
-            dir: dir.join("vm"),
-            id: id.clone(),
-            kernel: sandboxvm::artefacts::kernel(None)?,
-            initrd: sandboxvm::artefacts::initrd(None)?,
-            vcpus: bundle.vcpus(),
-            memory_mib: bundle.memory_mib(),
-            shared_dir: served,
-            virtiofsd: sandboxvm::artefacts::virtiofsd()?,
-            cmdline: String::new(),
-            verbose: u8::from(log::log_enabled!(log::Level::Debug)),
-            vmm_exe: Some(vmm_exe()?),
-            cgroup: bundle.host_cgroup(&id)?,
-        };
+        let mut opts = Options::for_bundle(
+            config,
+            dir.join("vm"),
+            &id,
+            bundle,
+            &sandboxvm::sandbox::Overrides {
+                verbose: u8::from(log::log_enabled!(log::Level::Debug)),
+                ..Default::default()
+            },
+        )?;
+        opts.shared_dir = served;
+        opts.vmm_exe = Some(vmm_exe()?);
         // The pod's network namespace (CNI made it; its path is in the
         // sandbox container's spec): mirrored into the VM and configured in
         // the guest. Host-network pods have none.
@@ -284,7 +287,8 @@ impl Pod {
             .recv()
             .map_err(|_| Error::State("the VM keeper thread died".into()))??;
         let started = Instant::now();
-        let timeouts = Timeouts::from_env().map_err(|e| Error::State(e.to_string()))?;
+        let timeouts =
+            Timeouts::configured(&config.timeouts).map_err(|e| Error::State(e.to_string()))?;
         let agent = match sandbox.agent(&timeouts, || None) {
             Ok(a) => a,
             Err(e) => {

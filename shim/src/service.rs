@@ -85,7 +85,12 @@ impl Service {
 
     /// The pod for a container of pod `pod_id`, booted if this is the
     /// first container; true if it was booted now.
-    fn pod_for(&self, pod_id: &str, bundle: &Bundle) -> Result<(Arc<Pod>, bool)> {
+    fn pod_for(
+        &self,
+        pod_id: &str,
+        bundle: &Bundle,
+        options: &containerd_shim::protos::protobuf::well_known_types::any::Any,
+    ) -> Result<(Arc<Pod>, bool)> {
         let mut pod = lock(&self.pod);
         if let Some(p) = pod.as_ref() {
             if p.id != pod_id {
@@ -96,7 +101,13 @@ impl Service {
             }
             return Ok((p.clone(), false));
         }
-        let p = Arc::new(Pod::boot(&self.namespace, pod_id, bundle)?);
+        // The runtime handler's configuration file (its ConfigPath option),
+        // else $SANDBOXVM_CONFIG or the default file.
+        let path = crate::options::config_path(options).map_err(Error::Invalid)?;
+        let config = sandboxvm::config::Loaded::load(path.as_deref())
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        log::info!("pod {pod_id}: configuration from {}", config.name());
+        let p = Arc::new(Pod::boot(&self.namespace, pod_id, bundle, &config.config)?);
         *pod = Some(p.clone());
         Ok((p, true))
     }
@@ -119,7 +130,7 @@ impl Service {
         let spec_json: serde_json::Value =
             serde_json::from_str(&bundle.config_json).unwrap_or_default();
         let pod_id = spec::pod_id(&spec_json, &req.id);
-        let (pod, booted) = self.pod_for(&pod_id, &bundle)?;
+        let (pod, booted) = self.pod_for(&pod_id, &bundle, &req.options)?;
         let sandbox_pid = if spec::is_sandbox(&spec_json) {
             None
         } else {

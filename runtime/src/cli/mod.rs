@@ -7,6 +7,7 @@ mod boot;
 mod check;
 mod create;
 mod delete;
+mod env;
 mod events;
 mod exec;
 mod kill;
@@ -48,6 +49,10 @@ pub struct Cli {
     /// Same as -vv (runc compatibility).
     #[arg(long, global = true)]
     pub debug: bool,
+    /// The configuration file (default: $SANDBOXVM_CONFIG, else
+    /// /etc/sandboxvm/config.toml if it exists).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Accepted for runc compatibility.
     #[arg(long, global = true, hide = true)]
     pub rootless: Option<String>,
@@ -78,6 +83,8 @@ pub struct Globals {
     pub log: Option<PathBuf>,
     /// Log format.
     pub log_format: LogFormat,
+    /// `--config`.
+    pub config: Option<PathBuf>,
 }
 
 impl Globals {
@@ -94,7 +101,14 @@ impl Globals {
         if self.log_format == LogFormat::Json {
             a.push("--log-format=json".into());
         }
+        // --config reaches the monitor as $SANDBOXVM_CONFIG (main sets it).
         a
+    }
+
+    /// The configuration in force ([`sandboxvm::config`]), loaded when a
+    /// command needs it: a broken file must not stop `delete` or `kill`.
+    pub fn config(&self) -> Result<sandboxvm::config::Config, sandboxvm::config::Error> {
+        Ok(sandboxvm::config::Loaded::load(self.config.as_deref())?.config)
     }
 }
 
@@ -105,6 +119,9 @@ pub enum Command {
     Boot(boot::Boot),
     /// Tell whether this host can boot sandboxvm guests.
     Check(check::Check),
+    /// Print the configuration in force and the host's facts (TOML, or
+    /// JSON with --json).
+    Env(env::Env),
     /// Run a container from an OCI bundle in its own micro-VM.
     Run(run::Run),
     /// Write a default config.json (like runc spec).
@@ -152,6 +169,7 @@ impl Command {
             Command::Spec(c) => c.run(),
             Command::Boot(c) => c.run(),
             Command::Check(c) => c.run(),
+            Command::Env(c) => c.run(g),
             Command::Create(c) => c.run(g),
             Command::Start(c) => c.run(g),
             Command::State(c) => c.run(g),

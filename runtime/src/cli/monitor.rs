@@ -21,7 +21,7 @@ use super::run::{guest_netns, wire_network, NetMode};
 use super::Globals;
 use sandboxvm::bundle::Bundle;
 use sandboxvm::oci::{console, hooks, state, Record, Status};
-use sandboxvm::sandbox::{Options, Sandbox, ROOTFS_TAG};
+use sandboxvm::sandbox::{Options, Overrides, Sandbox, ROOTFS_TAG};
 use sandboxvm::share;
 use sandboxvm::signals::Forwarder;
 use sandboxvm::timeouts::Timeouts;
@@ -121,21 +121,20 @@ impl Monitor {
         signals: &Forwarder,
     ) -> anyhow::Result<i32> {
         let bundle = Bundle::load(self.bundle.as_deref().context("--bundle is needed")?)?;
-        let opts = Options {
-            dir: state::dir(&g.root, &self.id),
-            id: self.id.clone(),
-            kernel: sandboxvm::artefacts::kernel(self.kernel.as_deref())?,
-            initrd: sandboxvm::artefacts::initrd(self.initrd.as_deref())?,
-            vcpus: bundle.vcpus(),
-            memory_mib: bundle.memory_mib(),
-            shared_dir: bundle.rootfs.clone(),
-            virtiofsd: sandboxvm::artefacts::virtiofsd()?,
-            cmdline: String::new(),
+        let config = g.config()?;
+        let flags = Overrides {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
             verbose: g.verbose,
-            vmm_exe: None,
-            cgroup: bundle.host_cgroup(&self.id)?,
+            ..Overrides::default()
         };
-        let mut opts = opts;
+        let mut opts = Options::for_bundle(
+            &config,
+            state::dir(&g.root, &self.id),
+            &self.id,
+            &bundle,
+            &flags,
+        )?;
         let mut sandbox = Sandbox::prepare(&opts)?;
         // A network namespace path in the spec is what podman or a CNI
         // caller made for the container: mirror it into the VM.
@@ -155,7 +154,7 @@ impl Monitor {
         let net = wire_network(&mut sandbox, &bundle, &mode)?;
         sandbox.launch(&opts)?;
         let interrupted = || signals.pending().into_iter().find(|&s| s != libc::SIGWINCH);
-        let created = Timeouts::with_boot_flag(self.boot_timeout)
+        let created = Timeouts::with_boot_flag(&config.timeouts, self.boot_timeout)
             .map_err(anyhow::Error::from)
             .and_then(|timeouts| Ok(sandbox.agent(&timeouts, interrupted)?))
             .and_then(|agent| {

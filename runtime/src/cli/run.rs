@@ -10,9 +10,9 @@ use clap::Args;
 
 use super::attach::{attach, HostIo};
 use crate::bundle::Bundle;
-use crate::sandbox::{Options, Sandbox, ROOTFS_TAG};
+use crate::sandbox::{Options, Overrides, Sandbox, ROOTFS_TAG};
 use crate::timeouts::Timeouts;
-use crate::{artefacts, tty};
+use crate::tty;
 use sandboxvm::oci::ContainerId;
 use sandboxvm::share;
 
@@ -137,31 +137,22 @@ impl Run {
                 now_ms() % 100_000
             ))?,
         };
-        let kernel = artefacts::kernel(self.kernel.as_deref())?;
-        let initrd = artefacts::initrd(self.initrd.as_deref())?;
-        let virtiofsd = artefacts::virtiofsd()?;
+        let config = g.config()?;
         sandboxvm::private::create_dir_all(&g.root)
             .with_context(|| format!("cannot create {}", g.root.display()))?;
 
-        let timeouts = Timeouts::with_boot_flag(self.boot_timeout)?;
+        let timeouts = Timeouts::with_boot_flag(&config.timeouts, self.boot_timeout)?;
         // Signals are collected from here on, so that Ctrl-C during boot
         // still tears everything down.
         let signals = crate::signals::Forwarder::install()?;
-        let opts = Options {
-            dir: g.root.join(&id),
-            id: id.clone(),
-            kernel,
-            initrd,
-            vcpus: self.cpus.unwrap_or_else(|| bundle.vcpus()),
-            memory_mib: self.memory.unwrap_or_else(|| bundle.memory_mib()),
-            shared_dir: bundle.rootfs.clone(),
-            virtiofsd,
-            cmdline: String::new(),
+        let flags = Overrides {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            vcpus: self.cpus,
+            memory_mib: self.memory,
             verbose,
-            vmm_exe: None,
-            cgroup: bundle.host_cgroup(&id)?,
         };
-        let mut opts = opts;
+        let mut opts = Options::for_bundle(&config, g.root.join(&id), &id, &bundle, &flags)?;
         let mut sandbox = Sandbox::prepare(&opts)?;
         let result = share::share_bundle(
             &sandbox.dir().join("shared"),
