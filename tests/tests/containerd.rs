@@ -507,3 +507,48 @@ step ro cat race/ro/file
     assert_eq!(r.step("ro").out, "keep\n");
     r.assert_clean();
 }
+
+#[test]
+fn the_runtime_config_path_option_configures_the_pods_vm() {
+    let r = run(
+        "config",
+        r#"
+cat >sbx.toml <<'TOML'
+[guest]
+kernel_params = "sbx_shim_config=1"
+default_memory_mib = 384
+TOML
+printf '[guest]\nmax_memory_mib = 100\n' >bad.toml
+step sized $C run $SN $R --runtime-config-path $W/sbx.toml --rm @IMAGE@ sized sh -c 'cat /proc/cmdline; grep MemTotal /proc/meminfo'
+step refused $C run $SN $R --runtime-config-path $W/bad.toml --rm @IMAGE@ refused true
+step containers $C containers ls -q
+"#
+        .replace("@IMAGE@", IMAGE)
+        .as_str(),
+    );
+    let sized = r.step("sized");
+    assert_eq!(sized.code, 0, "{sized:?}\n{}", r.tail());
+    let lines: Vec<&str> = sized.out.lines().collect();
+    assert!(
+        lines[0].split(' ').any(|p| p == "sbx_shim_config=1"),
+        "{sized:?}"
+    );
+    let kib: u64 = lines[1]
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("MemTotal: {sized:?}"));
+    assert!(
+        (300 << 10..=384 << 10).contains(&kib),
+        "384 MiB guest: {kib} KiB"
+    );
+    let refused = r.step("refused");
+    assert_ne!(refused.code, 0, "{refused:?}");
+    assert!(
+        refused
+            .err
+            .contains("guest.default_memory_mib = 256 is above guest.max_memory_mib = 100"),
+        "{refused:?}"
+    );
+    r.assert_clean();
+}
