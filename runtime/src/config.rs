@@ -90,13 +90,14 @@ pub struct Guest {
     /// vCPUs of a VM whose container asks for fewer (or nothing).
     pub default_vcpus: u8,
     /// The most vCPUs a VM gets; a pod asking for more gets this many.
-    /// Unset: the host's CPUs.
+    /// Unset: the VMM's limit, 32.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_vcpus: Option<u8>,
     /// Memory of a VM whose container asks for less (or nothing), MiB.
     pub default_memory_mib: u64,
     /// The most memory a VM may have, MiB; a container whose limit does
-    /// not fit is refused. Unset: the host's memory.
+    /// not fit is refused. Unset: no maximum (guest memory is only
+    /// allocated as the guest touches it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_memory_mib: Option<u64>,
 }
@@ -425,17 +426,14 @@ impl Config {
         Ok(())
     }
 
-    /// The most vCPUs a VM gets here.
+    /// The most vCPUs a VM gets.
     pub fn max_vcpus(&self) -> u8 {
-        self.guest.max_vcpus.unwrap_or_else(|| {
-            let host = std::thread::available_parallelism().map_or(1, |n| n.get());
-            u8::try_from(host).unwrap_or(VCPU_LIMIT).min(VCPU_LIMIT)
-        })
+        self.guest.max_vcpus.unwrap_or(VCPU_LIMIT)
     }
 
-    /// The most memory a VM may have here, MiB.
-    pub fn max_memory_mib(&self) -> u64 {
-        self.guest.max_memory_mib.unwrap_or_else(host_memory_mib)
+    /// The most memory a VM may have, MiB (None: no maximum).
+    pub fn max_memory_mib(&self) -> Option<u64> {
+        self.guest.max_memory_mib
     }
 
     /// Sizes a VM: `asked_vcpus` and `asked_memory_mib` are what its
@@ -451,7 +449,6 @@ impl Config {
     ) -> Result<Size, String> {
         let chosen = self.pod_choices(annotations)?;
         let max_vcpus = self.max_vcpus();
-        let max_memory = self.max_memory_mib();
         let mut vcpus = match chosen.vcpus {
             Some(v) if v > max_vcpus => {
                 return Err(format!(
@@ -471,7 +468,7 @@ impl Config {
                 .unwrap_or(0)
                 .max(self.guest.default_memory_mib),
         };
-        if memory_mib > max_memory {
+        if let Some(max_memory) = self.max_memory_mib().filter(|&m| memory_mib > m) {
             let what = if chosen.memory_mib.is_some() {
                 format!("{ANNOTATION_PREFIX}memory_mib = {memory_mib}")
             } else {
@@ -581,18 +578,6 @@ fn check_kernel_params(key: &str, v: &str) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// The host's memory, MiB (`MemTotal`), or u64::MAX if unknown.
-pub fn host_memory_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(u64::MAX, |kib| kib / 1024)
 }
 
 fn one_line(s: &str) -> String {

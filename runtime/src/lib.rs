@@ -2,6 +2,7 @@
 //! (run and the OCI lifecycle) and the containerd shim.
 //!
 //! - [`sandbox`]: one VM with its virtiofsd and state directory;
+//!   [`sandbox_boot`]: the boot sequence every sandbox goes through;
 //! - [`agent`]: the guest agent's API over the VM's vsock;
 //! - [`bundle`]: OCI bundles; [`artefacts`]: where kernel, initramfs and
 //!   virtiofsd are found; [`signals`], [`tty`]: host-side helpers;
@@ -21,6 +22,7 @@ pub mod net;
 pub mod oci;
 pub mod private;
 pub mod sandbox;
+pub mod sandbox_boot;
 pub mod share;
 pub mod signals;
 pub mod timeouts;

@@ -80,6 +80,12 @@ pub enum Error {
     /// The configuration refuses the VM's size or the pod's annotations.
     #[error("{0}")]
     Config(String),
+    /// The shared directory could not be filled.
+    #[error(transparent)]
+    Share(#[from] crate::share::Error),
+    /// The network could not be wired.
+    #[error("{0}")]
+    Network(String),
 }
 
 /// How to start a sandbox.

@@ -18,9 +18,9 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use sandboxvm::agent::Agent;
 use sandboxvm::bundle::Bundle;
-use sandboxvm::guest_console;
 use sandboxvm::oci::ContainerId;
 use sandboxvm::sandbox::{Options, Sandbox};
+use sandboxvm::sandbox_boot::{Booted, NetworkPlan};
 use sandboxvm::timeouts::Timeouts;
 
 use crate::error::{Error, Result};
@@ -259,61 +259,31 @@ impl Pod {
         // The pod's network namespace (CNI made it; its path is in the
         // sandbox container's spec): mirrored into the VM and configured in
         // the guest. Host-network pods have none.
-        let netns = pod_netns(bundle);
+        let plan = match pod_netns(bundle) {
+            Some(ns) => NetworkPlan::Netns(ns),
+            None => NetworkPlan::None,
+        };
+        let timeouts =
+            Timeouts::configured(&config.timeouts).map_err(|e| Error::State(e.to_string()))?;
+        let started = Instant::now();
         let (result_tx, result_rx) = channel();
         let (keeper, stop) = channel::<()>();
+        // The VMM and virtiofsd die with the thread that started them
+        // (PR_SET_PDEATHSIG): it lives as long as the pod.
         std::thread::Builder::new()
             .name(format!("vm-{id}"))
             .spawn(move || {
-                let start = || -> Result<(Sandbox, Option<protocol::agent::NetworkConfig>)> {
-                    let mut sb = Sandbox::prepare(&opts)?;
-                    let mut config = None;
-                    if let Some(ns) = &netns {
-                        let pod = sandboxvm::net::PodNetwork::setup(ns, sb.dir()).map_err(|e| {
-                            Error::State(format!("pod network {}: {e}", ns.display()))
-                        })?;
-                        config = Some(pod.guest_config());
-                        sb.attach_network(sandboxvm::net::Network::Pod(pod));
-                    }
-                    sb.launch(&opts)?;
-                    Ok((sb, config))
-                };
-                let _ = result_tx.send(start());
+                let served = opts.shared_dir.clone();
+                let booted = Sandbox::boot(&opts, &plan, |_| Ok((served, ())), &timeouts, || None);
+                let _ = result_tx.send(booted);
                 // Until the pod is torn down (the sender is dropped).
                 let _ = stop.recv();
             })
             .map_err(|e| Error::io("spawn the VM keeper thread", e))?;
-        let (mut sandbox, net_config) = result_rx
+        let Booted { sandbox, agent, .. } = result_rx
             .recv()
-            .map_err(|_| Error::State("the VM keeper thread died".into()))??;
-        let started = Instant::now();
-        let timeouts =
-            Timeouts::configured(&config.timeouts).map_err(|e| Error::State(e.to_string()))?;
-        let agent = match sandbox.agent(&timeouts, || None) {
-            Ok(a) => a,
-            Err(e) => {
-                // A time-out already says what the console shows.
-                let console = match e {
-                    sandboxvm::sandbox::Error::Timeout { .. } => String::new(),
-                    _ => guest_console::diagnose(&sandbox.console_log()),
-                };
-                drop(sandbox);
-                drop(keeper);
-                return Err(Error::State(format!(
-                    "the sandbox VM did not boot: {e}{}{console}",
-                    if console.is_empty() { "" } else { "; " }
-                )));
-            }
-        };
-        if let Some(cfg) = &net_config {
-            if let Err(e) = agent.configure_network(cfg) {
-                drop(sandbox);
-                drop(keeper);
-                return Err(Error::State(format!(
-                    "cannot configure the pod network: {e}"
-                )));
-            }
-        }
+            .map_err(|_| Error::State("the VM keeper thread died".into()))?
+            .map_err(|e| Error::State(format!("the sandbox VM did not boot: {e}")))?;
         match agent.kernel_release() {
             Ok(r) => log::info!(
                 "pod {id}: VM up in {:.1} s, guest kernel {r}",

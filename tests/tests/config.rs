@@ -20,7 +20,6 @@ fn the_configuration_sizes_the_vm_passes_kernel_parameters_and_sets_virtiofsd() 
 [guest]
 kernel_params = "sbx_config_test=1"
 default_vcpus = 2
-# More than the nested CI host's one CPU (the default maximum).
 max_vcpus = 2
 default_memory_mib = 384
 

@@ -36,14 +36,14 @@ pub struct Create {
     /// Accepted for runc compatibility; extra fds are not passed to the guest.
     #[arg(long, default_value_t = 0)]
     pub preserve_fds: u32,
-    /// Guest kernel (default: $SANDBOXVM_KERNEL, the build cache, /usr/share/sandboxvm).
+    /// Guest kernel (default: $SANDBOXVM_KERNEL, the configuration's guest.kernel, the build cache, /usr/share/sandboxvm).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
-    /// Guest initramfs (default: $SANDBOXVM_INITRD, the build cache, /usr/share/sandboxvm).
+    /// Guest initramfs (default: $SANDBOXVM_INITRD, the configuration's guest.initrd, the build cache, /usr/share/sandboxvm).
     #[arg(long)]
     pub initrd: Option<PathBuf>,
-    /// Seconds to wait for the guest agent (default: $SANDBOXVM_BOOT_TIMEOUT
-    /// or 60, times $SANDBOXVM_TIMEOUT_SCALE).
+    /// Seconds to wait for the guest agent (default: $SANDBOXVM_BOOT_TIMEOUT,
+    /// the configuration's timeouts.boot_secs, or 60; times the scale).
     #[arg(long)]
     pub boot_timeout: Option<u64>,
 }

@@ -17,12 +17,12 @@ use anyhow::Context;
 use clap::Args;
 
 use super::attach::{attach, HostIo};
-use super::run::{guest_netns, wire_network, NetMode};
+use super::run::share_bundle;
 use super::Globals;
 use sandboxvm::bundle::Bundle;
 use sandboxvm::oci::{console, hooks, state, Record, Status};
 use sandboxvm::sandbox::{Options, Overrides, Sandbox, ROOTFS_TAG};
-use sandboxvm::share;
+use sandboxvm::sandbox_boot::{Booted, NetworkPlan};
 use sandboxvm::signals::Forwarder;
 use sandboxvm::timeouts::Timeouts;
 
@@ -128,51 +128,38 @@ impl Monitor {
             verbose: g.verbose,
             ..Overrides::default()
         };
-        let mut opts = Options::for_bundle(
+        let opts = Options::for_bundle(
             &config,
             state::dir(&g.root, &self.id),
             &self.id,
             &bundle,
             &flags,
         )?;
-        let mut sandbox = Sandbox::prepare(&opts)?;
         // A network namespace path in the spec is what podman or a CNI
         // caller made for the container: mirror it into the VM.
-        let mode = if sandboxvm::net::spec_netns(&bundle.spec).is_some() {
-            NetMode::HostNetns
-        } else {
-            NetMode::None
+        let plan = match sandboxvm::net::spec_netns(&bundle.spec) {
+            Some(path) => NetworkPlan::Netns(path),
+            None => NetworkPlan::None,
         };
-        let (share, spec_json) = share::share_bundle(
-            &sandbox.dir().join("shared"),
-            ROOTFS_TAG,
-            &bundle,
-            &self.id,
-            guest_netns(&mode),
-        )?;
-        opts.shared_dir = share.served()?;
-        let net = wire_network(&mut sandbox, &bundle, &mode)?;
-        sandbox.launch(&opts)?;
+        let timeouts = Timeouts::with_boot_flag(&config.timeouts, self.boot_timeout)?;
         let interrupted = || signals.pending().into_iter().find(|&s| s != libc::SIGWINCH);
-        let created = Timeouts::with_boot_flag(&config.timeouts, self.boot_timeout)
-            .map_err(anyhow::Error::from)
-            .and_then(|timeouts| Ok(sandbox.agent(&timeouts, interrupted)?))
-            .and_then(|agent| {
-                if let Some(net) = &net {
-                    agent.configure_network(net)?;
-                }
-                agent.create_in(&self.id, &spec_json, ROOTFS_TAG, "rootfs")?;
-                Ok(agent)
-            });
-        let agent = match created {
-            Ok(a) => a,
-            Err(e) => {
-                for line in sandbox.console_tail(30) {
-                    log::info!("guest console: {line}");
-                }
-                return Err(e);
+        let Booted {
+            mut sandbox,
+            agent,
+            filled: spec_json,
+        } = Sandbox::boot(
+            &opts,
+            &plan,
+            share_bundle(&bundle, &self.id, &plan),
+            &timeouts,
+            interrupted,
+        )?;
+        if let Err(e) = agent.create_in(&self.id, &spec_json, ROOTFS_TAG, "rootfs") {
+            for line in sandbox.console_tail(30) {
+                log::info!("guest console: {line}");
             }
-        };
+            return Err(e.into());
+        }
         let terminal = bundle.terminal();
         let io = self.host_io(terminal)?;
         let pid = std::process::id() as i32;

@@ -2,7 +2,7 @@
 //! `runc run`, and exits with its status.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -13,7 +13,9 @@ use crate::bundle::Bundle;
 use crate::sandbox::{Options, Overrides, Sandbox, ROOTFS_TAG};
 use crate::timeouts::Timeouts;
 use crate::tty;
+use sandboxvm::agent::Agent;
 use sandboxvm::oci::ContainerId;
+use sandboxvm::sandbox_boot::{Booted, NetworkPlan};
 use sandboxvm::share;
 
 /// Runs the container in BUNDLE (config.json + rootfs) inside its own VM,
@@ -28,20 +30,20 @@ pub struct Run {
     /// generated); with --bundle, as runc has it, the one argument is the ID.
     #[arg(value_name = "DIR|ID", num_args = 0..=2)]
     pub args: Vec<String>,
-    /// Guest kernel (default: $SANDBOXVM_KERNEL, the build cache, /usr/share/sandboxvm).
+    /// Guest kernel (default: $SANDBOXVM_KERNEL, the configuration's guest.kernel, the build cache, /usr/share/sandboxvm).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
-    /// Guest initramfs with the agent (default: $SANDBOXVM_INITRD, the build cache, /usr/share/sandboxvm).
+    /// Guest initramfs with the agent (default: $SANDBOXVM_INITRD, the configuration's guest.initrd, the build cache, /usr/share/sandboxvm).
     #[arg(long)]
     pub initrd: Option<PathBuf>,
-    /// vCPUs (default: from linux.resources.cpu, else 1).
+    /// vCPUs (default: from linux.resources.cpu, at least the configuration's default_vcpus, at most its max_vcpus).
     #[arg(long)]
     pub cpus: Option<u8>,
-    /// Guest memory in MiB (default: linux.resources.memory.limit + 64, at least 256).
+    /// Guest memory in MiB (default: linux.resources.memory.limit + 64, at least the configuration's default_memory_mib).
     #[arg(long)]
     pub memory: Option<u64>,
-    /// Seconds to wait for the guest agent (default: $SANDBOXVM_BOOT_TIMEOUT
-    /// or 60, times $SANDBOXVM_TIMEOUT_SCALE).
+    /// Seconds to wait for the guest agent (default: $SANDBOXVM_BOOT_TIMEOUT,
+    /// the configuration's timeouts.boot_secs, or 60; times the scale).
     #[arg(long)]
     pub boot_timeout: Option<u64>,
     /// The container's network: `none` (loopback only), `host-netns` (the
@@ -79,43 +81,33 @@ fn parse_net_mode(s: &str) -> Result<NetMode, String> {
     }
 }
 
-/// Where the container's network namespace is in the guest with `mode`.
-pub(crate) fn guest_netns(mode: &NetMode) -> sandboxvm::guest_spec::GuestNetns {
-    use sandboxvm::guest_spec::GuestNetns;
-    match mode {
-        NetMode::None => GuestNetns::Isolated,
-        NetMode::Tap(_) | NetMode::HostNetns => GuestNetns::Pod,
-    }
+/// The guest network `mode` asks for.
+pub(crate) fn network_plan(bundle: &Bundle, mode: &NetMode) -> anyhow::Result<NetworkPlan> {
+    Ok(match mode {
+        NetMode::None => NetworkPlan::None,
+        NetMode::Tap(tap) => NetworkPlan::Tap(tap.clone()),
+        NetMode::HostNetns => NetworkPlan::Netns(sandboxvm::net::spec_netns(&bundle.spec).context(
+            "--net host-netns: the spec's linux.namespaces has no network namespace with a path",
+        )?),
+    })
 }
 
-/// Wires `mode` into `sandbox` (before launch); returns the agent's
-/// network configuration, if the guest needs one.
-pub(crate) fn wire_network(
-    sandbox: &mut Sandbox,
-    bundle: &Bundle,
-    mode: &NetMode,
-) -> anyhow::Result<Option<protocol::agent::NetworkConfig>> {
-    use sandboxvm::net::{NetDevice, Network, PodNetwork};
-    match mode {
-        NetMode::None => Ok(None),
-        NetMode::Tap(tap) => {
-            sandbox.attach_network(Network::Taps(vec![NetDevice {
-                tap: tap.clone(),
-                mac: None,
-                mtu: None,
-            }]));
-            Ok(None)
-        }
-        NetMode::HostNetns => {
-            let path = sandboxvm::net::spec_netns(&bundle.spec).context(
-                "--net host-netns: the spec's linux.namespaces has no network namespace with a path",
-            )?;
-            let pod = PodNetwork::setup(&path, sandbox.dir())
-                .with_context(|| format!("cannot wire the network of {}", path.display()))?;
-            let config = pod.guest_config();
-            sandbox.attach_network(Network::Pod(pod));
-            Ok(Some(config))
-        }
+/// The `fill` of [`Sandbox::boot`] for a one-container sandbox: the
+/// bundle's rootfs and binds in the shared directory; the guest's spec.
+pub(crate) fn share_bundle<'a>(
+    bundle: &'a Bundle,
+    id: &'a str,
+    plan: &'a NetworkPlan,
+) -> impl FnOnce(&Path) -> Result<(PathBuf, String), sandboxvm::sandbox::Error> + 'a {
+    move |dir| {
+        let (share, spec_json) = share::share_bundle(
+            &dir.join("shared"),
+            ROOTFS_TAG,
+            bundle,
+            id,
+            plan.guest_netns(),
+        )?;
+        Ok((share.served()?, spec_json))
     }
 }
 
@@ -152,57 +144,41 @@ impl Run {
             memory_mib: self.memory,
             verbose,
         };
-        let mut opts = Options::for_bundle(&config, g.root.join(&id), &id, &bundle, &flags)?;
-        let mut sandbox = Sandbox::prepare(&opts)?;
-        let result = share::share_bundle(
-            &sandbox.dir().join("shared"),
-            ROOTFS_TAG,
-            &bundle,
-            &id,
-            guest_netns(&self.net),
-        )
-        .map_err(anyhow::Error::from)
-        .and_then(|(share, spec_json)| {
-            opts.shared_dir = share.served()?;
-            let net = wire_network(&mut sandbox, &bundle, &self.net)?;
-            sandbox.launch(&opts)?;
-            run_in(
-                &mut sandbox,
-                &bundle,
-                &spec_json,
-                net.as_ref(),
-                &id,
-                &signals,
-                &timeouts,
-            )
-        });
-        if result.is_err() && verbose > 0 {
+        let opts = Options::for_bundle(&config, g.root.join(&id), &id, &bundle, &flags)?;
+        let plan = network_plan(&bundle, &self.net)?;
+        // Ctrl-C (or any forwarded signal) while the VM boots ends the run.
+        let interrupted = || signals.pending().into_iter().find(|&s| s != libc::SIGWINCH);
+        let booted = Sandbox::boot(
+            &opts,
+            &plan,
+            share_bundle(&bundle, &id, &plan),
+            &timeouts,
+            interrupted,
+        )?;
+        let Booted {
+            mut sandbox,
+            agent,
+            filled: spec_json,
+        } = booted;
+        let result = run_in(&mut sandbox, &agent, &bundle, &spec_json, &id, &signals);
+        if result.is_err() {
             for line in sandbox.console_tail(20) {
                 log::info!("guest console: {line}");
             }
         }
-        drop(sandbox);
         result
     }
 }
 
 fn run_in(
     sandbox: &mut Sandbox,
+    agent: &Agent,
     bundle: &Bundle,
     spec_json: &str,
-    net: Option<&protocol::agent::NetworkConfig>,
     id: &str,
     signals: &crate::signals::Forwarder,
-    timeouts: &Timeouts,
 ) -> anyhow::Result<i32> {
-    // Ctrl-C (or any forwarded signal) while the VM boots ends the run.
-    let interrupted = || signals.pending().into_iter().find(|&s| s != libc::SIGWINCH);
-    let agent = sandbox.agent(timeouts, interrupted)?;
     log::info!("agent up: guest kernel {}", agent.kernel_release()?);
-    if let Some(net) = net {
-        agent.configure_network(net)?;
-        log::info!("guest network configured");
-    }
     agent.create_in(id, spec_json, ROOTFS_TAG, "rootfs")?;
     let terminal = bundle.terminal();
     let _raw = if terminal {
@@ -218,7 +194,7 @@ fn run_in(
     }
     agent.start(id)?;
     log::info!("container {id} started");
-    let status = attach(&agent, id, "", io, terminal, signals, || {
+    let status = attach(agent, id, "", io, terminal, signals, || {
         sandbox.check_alive().map_err(Into::into)
     })?;
     let _ = std::io::stdout().flush();
