@@ -41,6 +41,7 @@ fn decode_all(bytes: &[u8]) {
     roundtrip::<TtyWinResizeRequest>(bytes);
     roundtrip::<StateContainerResponse>(bytes);
     roundtrip::<StatsContainerResponse>(bytes);
+    roundtrip::<UpdateContainerRequest>(bytes);
     roundtrip::<ProcessInfo>(bytes);
     roundtrip::<ListProcessesResponse>(bytes);
     roundtrip::<GuestDetailsResponse>(bytes);
@@ -63,6 +64,7 @@ fn decode_request(method: &str, payload: &[u8]) {
         "ReadStdout" | "ReadStderr" => drop(roundtrip::<ReadStreamRequest>(payload)),
         "TtyWinResize" => drop(roundtrip::<TtyWinResizeRequest>(payload)),
         "ConfigureNetwork" => drop(roundtrip::<NetworkConfig>(payload)),
+        "UpdateContainer" => drop(roundtrip::<UpdateContainerRequest>(payload)),
         _ => drop(roundtrip::<Empty>(payload)),
     }
 }

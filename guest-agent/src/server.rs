@@ -123,6 +123,12 @@ impl Agent for Service {
         self.manager.remove(&r.container_id).map_err(status)?;
         Ok(Empty::new())
     }
+    fn update_container(&self, _: &TtrpcContext, r: UpdateContainerRequest) -> R<Empty> {
+        self.manager
+            .update(&r.container_id, &r.resources_json)
+            .map_err(status)?;
+        Ok(Empty::new())
+    }
     fn stats_container(&self, _: &TtrpcContext, r: ContainerRequest) -> R<StatsContainerResponse> {
         let (cpu, mem, pids) = self.manager.stats(&r.container_id).map_err(status)?;
         Ok(StatsContainerResponse {

@@ -59,47 +59,109 @@ pub fn create(
     let dir = root.join(id);
     fs::create_dir(&dir).map_err(|e| io("create cgroup", &dir, e))?;
     if let Some(r) = resources {
-        let write = |file: &str, value: String| {
-            let p = dir.join(file);
-            fs::write(&p, &value).map_err(|e| io(&format!("write {value:?} to"), &p, e))
-        };
-        let applied = (|| {
-            if let Some(limit) = r.memory().as_ref().and_then(|m| m.limit()) {
-                write(
-                    "memory.max",
-                    if limit < 0 {
-                        "max".into()
-                    } else {
-                        limit.to_string()
-                    },
-                )?;
-            }
-            if let Some(cpu) = r.cpu() {
-                if let Some(quota) = cpu.quota() {
-                    let period = cpu.period().unwrap_or(100_000);
-                    let q = if quota <= 0 {
-                        "max".to_string()
-                    } else {
-                        quota.to_string()
-                    };
-                    write("cpu.max", format!("{q} {period}"))?;
-                }
-            }
-            if let Some(pids) = r.pids() {
-                let l = pids.limit();
-                write(
-                    "pids.max",
-                    if l <= 0 { "max".into() } else { l.to_string() },
-                )?;
-            }
-            Ok(())
-        })();
-        if let Err(e) = applied {
+        if let Err(e) = apply(&dir, r) {
             let _ = fs::remove_dir(&dir);
             return Err(e);
         }
     }
     Ok(Some(dir))
+}
+
+/// Writes `r`'s limits into the cgroup at `dir` (at create, and for
+/// UpdateContainer): memory limit and reservation, CPU quota/period and
+/// shares, pids limit. A limit the agent cannot apply is an error naming it, never
+/// dropped.
+pub fn apply(dir: &Path, r: &LinuxResources) -> Result<(), Error> {
+    let unsupported = [
+        (
+            "linux.resources.blockIO",
+            r.block_io()
+                .as_ref()
+                .and_then(|b| serde_json::to_value(b).ok())
+                .is_some_and(|v| v.as_object().is_some_and(|o| !o.is_empty())),
+        ),
+        (
+            "linux.resources.hugepageLimits",
+            r.hugepage_limits().as_ref().is_some_and(|h| !h.is_empty()),
+        ),
+        (
+            "linux.resources.cpu.cpus",
+            r.cpu()
+                .as_ref()
+                .and_then(|c| c.cpus().as_ref())
+                .is_some_and(|c| !c.is_empty()),
+        ),
+        (
+            "linux.resources.cpu.mems",
+            r.cpu()
+                .as_ref()
+                .and_then(|c| c.mems().as_ref())
+                .is_some_and(|m| !m.is_empty()),
+        ),
+        (
+            "linux.resources.rdma",
+            r.rdma().as_ref().is_some_and(|m| !m.is_empty()),
+        ),
+        (
+            "linux.resources.unified",
+            r.unified().as_ref().is_some_and(|m| !m.is_empty()),
+        ),
+    ];
+    if let Some((what, _)) = unsupported.iter().find(|(_, set)| *set) {
+        return Err(Error::InvalidSpec(format!(
+            "{what} is not supported in the guest"
+        )));
+    }
+    let write = |file: &str, value: String| {
+        let p = dir.join(file);
+        fs::write(&p, &value)
+            .map_err(|e| Error::Setup(format!("write {value:?} to {}: {e}", p.display())))
+    };
+    let max = |v: i64| {
+        if v < 0 {
+            "max".to_string()
+        } else {
+            v.to_string()
+        }
+    };
+    if let Some(m) = r.memory() {
+        if let Some(limit) = m.limit() {
+            write("memory.max", max(limit))?;
+        }
+        if let Some(reservation) = m.reservation() {
+            write("memory.low", max(reservation))?;
+        }
+        // memory.swap: the guest has no swap, so any limit on it holds.
+    }
+    if let Some(cpu) = r.cpu() {
+        if let Some(quota) = cpu.quota() {
+            let period = cpu.period().unwrap_or(100_000);
+            let q = if quota <= 0 {
+                "max".to_string()
+            } else {
+                quota.to_string()
+            };
+            write("cpu.max", format!("{q} {period}"))?;
+        }
+        if let Some(shares) = cpu.shares().filter(|&s| s > 0) {
+            write("cpu.weight", weight(shares).to_string())?;
+        }
+    }
+    if let Some(pids) = r.pids() {
+        let l = pids.limit();
+        write(
+            "pids.max",
+            if l <= 0 { "max".into() } else { l.to_string() },
+        )?;
+    }
+    Ok(())
+}
+
+/// cgroup v1 CPU shares (2..262144) as a v2 weight (1..10000), as runc
+/// converts them.
+fn weight(shares: u64) -> u64 {
+    let shares = shares.clamp(2, 262_144);
+    1 + ((shares - 2) * 9999) / 262_142
 }
 
 /// Pids in the cgroup.
@@ -158,4 +220,65 @@ pub fn stats(dir: &Path) -> (u64, u64, u64) {
         .parse()
         .unwrap_or(procs(dir).len() as u64);
     (cpu, mem, pids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resources(json: &str) -> LinuxResources {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn dir() -> PathBuf {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let d = std::env::temp_dir().join(format!("agent-cgroup-test-{}-{n}", std::process::id()));
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn limits_are_written_as_cgroup_v2_values() {
+        let d = dir();
+        apply(
+            &d,
+            &resources(
+                r#"{"memory":{"limit":536870912},"cpu":{"quota":150000,"period":100000,"shares":1024,"cpus":""},"pids":{"limit":64}}"#,
+            ),
+        )
+        .unwrap();
+        let read = |f: &str| fs::read_to_string(d.join(f)).unwrap();
+        assert_eq!(read("memory.max"), "536870912");
+        assert_eq!(read("cpu.max"), "150000 100000");
+        assert_eq!(read("cpu.weight"), "39");
+        assert_eq!(read("pids.max"), "64");
+        apply(
+            &d,
+            &resources(r#"{"memory":{"limit":-1},"cpu":{"quota":-1}}"#),
+        )
+        .unwrap();
+        assert_eq!(read("memory.max"), "max");
+        assert_eq!(read("cpu.max"), "max 100000");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn what_cannot_be_applied_is_refused_by_name() {
+        let d = dir();
+        for (json, what) in [
+            (r#"{"cpu":{"cpus":"0-1"}}"#, "cpu.cpus"),
+            (r#"{"blockIO":{"weight":10}}"#, "blockIO"),
+            (
+                r#"{"hugepageLimits":[{"pageSize":"2MB","limit":1}]}"#,
+                "hugepageLimits",
+            ),
+            (r#"{"unified":{"memory.high":"1"}}"#, "unified"),
+        ] {
+            let e = apply(&d, &resources(json)).unwrap_err().to_string();
+            assert!(e.contains(what), "{json}: {e}");
+        }
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 0, "nothing written");
+        fs::remove_dir_all(&d).unwrap();
+    }
 }

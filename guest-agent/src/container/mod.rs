@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::{LinuxResources, Spec};
 
 use crate::reaper::reaper;
 
@@ -471,6 +471,19 @@ impl Manager {
             None if started => ("running", c.init.pid as u32, 0),
             None => ("created", c.init.pid as u32, 0),
         })
+    }
+
+    /// UpdateContainer: `resources_json` (an OCI `LinuxResources`) applied
+    /// to the container's cgroup at once.
+    pub fn update(&self, id: &str, resources_json: &str) -> Result<(), Error> {
+        let c = self.get(id)?;
+        let r: LinuxResources = serde_json::from_str(resources_json)
+            .map_err(|e| Error::InvalidSpec(format!("resources: {e}")))?;
+        let dir = c
+            .cgroup
+            .as_deref()
+            .ok_or_else(|| Error::State(format!("container {id} has no cgroup to update")))?;
+        cgroup::apply(dir, &r)
     }
 
     /// StatsContainer.
