@@ -347,6 +347,20 @@ impl Agent {
         })
     }
 
+    /// New limits (an OCI `LinuxResources`, JSON) for the container's
+    /// cgroup in the guest.
+    pub fn update(&self, id: &str, resources_json: &str) -> Result<(), Error> {
+        let req = protocol::agent::UpdateContainerRequest {
+            container_id: id.to_string(),
+            resources_json: resources_json.to_string(),
+            ..Default::default()
+        };
+        self.client
+            .update_container(self.ctx(), &req)
+            .map_err(self.call_err("UpdateContainer"))?;
+        Ok(())
+    }
+
     /// The container's processes: (guest pid, guest ppid, command line).
     pub fn processes(&self, id: &str) -> Result<Vec<(u32, u32, String)>, Error> {
         let r = self

@@ -195,6 +195,9 @@ pub struct Sandbox {
     dir: PathBuf,
     /// When the VMM was started.
     launched: Option<Instant>,
+    /// The VM's memory in MiB, once launched (it may be less than asked,
+    /// to fit its cgroup).
+    memory_mib: u64,
     vmm: Option<Child>,
     virtiofsd: Option<Child>,
     keep_dir: bool,
@@ -245,6 +248,7 @@ impl Sandbox {
         let sandbox = Sandbox {
             dir: opts.dir.clone(),
             launched: None,
+            memory_mib: 0,
             vmm: None,
             virtiofsd: None,
             keep_dir: false,
@@ -412,6 +416,7 @@ impl Sandbox {
         let pid = child.id();
         sandbox.vmm = Some(child);
         sandbox.launched = Some(Instant::now());
+        sandbox.memory_mib = memory_mib;
         write_pid(&opts.dir.join("vmm.pid"), pid)?;
         log::info!("VMM started ({} vCPU, {} MiB)", opts.vcpus, memory_mib);
         Ok(())
@@ -435,6 +440,11 @@ impl Sandbox {
     /// `delete`.
     pub fn keep_state_dir(&mut self) {
         self.keep_dir = true;
+    }
+
+    /// The VM's memory in MiB (0 before launch).
+    pub fn memory_mib(&self) -> u64 {
+        self.memory_mib
     }
 
     /// The VMM's host pid, while it runs.

@@ -118,6 +118,8 @@ pub struct Pod {
     shared: PathBuf,
     vm: Mutex<Option<Vm>>,
     vmm_pid: u32,
+    /// The VM's memory, MiB.
+    pub memory_mib: u64,
     paused: AtomicBool,
     /// The guest agent.
     pub agent: Agent,
@@ -292,6 +294,7 @@ impl Pod {
             Err(e) => log::warn!("pod {id}: guest details: {e}"),
         }
         let vmm_pid = sandbox.vmm_pid().unwrap_or(0);
+        let memory_mib = sandbox.memory_mib();
         guard.0 = None;
         Ok(Pod {
             id: id.to_string(),
@@ -302,6 +305,7 @@ impl Pod {
                 _keeper: keeper,
             })),
             vmm_pid,
+            memory_mib,
             paused: AtomicBool::new(false),
             agent,
         })

@@ -10,8 +10,8 @@ use containerd_shim::api::{
     CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
     DeleteRequest, DeleteResponse, Empty, ExecProcessRequest, KillRequest, PauseRequest,
     PidsRequest, PidsResponse, ResizePtyRequest, ResumeRequest, ShutdownRequest, StartRequest,
-    StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse, WaitRequest,
-    WaitResponse,
+    StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse, UpdateTaskRequest,
+    WaitRequest, WaitResponse,
 };
 use containerd_shim::protos::cgroups_v2::metrics::{CPUStat, MemoryStat, Metrics, PidsStat};
 use containerd_shim::protos::events::task::TaskIO;
@@ -322,6 +322,25 @@ impl Service {
         Ok(r)
     }
 
+    /// New limits for a container's cgroup in the guest (the CRI's
+    /// UpdateContainerResources): `resources` is an OCI LinuxResources,
+    /// JSON in an Any as containerd marshals it. A memory limit that does
+    /// not fit the pod's VM is refused: the VM does not grow.
+    fn do_update(&self, req: &UpdateTaskRequest) -> Result<()> {
+        self.container(&req.id)?;
+        let json = std::str::from_utf8(&req.resources.value)
+            .map_err(|_| Error::Invalid("update: the resources are not JSON".into()))?;
+        let parsed: oci_spec::runtime::LinuxResources = serde_json::from_str(json)
+            .map_err(|e| Error::Invalid(format!("update: resources: {e}")))?;
+        let pod = self.running_pod()?;
+        let limit = parsed.memory().as_ref().and_then(|m| m.limit());
+        sandboxvm::bundle::check_limit_fits(limit, pod.memory_mib)
+            .map_err(|e| Error::Invalid(format!("container {}: {e}", req.id)))?;
+        pod.agent.update(&req.id, json)?;
+        log::info!("updated the resources of {}", req.id);
+        Ok(())
+    }
+
     fn do_stats(&self, req: &StatsRequest) -> Result<StatsResponse> {
         self.container(&req.id)?;
         let s = self.running_pod()?.agent.stats(&req.id)?;
@@ -468,6 +487,11 @@ impl containerd_shim::Task for Service {
 
     fn pids(&self, _: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
         Ok(self.do_pids(&req)?)
+    }
+
+    fn update(&self, _: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
+        self.do_update(&req)?;
+        Ok(Empty::new())
     }
 
     fn stats(&self, _: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {

@@ -19,6 +19,7 @@ mod run;
 mod spec;
 mod start;
 mod state;
+mod update;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -145,6 +146,8 @@ pub enum Command {
     List(list::List),
     /// Print a container's resource usage (--stats once, else periodically).
     Events(events::Events),
+    /// Update a container's resource limits (its cgroup in the guest).
+    Update(update::Update),
     /// Pause a container's VM (its vCPUs stop).
     Pause(pause::Pause),
     /// Resume a paused container's VM.
@@ -179,6 +182,7 @@ impl Command {
             Command::Ps(c) => c.run(g),
             Command::List(c) => c.run(g),
             Command::Events(c) => c.run(g),
+            Command::Update(c) => c.run(g),
             Command::Pause(c) => c.run(g),
             Command::Resume(c) => c.run(g),
             Command::Monitor(c) => c.run(g),

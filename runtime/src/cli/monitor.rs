@@ -178,6 +178,7 @@ impl Monitor {
             vmm_pid: read_pid("vmm.pid"),
             virtiofsd_pid: read_pid("virtiofsd.pid"),
             created: sandboxvm::oci::time::now(),
+            vm_memory_mib: sandbox.memory_mib(),
             annotations: bundle
                 .spec
                 .annotations()

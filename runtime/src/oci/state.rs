@@ -82,6 +82,9 @@ pub struct Record {
     pub created: String,
     /// The spec's annotations.
     pub annotations: BTreeMap<String, String>,
+    /// The VM's memory in MiB (0: unknown, a record of an older version).
+    #[serde(default)]
+    pub vm_memory_mib: u64,
 }
 
 /// The state directory of container `id`.
@@ -251,6 +254,7 @@ mod tests {
             virtiofsd_pid: 0,
             created: "2026-01-01T00:00:00Z".into(),
             annotations: BTreeMap::from([("k".to_string(), "v".to_string())]),
+            vm_memory_mib: 256,
         }
     }
 
