@@ -113,6 +113,10 @@ step start2 $CC start "$C2"
 for _ in $(seq 50); do [ -s empty-dir/note ] && break; sleep 0.1; done
 step exec1 $CC exec "$C1" -- sh -c 'uname -r; cat /proc/sys/kernel/random/boot_id; echo one-err >&2; exit 3'
 step size $CC exec "$C1" -- sh -c 'grep -c ^processor /proc/cpuinfo; grep MemTotal /proc/meminfo'
+step update $CC update "$C1" --cpus 0.5 --memory-mib 256
+step limits $CC exec "$C1" -- sh -c 'cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max'
+step update_big $CC update "$C1" --memory-mib 4096
+step limits_after $CC exec "$C1" -- cat /sys/fs/cgroup/memory.max
 step exec2 $CC exec "$C2" -- sh -c 'uname -r; cat /proc/sys/kernel/random/boot_id; cat /data/note; cat /dev/shm/one; echo $WHO'
 step host_kernel uname -r
 step host_boot_id cat /proc/sys/kernel/random/boot_id
@@ -196,6 +200,18 @@ step left leftovers
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     assert!((520_000..=576 * 1024).contains(&kb), "MemTotal {kb} kB");
+    // UpdateContainerResources: the guest cgroup changes at once; a limit
+    // the pod's VM cannot hold is refused and changes nothing.
+    ok(&r, "update");
+    assert_eq!(ok(&r, "limits"), "268435456\n50000 100000");
+    let big = r.step("update_big");
+    assert_ne!(big.code, 0, "{big:?}");
+    assert!(
+        big.err
+            .contains("a memory limit of 4096 MiB needs a VM of 4160 MiB"),
+        "{big:?}"
+    );
+    assert_eq!(ok(&r, "limits_after"), "268435456");
     assert_eq!(ok(&r, "vmms"), "1", "one VMM for the pod");
     assert_eq!(ok(&r, "shims"), "1", "one shim for the pod");
     assert_eq!(ok(&r, "all_shims"), "1", "and no other");

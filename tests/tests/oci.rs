@@ -285,6 +285,63 @@ ls -d /sys/fs/cgroup/e2e-oci >cgroup.left 2>&1
 }
 
 #[test]
+fn update_changes_the_limits_at_once_and_refuses_what_the_vm_cannot_hold() {
+    let b = bundle("update", &["sleep", "1000"], |s| {
+        s["linux"]["resources"] = json!({"memory": {"limit": 128u64 << 20}});
+    });
+    let o = script(
+        "update",
+        &format!(
+            r#"
+$S create --bundle {b} --pid-file pid c1 </dev/null; $S start c1
+$S update --memory 96m --cpu-quota 50000 --cpu-period 100000 --cpu-share 512 --pids-limit 20 c1; echo $? >flags.rc
+$S exec c1 cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max /sys/fs/cgroup/cpu.weight /sys/fs/cgroup/pids.max >flags.out
+echo '{{"memory":{{"limit":-1}},"pids":{{"limit":-1}}}}' | $S update -r - c1; echo $? >stdin.rc
+$S exec c1 cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/pids.max >stdin.out
+$S update --memory 1g c1 2>big.err; echo $? >big.rc
+$S update --cpuset-cpus 0 c1 2>cpuset.err; echo $? >cpuset.rc
+$S update --cpu-rt-runtime 5 c1 2>rt.err; echo $? >rt.rc
+$S update --memory lots c1 2>bad.err; echo $? >bad.rc
+$S exec c1 cat /sys/fs/cgroup/memory.max >after.out
+$S delete --force c1
+$S update --memory 64m c1 2>gone.err; echo $? >gone.rc
+"#,
+            b = b.display()
+        ),
+    );
+    let log = o.read("script.log");
+    assert_eq!(o.code("flags.rc"), 0, "{log}");
+    assert_eq!(
+        o.read("flags.out"),
+        "100663296\n50000 100000\n20\n20\n",
+        "{log}"
+    );
+    assert_eq!(o.code("stdin.rc"), 0, "{log}");
+    assert_eq!(o.read("stdin.out"), "max\nmax\n", "{log}");
+    for (name, says) in [
+        (
+            "big",
+            "a memory limit of 1024 MiB needs a VM of 1088 MiB; this one has 256 MiB",
+        ),
+        (
+            "cpuset",
+            "linux.resources.cpu.cpus is not supported in the guest",
+        ),
+        ("rt", "--cpu-rt-runtime is not supported"),
+        ("bad", "--memory \"lots\": not a size in bytes"),
+        ("gone", "c1"),
+    ] {
+        assert_eq!(o.code(&format!("{name}.rc")), 1, "{name}: {log}");
+        let err = o.read(&format!("{name}.err"));
+        assert_eq!(err.lines().count(), 1, "{name}: one line: {err:?}");
+        assert!(err.contains(says), "{name}: {err:?}");
+    }
+    // What was refused changed nothing.
+    assert_eq!(o.read("after.out"), "max\n", "{log}");
+    o.assert_clean();
+}
+
+#[test]
 fn delete_force_and_a_killed_vm_leave_nothing() {
     let b = bundle("force", &["sleep", "1000"], |_| {});
     let o = script(

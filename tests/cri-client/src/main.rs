@@ -25,7 +25,7 @@ use k8s_cri::v1::{
     ListPodSandboxRequest, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
     PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest,
     RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
-    StopPodSandboxRequest, UInt64Value, VersionRequest,
+    StopPodSandboxRequest, UInt64Value, UpdateContainerResourcesRequest, VersionRequest,
 };
 use serde_json::{json, Value};
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -132,6 +132,16 @@ enum Call {
         timeout: i64,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
+    },
+    /// UpdateContainerResources (what in-place resize and VPA call).
+    Update {
+        id: String,
+        /// The CPU limit, in CPUs.
+        #[arg(long)]
+        cpus: Option<f64>,
+        /// The memory limit in MiB.
+        #[arg(long)]
+        memory_mib: Option<i64>,
     },
     /// ContainerStatus, as JSON.
     Status { id: String },
@@ -472,6 +482,26 @@ async fn call(cli: Cli) -> Result<Outcome> {
                 "image": s.image.map(|i| i.image).unwrap_or_default(),
                 "log_path": s.log_path,
             }))
+        }
+        Call::Update {
+            id,
+            cpus,
+            memory_mib,
+        } => {
+            let r = UpdateContainerResourcesRequest {
+                container_id: id,
+                linux: Some(LinuxContainerResources {
+                    cpu_period: 100_000,
+                    cpu_quota: cpus.map_or(0, |c| (c * 100_000.0) as i64),
+                    memory_limit_in_bytes: memory_mib.map_or(0, |m| m << 20),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            rt.update_container_resources(req(r, d))
+                .await
+                .map_err(rpc_err("UpdateContainerResources"))?;
+            Outcome::Done
         }
         Call::Stats { id } => {
             let r = ContainerStatsRequest { container_id: id };
