@@ -109,6 +109,31 @@ pub fn assert_clean(r: &Ran) {
     assert_eq!(r.leftovers, "", "sandboxvm left things behind: {r:?}");
 }
 
+/// A run that failed as bad input must: non-zero status, no output, one
+/// line on stderr that contains `expect`, nothing left behind.
+pub fn assert_fails(r: &Ran, expect: &str) {
+    assert_ne!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout, "", "{r:?}");
+    assert_eq!(r.stderr.lines().count(), 1, "one line expected: {r:?}");
+    assert!(r.stderr.starts_with("sandboxvm: "), "{r:?}");
+    assert!(r.stderr.contains(expect), "expected {expect:?} in {r:?}");
+    assert_clean(r);
+}
+
+/// Asserts that a `MemTotal:` line of a guest's /proc/meminfo shows a VM
+/// of `mib` MiB (MemTotal is that less what the guest kernel keeps).
+pub fn assert_guest_memory(meminfo_line: &str, mib: u64) {
+    let kib: u64 = meminfo_line
+        .strip_prefix("MemTotal:")
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("not a MemTotal line: {meminfo_line:?}"));
+    assert!(
+        (mib * 1024 * 3 / 4..=mib * 1024).contains(&kib),
+        "a {mib} MiB guest shows MemTotal {kib} kB"
+    );
+}
+
 /// Makes the container play an owned guest kernel (`--privileged`): every
 /// capability, and the guest's pid namespace, so that it reaches the guest's
 /// own mount of the share through PID 1 (the agent).

@@ -3,7 +3,7 @@
 //! it refuses is one line and leaves nothing behind.
 
 use e2e::fixtures::bundle;
-use e2e::run::{assert_clean, run_during, run_with, Ran};
+use e2e::run::{assert_clean, assert_fails, assert_guest_memory, run_during, run_with};
 use serde_json::json;
 
 fn config_file(name: &str, text: &str) -> std::path::PathBuf {
@@ -60,15 +60,7 @@ echo "$p" >virtiofsd"#;
         "{r:?}"
     );
     assert_eq!(lines[1], "2", "vCPUs: {r:?}");
-    let kib: u64 = lines[2]
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("MemTotal: {r:?}"));
-    assert!(
-        (300 << 10..=384 << 10).contains(&kib),
-        "384 MiB guest: {kib} KiB"
-    );
+    assert_guest_memory(lines[2], 384);
     // [log] level = "info": the phases are logged without -v.
     assert!(r.stderr.contains("VMM started (2 vCPU, 384 MiB)"), "{r:?}");
     let vfs = std::fs::read_to_string(b.with_extension("out").join("virtiofsd")).unwrap();
@@ -77,14 +69,6 @@ echo "$p" >virtiofsd"#;
         "virtiofsd: {vfs:?}"
     );
     assert_clean(&r);
-}
-
-fn assert_refused(r: &Ran, expect: &str) {
-    assert_eq!(r.code, 1, "{r:?}");
-    assert_eq!(r.stdout, "", "{r:?}");
-    assert_eq!(r.stderr.lines().count(), 1, "one line expected: {r:?}");
-    assert!(r.stderr.contains(expect), "expected {expect:?} in {r:?}");
-    assert_clean(r);
 }
 
 #[test]
@@ -98,19 +82,19 @@ fn what_the_configuration_refuses_is_one_line_and_leaves_nothing() {
     });
     let extra = format!("--config {}", config.display());
     // The pod's annotation comes first: it is not allowed by default.
-    assert_refused(
+    assert_fails(
         &run_with(&b, &extra, "", None),
         "annotation io.sandboxvm.vcpus is not allowed",
     );
     let b = bundle("config-ceiling2", &["true"], |s| {
         s["linux"]["resources"]["memory"]["limit"] = json!(512u64 << 20);
     });
-    assert_refused(
+    assert_fails(
         &run_with(&b, &extra, "", None),
         "needs a 576 MiB VM, which is above the configured maximum of 300 MiB",
     );
     let typo = config_file("typo", "[guest]\ndefault_cpus = 2\n");
-    assert_refused(
+    assert_fails(
         &run_with(&b, &format!("--config {}", typo.display()), "", None),
         "line 2 (default_cpus = 2): unknown field `default_cpus`",
     );

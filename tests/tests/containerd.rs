@@ -533,15 +533,7 @@ step containers $C containers ls -q
         lines[0].split(' ').any(|p| p == "sbx_shim_config=1"),
         "{sized:?}"
     );
-    let kib: u64 = lines[1]
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("MemTotal: {sized:?}"));
-    assert!(
-        (300 << 10..=384 << 10).contains(&kib),
-        "384 MiB guest: {kib} KiB"
-    );
+    e2e::run::assert_guest_memory(lines[1], 384);
     let refused = r.step("refused");
     assert_ne!(refused.code, 0, "{refused:?}");
     assert!(

@@ -194,12 +194,7 @@ step left leftovers
     let size = ok(&r, "size");
     let mut size = size.lines();
     assert_eq!(size.next(), Some("2"), "vCPUs");
-    let kb: u64 = size
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    assert!((520_000..=576 * 1024).contains(&kb), "MemTotal {kb} kB");
+    e2e::run::assert_guest_memory(size.next().unwrap_or_default(), 576);
     // UpdateContainerResources: the guest cgroup changes at once; a limit
     // the pod's VM cannot hold is refused and changes nothing.
     ok(&r, "update");

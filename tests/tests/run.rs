@@ -8,8 +8,8 @@ use std::process::Command;
 
 use e2e::fixtures::{artefacts, bundle, work_dir};
 use e2e::run::{
-    as_owned_guest, assert_clean, assert_read_only_refused, run, run_during, run_with, Ran,
-    OWNED_GUEST,
+    as_owned_guest, assert_clean, assert_fails, assert_read_only_refused, run, run_during,
+    run_with, OWNED_GUEST,
 };
 use serde_json::json;
 
@@ -214,17 +214,6 @@ try 'echo more >>/data/new/vol/file' volume
         "the host made the mount point"
     );
     assert_clean(&r);
-}
-
-/// Runs a bad bundle (on this host: these fail before any VM is booted, or
-/// in the nested host when they need one) and checks the one-line error.
-fn assert_fails(r: &Ran, expect: &str) {
-    assert_ne!(r.code, 0, "{r:?}");
-    assert_eq!(r.stdout, "", "{r:?}");
-    assert_eq!(r.stderr.lines().count(), 1, "one line expected: {r:?}");
-    assert!(r.stderr.starts_with("sandboxvm: "), "{r:?}");
-    assert!(r.stderr.contains(expect), "expected {expect:?} in {r:?}");
-    assert_clean(r);
 }
 
 #[test]
