@@ -302,6 +302,7 @@ $S update --memory 1g c1 2>big.err; echo $? >big.rc
 $S update --cpuset-cpus 0 c1 2>cpuset.err; echo $? >cpuset.rc
 $S update --cpu-rt-runtime 5 c1 2>rt.err; echo $? >rt.rc
 $S update --memory lots c1 2>bad.err; echo $? >bad.rc
+$S pause c1; $S update --memory 64m c1 2>paused.err; echo $? >paused.rc; $S resume c1
 $S exec c1 cat /sys/fs/cgroup/memory.max >after.out
 $S delete --force c1
 $S update --memory 64m c1 2>gone.err; echo $? >gone.rc
@@ -329,6 +330,7 @@ $S update --memory 64m c1 2>gone.err; echo $? >gone.rc
         ),
         ("rt", "--cpu-rt-runtime is not supported"),
         ("bad", "--memory \"lots\": not a size in bytes"),
+        ("paused", "container c1 is paused"),
         ("gone", "c1"),
     ] {
         assert_eq!(o.code(&format!("{name}.rc")), 1, "{name}: {log}");

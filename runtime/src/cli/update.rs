@@ -81,8 +81,9 @@ impl Update {
             serde_json::from_value(resources.clone()).context("resources")?;
         let record = Record::load(&g.root, &self.id)?;
         let status = record.status(&g.root);
+        // A paused VM's agent cannot answer: resume it first.
         anyhow::ensure!(
-            matches!(status, Status::Created | Status::Running | Status::Paused),
+            matches!(status, Status::Created | Status::Running),
             "container {} is {}",
             self.id,
             status.as_str()
