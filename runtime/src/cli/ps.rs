@@ -5,7 +5,7 @@ use clap::{Args, ValueEnum};
 use sandboxvm::oci::ContainerId;
 
 use super::Globals;
-use sandboxvm::oci::{Record, Status};
+use sandboxvm::oci::Record;
 
 /// Output format of ps and list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -32,14 +32,7 @@ pub struct Ps {
 impl Ps {
     pub fn run(self, g: &Globals) -> anyhow::Result<i32> {
         let record = Record::load(&g.root, &self.id)?;
-        let status = record.status(&g.root);
-        anyhow::ensure!(
-            matches!(status, Status::Created | Status::Running),
-            "container {} is {}",
-            self.id,
-            status.as_str()
-        );
-        let procs = record.agent(&g.root)?.processes(&self.id)?;
+        let procs = record.live_agent(&g.root)?.processes(&self.id)?;
         match self.format {
             Format::Json => {
                 let pids: Vec<u32> = procs.iter().map(|p| p.0).collect();

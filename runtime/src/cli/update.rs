@@ -10,7 +10,7 @@ use clap::Args;
 use serde_json::{json, Map, Value};
 
 use super::Globals;
-use sandboxvm::oci::{ContainerId, Record, Status};
+use sandboxvm::oci::{ContainerId, Record};
 
 /// Updates the resource limits of container ID, as runc does.
 #[derive(Debug, Args)]
@@ -80,20 +80,11 @@ impl Update {
         let parsed: oci_spec::runtime::LinuxResources =
             serde_json::from_value(resources.clone()).context("resources")?;
         let record = Record::load(&g.root, &self.id)?;
-        let status = record.status(&g.root);
-        // A paused VM's agent cannot answer: resume it first.
-        anyhow::ensure!(
-            matches!(status, Status::Created | Status::Running),
-            "container {} is {}",
-            self.id,
-            status.as_str()
-        );
+        let agent = record.live_agent(&g.root)?;
         let limit = parsed.memory().as_ref().and_then(|m| m.limit());
         sandboxvm::bundle::check_limit_fits(limit, record.vm_memory_mib)
             .map_err(|e| anyhow::anyhow!("container {}: {e}", self.id))?;
-        record
-            .agent(&g.root)?
-            .update(&self.id, &resources.to_string())?;
+        agent.update(&self.id, &resources.to_string())?;
         Ok(0)
     }
 

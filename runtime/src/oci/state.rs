@@ -26,6 +26,14 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// The container's VM cannot answer in this state.
+    #[error("container {id} is {status}")]
+    NotLive {
+        /// The container.
+        id: String,
+        /// Its status.
+        status: &'static str,
+    },
     /// The guest agent could not be reached.
     #[error("container {id:?}: cannot reach its guest agent: {reason}")]
     Agent {
@@ -162,6 +170,19 @@ impl Record {
                 }
             }
         }
+    }
+
+    /// A client of the guest agent of a container that is created or
+    /// running (a paused VM's agent cannot answer, a stopped one is gone).
+    pub fn live_agent(&self, root: &Path) -> Result<Agent, Error> {
+        let status = self.status(root);
+        if !matches!(status, Status::Created | Status::Running) {
+            return Err(Error::NotLive {
+                id: self.id.to_string(),
+                status: status.as_str(),
+            });
+        }
+        self.agent(root)
     }
 
     /// A client of the container's guest agent.
