@@ -8,11 +8,13 @@
 use std::path::PathBuf;
 
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::well_known_types::empty::Empty;
+use containerd_shim::protos::protobuf::{Message, UnknownValueRef};
 
 /// The message's type URL, as containerd registers it.
 const TYPE_URL: &str = "runtimeoptions.v1.Options";
 /// `config_path`'s field number.
-const CONFIG_PATH: u64 = 2;
+const CONFIG_PATH: u32 = 2;
 
 /// `ConfigPath` of runtime options, if they are `runtimeoptions.v1.Options`
 /// and set it; other option types (runc's) carry nothing for sandboxvm.
@@ -21,49 +23,19 @@ pub fn config_path(options: &Any) -> Result<Option<PathBuf>, String> {
     if options.type_url.rsplit('/').next() != Some(TYPE_URL) {
         return Ok(None);
     }
-    let path = string_field(&options.value, CONFIG_PATH)
-        .map_err(|why| format!("runtime options {TYPE_URL}: {why}"))?;
-    Ok(path.filter(|p| !p.is_empty()).map(PathBuf::from))
-}
-
-/// The last value of string field `field` in protobuf wire format.
-fn string_field(mut b: &[u8], field: u64) -> Result<Option<String>, &'static str> {
-    let mut found = None;
-    while !b.is_empty() {
-        let tag = varint(&mut b)?;
-        let len = match tag & 7 {
-            0 => {
-                varint(&mut b)?;
-                0
-            }
-            1 => 8,
-            2 => usize::try_from(varint(&mut b)?).map_err(|_| "length too large")?,
-            5 => 4,
-            _ => return Err("unknown wire type"),
-        };
-        if len > b.len() {
-            return Err("truncated");
+    let bad = |why: &str| format!("runtime options {TYPE_URL}: {why}");
+    // The message's fields, read by protobuf's own parser as the unknown
+    // fields of an empty message (sandboxvm does not compile containerd's
+    // .proto for one string).
+    let fields = Empty::parse_from_bytes(&options.value).map_err(|e| bad(&e.to_string()))?;
+    let path = match fields.special_fields.unknown_fields().get(CONFIG_PATH) {
+        None => return Ok(None),
+        Some(UnknownValueRef::LengthDelimited(b)) => {
+            String::from_utf8(b.to_vec()).map_err(|_| bad("ConfigPath is not UTF-8"))?
         }
-        let (value, rest) = b.split_at(len);
-        if tag >> 3 == field && tag & 7 == 2 {
-            found = Some(String::from_utf8(value.to_vec()).map_err(|_| "ConfigPath is not UTF-8")?);
-        }
-        b = rest;
-    }
-    Ok(found)
-}
-
-fn varint(b: &mut &[u8]) -> Result<u64, &'static str> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let (&byte, rest) = b.split_first().ok_or("truncated")?;
-        *b = rest;
-        v |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Ok(v);
-        }
-    }
-    Err("varint too long")
+        Some(_) => return Err(bad("ConfigPath is not a string")),
+    };
+    Ok(Some(PathBuf::from(path)).filter(|p| !p.as_os_str().is_empty()))
 }
 
 #[cfg(test)]
@@ -107,6 +79,7 @@ mod tests {
             b"\x12\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01",
             b"\x0f",
             b"\x12\x02\xff\xfe",
+            b"\x10\x01",
         ] {
             assert!(config_path(&any(TYPE_URL, bad)).is_err(), "{bad:?}");
         }
