@@ -402,20 +402,24 @@ impl Config {
                 }
             }
         }
+        use crate::timeouts::{scale, seconds, MAX_SECS, SCALE};
         let t = &self.timeouts;
-        for (key, v, range) in [
-            ("timeouts.boot_secs", t.boot_secs, 0.0..=86_400.0),
-            ("timeouts.agent_secs", t.agent_secs, 0.0..=86_400.0),
-            ("timeouts.scale", t.scale, 0.1..=100.0),
+        for (key, v) in [
+            ("timeouts.boot_secs", t.boot_secs),
+            ("timeouts.agent_secs", t.agent_secs),
         ] {
-            if let Some(v) = v {
-                if !v.is_finite() || v <= 0.0 || !range.contains(&v) {
-                    return Err(format!(
-                        "{key} = {v}: must be above 0 and at most {}",
-                        range.end()
-                    ));
-                }
+            if let Some(v) = v.filter(|&v| seconds(v).is_none()) {
+                return Err(format!(
+                    "{key} = {v}: must be above 0 and at most {MAX_SECS}"
+                ));
             }
+        }
+        if let Some(v) = t.scale.filter(|&v| scale(v).is_none()) {
+            return Err(format!(
+                "timeouts.scale = {v}: must be {} to {}",
+                SCALE.start(),
+                SCALE.end()
+            ));
         }
         if self.virtiofsd.thread_pool_size > 64 {
             return Err(format!(

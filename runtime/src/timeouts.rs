@@ -22,6 +22,21 @@ use std::time::Duration;
 pub const DEFAULT_BOOT: Duration = Duration::from_secs(60);
 /// Default for [`Timeouts::call`].
 pub const DEFAULT_CALL: Duration = Duration::from_secs(30);
+/// The longest limit that can be set, seconds (a day).
+pub const MAX_SECS: f64 = 86_400.0;
+/// The factors the limits can be scaled by.
+pub const SCALE: std::ops::RangeInclusive<f64> = 0.1..=100.0;
+
+/// A limit of `s` seconds, if it is one: above 0, at most [`MAX_SECS`].
+pub fn seconds(s: f64) -> Option<Duration> {
+    (s.is_finite() && s > 0.0 && s <= MAX_SECS).then(|| Duration::from_secs_f64(s))
+}
+
+/// `f`, if it is a factor in [`SCALE`].
+pub fn scale(f: f64) -> Option<f64> {
+    (f.is_finite() && SCALE.contains(&f)).then_some(f)
+}
+
 /// A call may take this many times the guest's boot time (see the module
 /// documentation).
 pub const CALLS_PER_BOOT: u32 = 20;
@@ -83,11 +98,9 @@ impl Timeouts {
         let secs = |name: &'static str, default: Duration| -> Result<Duration, Error> {
             match var(name) {
                 None => Ok(default),
-                Some(v) => match v.trim().parse::<f64>() {
-                    Ok(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => {
-                        Ok(Duration::from_secs_f64(s))
-                    }
-                    _ => Err(Error::Setting {
+                Some(v) => match v.trim().parse::<f64>().ok().and_then(seconds) {
+                    Some(d) => Ok(d),
+                    None => Err(Error::Setting {
                         var: name,
                         value: v,
                         why: "not a number of seconds between 0 and 86400",
@@ -106,14 +119,14 @@ impl Timeouts {
                     .map_or(DEFAULT_CALL, Duration::from_secs_f64),
             )?,
         };
-        let scale = var("SANDBOXVM_TIMEOUT_SCALE").or_else(|| file.scale.map(|f| f.to_string()));
-        if let Some(v) = scale {
-            match v.trim().parse::<f64>() {
-                Ok(f) if f.is_finite() && (0.1..=100.0).contains(&f) => {
+        let factor = var("SANDBOXVM_TIMEOUT_SCALE").or_else(|| file.scale.map(|f| f.to_string()));
+        if let Some(v) = factor {
+            match v.trim().parse::<f64>().ok().and_then(scale) {
+                Some(f) => {
                     t.boot = t.boot.mul_f64(f);
                     t.call = t.call.mul_f64(f);
                 }
-                _ => {
+                None => {
                     return Err(Error::Setting {
                         var: "SANDBOXVM_TIMEOUT_SCALE",
                         value: v,
