@@ -26,7 +26,7 @@ fn main() {
         root: cli.root,
         log: cli.log,
         log_format: cli.log_format,
-        config: cli.config,
+        config: sandboxvm::config::Loaded::load(cli.config.as_deref()).map_err(|e| e.to_string()),
     };
     let to_stderr = g.log.is_none() && !cli.command.is_monitor();
     init_logging(&g, to_stderr);
@@ -96,9 +96,7 @@ fn init_logging(g: &cli::Globals, to_stderr: bool) {
     use std::io::Write;
     // Without -v, the configuration's level (a broken file is reported by
     // the command that needs it).
-    let configured = sandboxvm::config::Loaded::load(g.config.as_deref())
-        .ok()
-        .and_then(|l| l.config.log.level);
+    let configured = g.config.as_ref().ok().and_then(|l| l.config.log.level);
     let default = match g.verbose {
         0 => configured.map_or("warn", |l| l.as_str()),
         1 => "info",

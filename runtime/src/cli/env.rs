@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use clap::Args;
 use serde::Serialize;
 
-use sandboxvm::config::{Config, Loaded};
+use sandboxvm::config::Config;
 
 /// Prints the configuration in force (the file's values over the
 /// defaults), what a sandbox would use from it, the `SANDBOXVM_*`
@@ -65,7 +65,7 @@ struct Host {
 
 impl Env {
     pub fn run(self, g: &super::Globals) -> anyhow::Result<i32> {
-        let loaded = Loaded::load(g.config.as_deref())?;
+        let loaded = g.config()?;
         let c = &loaded.config;
         let shown = |r: Result<std::path::PathBuf, sandboxvm::artefacts::Error>| match r {
             Ok(p) => p.display().to_string(),

@@ -84,8 +84,10 @@ pub struct Globals {
     pub log: Option<PathBuf>,
     /// Log format.
     pub log_format: LogFormat,
-    /// `--config`.
-    pub config: Option<PathBuf>,
+    /// The configuration file (`--config`, `$SANDBOXVM_CONFIG` or the
+    /// default), read once; its error is reported by the commands that need
+    /// it: a broken file must not stop `delete` or `kill`.
+    pub config: Result<sandboxvm::config::Loaded, String>,
 }
 
 impl Globals {
@@ -106,10 +108,10 @@ impl Globals {
         a
     }
 
-    /// The configuration in force ([`sandboxvm::config`]), loaded when a
-    /// command needs it: a broken file must not stop `delete` or `kill`.
-    pub fn config(&self) -> Result<sandboxvm::config::Config, sandboxvm::config::Error> {
-        Ok(sandboxvm::config::Loaded::load(self.config.as_deref())?.config)
+    /// The configuration in force ([`sandboxvm::config`]), or the error
+    /// loading it.
+    pub fn config(&self) -> anyhow::Result<&sandboxvm::config::Loaded> {
+        self.config.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
     }
 }
 

@@ -121,7 +121,7 @@ impl Monitor {
         signals: &Forwarder,
     ) -> anyhow::Result<i32> {
         let bundle = Bundle::load(self.bundle.as_deref().context("--bundle is needed")?)?;
-        let config = g.config()?;
+        let config = &g.config()?.config;
         let flags = Overrides {
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
@@ -129,7 +129,7 @@ impl Monitor {
             ..Overrides::default()
         };
         let opts = Options::for_bundle(
-            &config,
+            config,
             state::dir(&g.root, &self.id),
             &self.id,
             &bundle,

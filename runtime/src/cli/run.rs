@@ -129,7 +129,7 @@ impl Run {
                 now_ms() % 100_000
             ))?,
         };
-        let config = g.config()?;
+        let config = &g.config()?.config;
         sandboxvm::private::create_dir_all(&g.root)
             .with_context(|| format!("cannot create {}", g.root.display()))?;
 
@@ -144,7 +144,7 @@ impl Run {
             memory_mib: self.memory,
             verbose,
         };
-        let opts = Options::for_bundle(&config, g.root.join(&id), &id, &bundle, &flags)?;
+        let opts = Options::for_bundle(config, g.root.join(&id), &id, &bundle, &flags)?;
         let plan = network_plan(&bundle, &self.net)?;
         // Ctrl-C (or any forwarded signal) while the VM boots ends the run.
         let interrupted = || signals.pending().into_iter().find(|&s| s != libc::SIGWINCH);
