@@ -435,11 +435,6 @@ impl Config {
         self.guest.max_vcpus.unwrap_or(VCPU_LIMIT)
     }
 
-    /// The most memory a VM may have, MiB (None: no maximum).
-    pub fn max_memory_mib(&self) -> Option<u64> {
-        self.guest.max_memory_mib
-    }
-
     /// Sizes a VM: `asked_vcpus` and `asked_memory_mib` are what its
     /// container (or pod) needs (None: nothing asked), `annotations` its
     /// spec's. vCPUs beyond the maximum are cut to it (the container is
@@ -472,7 +467,7 @@ impl Config {
                 .unwrap_or(0)
                 .max(self.guest.default_memory_mib),
         };
-        if let Some(max_memory) = self.max_memory_mib().filter(|&m| memory_mib > m) {
+        if let Some(max_memory) = self.guest.max_memory_mib.filter(|&m| memory_mib > m) {
             let what = if chosen.memory_mib.is_some() {
                 format!("{ANNOTATION_PREFIX}memory_mib = {memory_mib}")
             } else {

@@ -94,7 +94,7 @@ impl Env {
                 )),
                 virtiofsd: shown(sandboxvm::artefacts::virtiofsd(c.virtiofsd.path.as_deref())),
                 max_vcpus: c.max_vcpus(),
-                max_memory_mib: c.max_memory_mib(),
+                max_memory_mib: c.guest.max_memory_mib,
                 boot_timeout_secs: timeouts.boot.as_secs_f64(),
                 agent_timeout_secs: timeouts.call.as_secs_f64(),
             },
