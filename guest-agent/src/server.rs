@@ -53,12 +53,13 @@ impl Agent for Service {
         Ok(Empty::new())
     }
     fn wait_process(&self, _: &TtrpcContext, r: ProcessRequest) -> R<WaitProcessResponse> {
-        let s = self
+        let (s, oom_killed) = self
             .manager
             .wait(&r.container_id, &r.exec_id)
             .map_err(status)?;
         Ok(WaitProcessResponse {
             status: s,
+            oom_killed,
             ..Default::default()
         })
     }

@@ -77,6 +77,16 @@ fn guest_text(text: &str) -> String {
     crate::guest_console::escape_within(text, 1000)
 }
 
+/// How a process in the guest ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exited {
+    /// Its exit code, or 128 + the signal that killed it.
+    pub status: i32,
+    /// A container's init only: the guest's OOM killer killed a process of
+    /// the container during its life.
+    pub oom_killed: bool,
+}
+
 /// An exit status the guest reported, as the host may pass it on: a
 /// process's status is 0 to 255; anything else (which `exit(2)` would
 /// truncate, 256 into success) is a lying or broken guest, and a failure.
@@ -215,11 +225,19 @@ impl Agent {
 
     /// Waits for a process; its exit code or 128 + signal.
     pub fn wait(&self, id: &str, exec_id: &str) -> Result<i32, Error> {
+        self.wait_exit(id, exec_id).map(|e| e.status)
+    }
+
+    /// Waits for a process: how it ended.
+    pub fn wait_exit(&self, id: &str, exec_id: &str) -> Result<Exited, Error> {
         let r = self
             .client
             .wait_process(protocol::ctx(Duration::ZERO), &Self::process(id, exec_id))
             .map_err(self.call_err("WaitProcess"))?;
-        Ok(exit_status(r.status))
+        Ok(Exited {
+            status: exit_status(r.status),
+            oom_killed: r.oom_killed,
+        })
     }
 
     /// Sends `signal` to a process.

@@ -22,7 +22,7 @@ pub enum Error {
         reason: String,
     },
     /// ociVersion is not a 1.x version.
-    #[error("{path}: unsupported ociVersion {version:?} (1.0.0 to 1.2.x supported)")]
+    #[error("{path}: unsupported ociVersion {version:?} (1.0.0 to 1.3.x supported)")]
     Version {
         /// The config file.
         path: PathBuf,
@@ -222,14 +222,14 @@ fn cpus_for(quota: i64, period: u64) -> u8 {
     (quota as u64).div_ceil(period).clamp(1, 32) as u8
 }
 
-/// Accepts OCI runtime spec versions 1.0.0 to 1.2.x.
+/// Accepts OCI runtime spec versions 1.0.0 to 1.3.x.
 fn check_version(v: &str) -> Result<(), String> {
     let mut parts = v.split(['.', '-', '+']);
     let major = parts.next().and_then(|p| p.parse::<u32>().ok());
     let minor = parts.next().and_then(|p| p.parse::<u32>().ok());
     let patch = parts.next().and_then(|p| p.parse::<u32>().ok());
     match (major, minor, patch) {
-        (Some(1), Some(0..=2), Some(_)) => Ok(()),
+        (Some(1), Some(0..=3), Some(_)) => Ok(()),
         _ => Err(v.to_string()),
     }
 }
@@ -362,10 +362,10 @@ mod tests {
 
     #[test]
     fn versions() {
-        for ok in ["1.0.0", "1.0.2-dev", "1.1.0", "1.2.1"] {
+        for ok in ["1.0.0", "1.0.2-dev", "1.1.0", "1.2.1", "1.3.0"] {
             assert!(check_version(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "1", "0.9.0", "1.3.0", "2.0.0", "latest"] {
+        for bad in ["", "1", "0.9.0", "1.4.0", "2.0.0", "latest"] {
             assert!(check_version(bad).is_err(), "{bad}");
         }
     }

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -109,6 +109,16 @@ impl Events {
             ..Default::default()
         };
         self.send(topics::TASK_EXIT_EVENT_TOPIC, Box::new(e));
+    }
+
+    /// /tasks/oom: the guest's OOM killer killed a process of container
+    /// `cid`.
+    pub fn oom(&self, cid: &str) {
+        let e = TaskOOM {
+            container_id: cid.into(),
+            ..Default::default()
+        };
+        self.send(topics::TASK_OOM_EVENT_TOPIC, Box::new(e));
     }
 
     /// /tasks/delete.

@@ -150,8 +150,16 @@ impl Process {
     pub fn spawn_waiter(self: &Arc<Self>, pod: &Arc<Pod>, events: &Arc<Events>) {
         let (p, pod, events) = (self.clone(), pod.clone(), events.clone());
         std::thread::spawn(move || {
-            let status = match pod.agent.wait(&p.cid, &p.exec_id) {
-                Ok(s) => u32::try_from(s).unwrap_or(KILLED),
+            let status = match pod.agent.wait_exit(&p.cid, &p.exec_id) {
+                Ok(e) => {
+                    if e.oom_killed {
+                        // Before the exit, so the CRI has the reason
+                        // (OOMKilled) when it sees the container exited.
+                        log::info!("{}: the guest's OOM killer killed a process", p.cid);
+                        events.oom(&p.cid);
+                    }
+                    u32::try_from(e.status).unwrap_or(KILLED)
+                }
                 Err(e) => {
                     let why = pod.check_alive().err().map(|e| e.to_string());
                     log::warn!(

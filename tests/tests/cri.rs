@@ -97,7 +97,10 @@ mkdir -p "$W/empty-dir"
 step version $CC version
 step images $CC images
 # The pod's limits, as the kubelet passes them: the VM is sized for them.
-POD="$POD --share-pid --cpus 1.5 --memory-mib 512"
+# Its cgroup, as the kubelet's cgroupfs driver names it: the VMM and
+# virtiofsd are charged there.
+CG=e2e-pod-$$
+POD="$POD --share-pid --cpus 1.5 --memory-mib 512 --cgroup-parent /$CG"
 step runpod $CC run-pod $POD --handler sandboxvm
 P=$(cat runpod.out)
 step podstatus $CC pod-status "$P"
@@ -113,6 +116,14 @@ step start2 $CC start "$C2"
 for _ in $(seq 50); do [ -s empty-dir/note ] && break; sleep 0.1; done
 step exec1 $CC exec "$C1" -- sh -c 'uname -r; cat /proc/sys/kernel/random/boot_id; echo one-err >&2; exit 3'
 step size $CC exec "$C1" -- sh -c 'grep -c ^processor /proc/cpuinfo; grep MemTotal /proc/meminfo'
+step cgroup_parent echo "$CG"
+step vmm_cgroup sh -c 'cat /proc/$(pgrep -f "sandboxvm.* boot " | head -n1)/cgroup'
+step pod_memory cat /sys/fs/cgroup/$CG/memory.current
+# 16 MiB the guest writes to its tmpfs: guest pages, charged to the pod
+# (each first touch of a guest page is slow under the nested CI host's
+# emulation: ~40 MiB a minute).
+step fill $CC exec --timeout 0 "$C1" -- sh -c 'head -c 16777216 /dev/zero >/dev/shm/fill; rm /dev/shm/fill'
+step pod_memory_filled cat /sys/fs/cgroup/$CG/memory.current
 step update $CC update "$C1" --cpus 0.5 --memory-mib 256
 step limits $CC exec "$C1" -- sh -c 'cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max'
 step update_big $CC update "$C1" --memory-mib 4096
@@ -127,6 +138,14 @@ step status1 $CC status "$C1"
 step stats1 $CC stats "$C1"
 step list $CC list --pod-id "$P"
 step pods $CC pods
+# A container over its own limit: the guest's OOM killer ends it; the CRI
+# says OOMKilled.
+step create3 $CC create --pod-id "$P" $POD --name hog --image @IMAGE@ --limit-mib 32 -- \
+  sh -c 'echo filling; x=$(head -c 300000000 /dev/zero | tr "\0" a); echo survived'
+C3=$(cat create3.out)
+step start3 $CC start "$C3"
+for _ in $(seq 240); do $CC status "$C3" | grep -q CONTAINER_EXITED && break; sleep 0.5; done
+step status3 $CC status "$C3"
 step ps2 $CC exec "$C2" -- ps -o pid,args
 step stop2 $CC stop "$C2" --timeout 2
 step status2 $CC status "$C2"
@@ -138,6 +157,7 @@ step status1_stopped $CC status "$C1"
 step podstatus_stopped $CC pod-status "$P"
 step vmms_after_stoppod count 'sandboxvm.* boot '
 step removepod $CC remove-pod "$P"
+step cgroup_gone test ! -e /sys/fs/cgroup/$CG
 step list_removed $CC list
 step pods_removed $CC pods
 step left leftovers
@@ -195,6 +215,20 @@ step left leftovers
     let mut size = size.lines();
     assert_eq!(size.next(), Some("2"), "vCPUs");
     e2e::run::assert_guest_memory(size.next().unwrap_or_default(), 576);
+    // The VMM runs in the pod's cgroup (the sandbox's cgroupsPath, under
+    // the kubelet's cgroup_parent), and what the guest touches is charged
+    // there.
+    assert_eq!(
+        ok(&r, "vmm_cgroup"),
+        format!("0::/{}/{pod}", ok(&r, "cgroup_parent"))
+    );
+    ok(&r, "fill");
+    let charged = |step: &str| ok(&r, step).parse::<u64>().unwrap();
+    let grew = charged("pod_memory_filled").saturating_sub(charged("pod_memory"));
+    assert!(
+        grew >= 15 << 20,
+        "16 MiB written in the guest, the pod's cgroup grew by {grew} bytes"
+    );
     // UpdateContainerResources: the guest cgroup changes at once; a limit
     // the pod's VM cannot hold is refused and changes nothing.
     ok(&r, "update");
@@ -258,6 +292,17 @@ step left leftovers
     let pods = json(&r, "pods");
     assert_eq!(pods.as_array().unwrap().len(), 1, "{pods}");
     assert_eq!(pods[0]["id"], pod.as_str(), "{pods}");
+    // The guest's OOM killer's kill is reported as such (TaskOOM).
+    ok(&r, "start3");
+    let status3 = json(&r, "status3");
+    assert_eq!(status3["state"], "CONTAINER_EXITED", "{status3}");
+    assert_eq!(status3["exit_code"], 137, "{status3}");
+    assert_eq!(status3["reason"], "OOMKilled", "{status3}");
+    let hog = std::fs::read_to_string(r.dir.join("logs/hog.log")).unwrap_or_default();
+    assert!(
+        hog.contains(" stdout F filling") && !hog.contains("survived"),
+        "{hog}"
+    );
 
     // The containers' stdout and stderr reach the CRI log files.
     let log = |name: &str| std::fs::read_to_string(r.dir.join("logs").join(name)).unwrap();
@@ -313,6 +358,7 @@ step left leftovers
     assert_eq!(status["state"], "SANDBOX_NOTREADY", "{status}");
     assert_eq!(ok(&r, "vmms_after_stoppod"), "0", "the pod's VM stopped");
     ok(&r, "removepod");
+    ok(&r, "cgroup_gone");
     assert_eq!(json(&r, "list_removed"), serde_json::json!([]));
     assert_eq!(json(&r, "pods_removed"), serde_json::json!([]));
     assert_eq!(

@@ -344,6 +344,80 @@ $S update --memory 64m c1 2>gone.err; echo $? >gone.rc
 }
 
 #[test]
+fn seccomp_sysctl_and_oom_score_adj_of_the_spec_hold_in_the_guest() {
+    // A runtime-spec 1.3 config (as runtime-tools writes now). The profile
+    // lets everything through but getcwd (EPERM, the default errno) and
+    // mkdir (EOPNOTSUPP); exec'd processes get it too.
+    let b = bundle("seccomp", &["sleep", "1000"], |s| {
+        s["ociVersion"] = json!("1.3.0");
+        s["process"]["oomScoreAdj"] = json!(123);
+        s["linux"]["sysctl"] = json!({
+            "net.ipv4.ip_unprivileged_port_start": "0",
+            "kernel.msgmax": "4321",
+        });
+        s["linux"]["seccomp"] = json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+            "syscalls": [
+                {"names": ["getcwd"], "action": "SCMP_ACT_ERRNO"},
+                {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 95},
+            ],
+        });
+    });
+    let notify = bundle("seccomp-notify", &["true"], |s| {
+        s["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["getcwd"], "action": "SCMP_ACT_NOTIFY"}]});
+    });
+    let bad_sysctl = bundle("bad-sysctl", &["true"], |s| {
+        s["linux"]["sysctl"] = json!({"net/../../kernel/x": "1"});
+    });
+    let o = script(
+        "seccomp",
+        &format!(
+            r#"
+$S create --bundle {b} c1 </dev/null; $S start c1
+$S exec c1 busybox pwd >pwd.out 2>pwd.err; echo $? >pwd.rc
+$S exec c1 mkdir /tmp/d 2>mkdir.err; echo $? >mkdir.rc
+$S exec c1 cat /proc/sys/net/ipv4/ip_unprivileged_port_start /proc/sys/kernel/msgmax /proc/1/oom_score_adj >values.out
+$S delete --force c1
+$S create --bundle {notify} c2 </dev/null 2>notify.err; echo $? >notify.rc
+$S create --bundle {bad_sysctl} c3 </dev/null 2>sysctl.err; echo $? >sysctl.rc
+"#,
+            b = b.display(),
+            notify = notify.display(),
+            bad_sysctl = bad_sysctl.display(),
+        ),
+    );
+    let log = o.read("script.log");
+    assert_eq!(o.code("pwd.rc"), 1, "{log}");
+    assert!(
+        o.read("pwd.err").contains("Operation not permitted"),
+        "{}",
+        o.read("pwd.err")
+    );
+    assert_eq!(o.code("mkdir.rc"), 1, "{log}");
+    assert!(
+        o.read("mkdir.err").contains("upported"),
+        "{}",
+        o.read("mkdir.err")
+    );
+    assert_eq!(o.read("values.out"), "0\n4321\n123\n", "{log}");
+    for (name, says) in [
+        ("notify", "linux.seccomp: SCMP_ACT_NOTIFY is not supported"),
+        (
+            "sysctl",
+            "linux.sysctl: \"net/../../kernel/x\" is not a sysctl name",
+        ),
+    ] {
+        assert_eq!(o.code(&format!("{name}.rc")), 1, "{name}: {log}");
+        let err = o.read(&format!("{name}.err"));
+        assert_eq!(err.lines().count(), 1, "{name}: one line: {err:?}");
+        assert!(err.contains(says), "{name}: {err:?}");
+    }
+    o.assert_clean();
+}
+
+#[test]
 fn delete_force_and_a_killed_vm_leave_nothing() {
     let b = bundle("force", &["sleep", "1000"], |_| {});
     let o = script(

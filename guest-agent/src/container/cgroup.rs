@@ -222,6 +222,15 @@ pub fn stats(dir: &Path) -> (u64, u64, u64) {
     (cpu, mem, pids)
 }
 
+/// How many processes of the cgroup (and below) the OOM killer killed.
+pub fn oom_kills(dir: &Path) -> u64 {
+    fs::read_to_string(dir.join("memory.events"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

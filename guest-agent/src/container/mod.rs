@@ -3,7 +3,9 @@
 pub mod cgroup;
 pub mod mounts;
 pub mod process;
+pub mod seccomp;
 pub mod spec;
+mod syscalls;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -129,6 +131,8 @@ struct Proc {
 struct Container {
     id: String,
     cgroup: Option<PathBuf>,
+    /// The profile exec'd processes get too.
+    seccomp: Option<Arc<seccomp::Program>>,
     init: Arc<Proc>,
     /// Write end of the start pipe and the init's error pipe, until started.
     start: Mutex<Option<(File, File)>>,
@@ -276,6 +280,7 @@ impl Manager {
         let c = Container {
             id: id.to_string(),
             cgroup,
+            seccomp: cfg.process.seccomp.clone(),
             init: Arc::new(Proc {
                 pid: spawned.pid,
                 io,
@@ -330,7 +335,8 @@ impl Manager {
         }
         let p: oci_spec::runtime::Process = serde_json::from_str(process_json)
             .map_err(|e| Error::InvalidSpec(format!("process: {e}")))?;
-        let pcfg = spec::process_config(&p)?;
+        let mut pcfg = spec::process_config(&p)?;
+        pcfg.seccomp = c.seccomp.clone();
         let (child_io, io) = make_stdio(pcfg.terminal)?;
         let spawned = process::spawn(
             process::Kind::Exec {
@@ -350,10 +356,18 @@ impl Manager {
         Ok(())
     }
 
-    /// WaitProcess: exit code or 128 + signal.
-    pub fn wait(&self, id: &str, exec_id: &str) -> Result<i32, Error> {
+    /// WaitProcess: exit code or 128 + signal; for the init, whether the
+    /// OOM killer killed a process of the container.
+    pub fn wait(&self, id: &str, exec_id: &str) -> Result<(i32, bool), Error> {
         let p = self.proc(id, exec_id)?;
-        Ok(reaper().wait(p.pid))
+        let status = reaper().wait(p.pid);
+        let oom = exec_id.is_empty()
+            && self
+                .get(id)?
+                .cgroup
+                .as_deref()
+                .is_some_and(|cg| cgroup::oom_kills(cg) > 0);
+        Ok((status, oom))
     }
 
     /// SignalProcess.

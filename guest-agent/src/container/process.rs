@@ -289,6 +289,13 @@ fn workload(
                         sethostname(h).map_err(|e| format!("sethostname {h}: {e}"))?;
                     }
                 }
+                // In the container's namespaces, through the guest's /proc
+                // (the container's may be read-only).
+                for (key, value) in &cfg.sysctl {
+                    let path = std::path::Path::new("/proc/sys").join(key);
+                    std::fs::write(&path, value)
+                        .map_err(|e| format!("linux.sysctl {}={value}: {e}", key.display()))?;
+                }
                 super::mounts::setup_rootfs(cfg)?;
                 Some(start_rd)
             }
@@ -308,7 +315,21 @@ fn workload(
             .map(|a| CString::new(a.as_bytes()).map_err(|_| "NUL byte in process.args".to_string()))
             .collect::<Result<_, _>>()?;
         chdir(&p.cwd).map_err(|e| format!("chdir to cwd {}: {e}", p.cwd.display()))?;
+        if let Some(adj) = p.oom_score_adj {
+            std::fs::write("/proc/self/oom_score_adj", adj.to_string())
+                .map_err(|e| format!("oomScoreAdj {adj}: {e}"))?;
+        }
+        // The profile goes in as late as it can (the fewer calls it must
+        // allow for set-up, the better): after the identity change with
+        // no_new_privs; before it otherwise, while CAP_SYS_ADMIN is held.
+        let seccomp = p.seccomp.as_deref();
+        if let Some(s) = seccomp.filter(|_| !p.no_new_privileges) {
+            s.install()?;
+        }
         set_identity(p)?;
+        if let Some(s) = seccomp.filter(|_| p.no_new_privileges) {
+            s.install()?;
+        }
         if let Some(start_rd) = start_rd {
             let mut start = File::from(start_rd);
             let _ = (&*sync_wr).write_all(b"R");

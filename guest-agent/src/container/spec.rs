@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use nix::mount::MsFlags;
 use nix::sched::CloneFlags;
@@ -39,6 +40,11 @@ pub struct ProcessConfig {
     pub caps: Option<CapSets>,
     pub rlimits: Vec<(i32, u64, u64)>,
     pub no_new_privileges: bool,
+    /// Written to /proc/self/oom_score_adj before the identity changes.
+    pub oom_score_adj: Option<i32>,
+    /// The container's seccomp profile (an exec'd process gets its
+    /// container's).
+    pub seccomp: Option<Arc<super::seccomp::Program>>,
 }
 
 /// One mount of `mounts`, with its options decoded.
@@ -66,6 +72,9 @@ pub struct ContainerConfig {
     pub mounts: Vec<MountConfig>,
     pub masked_paths: Vec<PathBuf>,
     pub readonly_paths: Vec<PathBuf>,
+    /// `linux.sysctl`: (path under /proc/sys, value), written in the
+    /// container's namespaces.
+    pub sysctl: Vec<(PathBuf, String)>,
     pub process: ProcessConfig,
     /// Files shown over the rootfs's own (path relative to the rootfs,
     /// content): /etc/resolv.conf and /etc/hosts of the pod network.
@@ -110,6 +119,7 @@ pub fn container_config(spec: &Spec, rootfs: PathBuf) -> Result<ContainerConfig,
     let mut join_ns = Vec::new();
     let mut masked_paths = Vec::new();
     let mut readonly_paths = Vec::new();
+    let mut sysctl = Vec::new();
     if let Some(linux) = spec.linux() {
         for ns in linux.namespaces().iter().flatten() {
             let Some(flag) = ns_flag(ns.typ()) else {
@@ -132,7 +142,12 @@ pub fn container_config(spec: &Spec, rootfs: PathBuf) -> Result<ContainerConfig,
         };
         masked_paths = abs(linux.masked_paths());
         readonly_paths = abs(linux.readonly_paths());
+        for (key, value) in linux.sysctl().iter().flatten() {
+            sysctl.push((sysctl_path(key)?, value.clone()));
+        }
     }
+    let mut process = process_config(process)?;
+    process.seccomp = super::seccomp::from_spec(spec.linux().as_ref())?;
     let mut mounts = Vec::new();
     for m in spec.mounts().iter().flatten() {
         mounts.push(mount_config(m)?);
@@ -150,9 +165,31 @@ pub fn container_config(spec: &Spec, rootfs: PathBuf) -> Result<ContainerConfig,
         mounts,
         masked_paths,
         readonly_paths,
-        process: process_config(process)?,
+        sysctl,
+        process,
         etc_files: Vec::new(),
     })
+}
+
+/// `net.ipv4.ip_forward` → `net/ipv4/ip_forward`. A sysctl of the guest
+/// kernel: namespaced ones (net.*, kernel.shm*, fs.mqueue.*...) are the
+/// container's, others the pod VM's own (runc refuses those, as they
+/// would change the host; here they only change this pod's guest).
+fn sysctl_path(key: &str) -> Result<PathBuf, Error> {
+    let ok = !key.is_empty()
+        && key.len() <= 256
+        && key.split('.').all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
+        });
+    if !ok {
+        return Err(Error::InvalidSpec(format!(
+            "linux.sysctl: {:?} is not a sysctl name",
+            key.chars().take(100).collect::<String>()
+        )));
+    }
+    Ok(key.split('.').collect())
 }
 
 fn mount_config(m: &oci_spec::runtime::Mount) -> Result<MountConfig, Error> {
@@ -271,6 +308,8 @@ pub fn process_config(p: &Process) -> Result<ProcessConfig, Error> {
         caps,
         rlimits,
         no_new_privileges: p.no_new_privileges().unwrap_or(false),
+        oom_score_adj: p.oom_score_adj(),
+        seccomp: None,
     })
 }
 

@@ -70,6 +70,10 @@ struct Pod {
     /// The pod's memory limit in MiB (likewise).
     #[arg(long)]
     memory_mib: Option<i64>,
+    /// The pod's cgroup (PodSandboxConfig.linux.cgroup_parent), where the
+    /// kubelet accounts the pod.
+    #[arg(long)]
+    cgroup_parent: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -117,6 +121,9 @@ enum Call {
         /// Give the container a terminal.
         #[arg(long)]
         tty: bool,
+        /// The container's own memory limit in MiB.
+        #[arg(long)]
+        limit_mib: Option<i64>,
         /// The command (the image's entrypoint if none).
         #[arg(last = true)]
         command: Vec<String>,
@@ -236,6 +243,7 @@ fn pod_config(pod: &Pod) -> PodSandboxConfig {
                 }),
                 ..Default::default()
             }),
+            cgroup_parent: pod.cgroup_parent.clone().unwrap_or_default(),
             resources: (pod.cpus.is_some() || pod.memory_mib.is_some()).then(|| {
                 LinuxContainerResources {
                     cpu_period: 100_000,
@@ -382,6 +390,7 @@ async fn call(cli: Cli) -> Result<Outcome> {
             mounts,
             envs,
             tty,
+            limit_mib,
             command,
         } => {
             let envs = envs
@@ -417,7 +426,10 @@ async fn call(cli: Cli) -> Result<Outcome> {
                             .and_then(|s| s.namespace_options),
                         ..Default::default()
                     }),
-                    ..Default::default()
+                    resources: limit_mib.map(|m| LinuxContainerResources {
+                        memory_limit_in_bytes: m << 20,
+                        ..Default::default()
+                    }),
                 }),
                 ..Default::default()
             };
