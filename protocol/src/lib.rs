@@ -56,6 +56,7 @@ mod generated {
 
 pub use generated::{agent, agent_ttrpc};
 
+pub mod guest_features;
 pub mod mount_options;
 
 pub use ttrpc;

@@ -5,6 +5,42 @@
 
 use nix::mount::MsFlags;
 
+/// The options [`parse`] turns into flags (others go to the filesystem as
+/// data), as `sandboxvm features` lists them.
+pub const FLAG_NAMES: &[&str] = &[
+    "defaults",
+    "ro",
+    "rw",
+    "bind",
+    "rbind",
+    "nosuid",
+    "suid",
+    "nodev",
+    "dev",
+    "noexec",
+    "exec",
+    "sync",
+    "async",
+    "dirsync",
+    "remount",
+    "noatime",
+    "atime",
+    "nodiratime",
+    "diratime",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "nostrictatime",
+    "private",
+    "rprivate",
+    "slave",
+    "rslave",
+    "shared",
+    "rshared",
+    "unbindable",
+    "runbindable",
+];
+
 /// Decodes mount(8)-style options into flags, propagation flags and the
 /// data string for the filesystem.
 pub fn parse(options: &[String]) -> (MsFlags, MsFlags, String) {
@@ -63,6 +99,14 @@ pub fn parse(options: &[String]) -> (MsFlags, MsFlags, String) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_listed_flag_is_a_flag_not_data() {
+        for name in super::FLAG_NAMES {
+            let (_, _, data) = super::parse(&[name.to_string()]);
+            assert_eq!(data, "", "{name}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -222,6 +222,9 @@ fn cpus_for(quota: i64, period: u64) -> u8 {
     (quota as u64).div_ceil(period).clamp(1, 32) as u8
 }
 
+/// The newest runtime-spec version understood (any 1.3.x is taken).
+pub const OCI_VERSION_MAX: &str = "1.3.0";
+
 /// Accepts OCI runtime spec versions 1.0.0 to 1.3.x.
 fn check_version(v: &str) -> Result<(), String> {
     let mut parts = v.split(['.', '-', '+']);

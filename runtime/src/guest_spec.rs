@@ -15,7 +15,7 @@
 //!   containers join the IPC, UTS and PID namespaces of the pod's sandbox
 //!   container in the guest where the spec asks for shared ones;
 //! - **hooks** name host programs: the runtime runs them on the host, the
-//!   guest never sees them;
+//!   guest sees only `startContainer`, whose paths are the container's;
 //! - **cgroupsPath** is a host path (the VM's cgroup there, see
 //!   [`crate::cgroup`]): in the guest the container's cgroup is
 //!   `/sandboxvm/<id>`.
@@ -121,7 +121,18 @@ pub fn amend(spec: &Value, how: &Amend<'_>) -> Result<GuestSpec, Error> {
         );
     }
     if let Some(obj) = spec.as_object_mut() {
-        obj.remove("hooks");
+        match obj
+            .get("hooks")
+            .and_then(|h| h.get("startContainer"))
+            .cloned()
+        {
+            Some(start) => {
+                obj.insert("hooks".into(), json!({ "startContainer": start }));
+            }
+            None => {
+                obj.remove("hooks");
+            }
+        }
     }
     let json = serde_json::to_string(&spec).map_err(|e| Error::Invalid(e.to_string()))?;
     Ok(GuestSpec {
@@ -409,6 +420,14 @@ mod tests {
     fn hooks_go_the_cgroup_is_the_guests_and_unknown_fields_stay() {
         let (s, _) = amended(&cri_spec(), &how(GuestNetns::Pod, None, true));
         assert!(s.get("hooks").is_none());
+        let mut spec = cri_spec();
+        spec["hooks"]["startContainer"] = json!([{"path": "/bin/in-the-container"}]);
+        let (s, _) = amended(&spec, &how(GuestNetns::Pod, None, true));
+        assert_eq!(
+            s["hooks"],
+            json!({"startContainer": [{"path": "/bin/in-the-container"}]}),
+            "only the hooks the guest runs"
+        );
         assert_eq!(s["linux"]["cgroupsPath"], "/sandboxvm/c1");
         assert_eq!(s["linux"]["unknownToUs"], json!({"kept": true}));
         assert_eq!(s["process"]["args"], json!(["sh"]));

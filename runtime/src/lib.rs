@@ -25,5 +25,6 @@ pub mod sandbox;
 pub mod sandbox_boot;
 pub mod share;
 pub mod signals;
+pub mod sockets;
 pub mod timeouts;
 pub mod tty;

@@ -230,6 +230,16 @@ impl Sandbox {
     /// Creates the state directory only (the caller may then fill the
     /// shared directory before [`Sandbox::launch`]).
     pub fn prepare(opts: &Options) -> Result<Sandbox, Error> {
+        if !crate::sockets::fit(&opts.dir) {
+            return Err(Error::StateDir {
+                path: opts.dir.clone(),
+                source: std::io::Error::other(format!(
+                    "too long for the VM's Unix sockets (at most {} bytes); use a shorter \
+                     state root (--root)",
+                    crate::sockets::MAX_SOCKET_PATH
+                )),
+            });
+        }
         if remove_if_stale(&opts.dir) {
             log::warn!("removed the state of a dead sandbox {:?}", opts.id);
         }

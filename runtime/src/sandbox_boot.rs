@@ -23,6 +23,10 @@ pub enum NetworkPlan {
     /// A host network namespace (made by CNI or podman): its interfaces
     /// mirrored into the VM ([`PodNetwork`]) and configured in the guest.
     Netns(PathBuf),
+    /// As `Netns`, for the caller's own namespace (`/proc/PID/ns/net`,
+    /// which the container's hooks filled): the mirroring is not recorded,
+    /// as the namespace goes with the caller and the VMM.
+    OwnNetns(PathBuf),
 }
 
 impl NetworkPlan {
@@ -30,7 +34,9 @@ impl NetworkPlan {
     pub fn guest_netns(&self) -> GuestNetns {
         match self {
             NetworkPlan::None => GuestNetns::Isolated,
-            NetworkPlan::Tap(_) | NetworkPlan::Netns(_) => GuestNetns::Pod,
+            NetworkPlan::Tap(_) | NetworkPlan::Netns(_) | NetworkPlan::OwnNetns(_) => {
+                GuestNetns::Pod
+            }
         }
     }
 }
@@ -96,8 +102,12 @@ impl Sandbox {
                 }]));
                 None
             }
-            NetworkPlan::Netns(path) => {
-                let pod = PodNetwork::setup(path, sandbox.dir()).map_err(|e| {
+            NetworkPlan::Netns(path) | NetworkPlan::OwnNetns(path) => {
+                let pod = match network {
+                    NetworkPlan::OwnNetns(_) => PodNetwork::setup_unrecorded(path),
+                    _ => PodNetwork::setup(path, sandbox.dir()),
+                };
+                let pod = pod.map_err(|e| {
                     Error::Network(format!(
                         "cannot wire the network of {}: {e}",
                         path.display()

@@ -21,6 +21,7 @@ use sandboxvm::bundle::Bundle;
 use sandboxvm::oci::ContainerId;
 use sandboxvm::sandbox::{Options, Sandbox};
 use sandboxvm::sandbox_boot::{Booted, NetworkPlan};
+use sandboxvm::sockets::{self, short_name, MAX_SOCKET_PATH};
 use sandboxvm::timeouts::Timeouts;
 
 use crate::error::{Error, Result};
@@ -36,9 +37,6 @@ pub fn root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT))
 }
 
-/// The longest path a Unix socket may have (`sun_path` less its NUL).
-const MAX_SOCKET_PATH: usize = 107;
-
 /// The state directory of pod `pod` in containerd namespace `ns`:
 /// `<root>/shim/<ns>/<pod>`, each name shortened by [`short_name`] so that
 /// the VM's sockets in it stay within a Unix socket path's 107 bytes.
@@ -47,39 +45,6 @@ pub fn pod_dir(ns: &str, pod: &str) -> PathBuf {
         .join("shim")
         .join(short_name(ns, 24))
         .join(short_name(pod, 32))
-}
-
-/// The longest Unix socket path of the sandbox whose state directory is
-/// `vm`: a guest connection to host port 4294967295.
-fn longest_socket(vm: &Path) -> PathBuf {
-    let mut path = sandboxvm::sandbox::vsock_path_in(vm).into_os_string();
-    path.push("_4294967295");
-    PathBuf::from(path)
-}
-
-/// `name` if it has at most `max` bytes, else its first characters, a dash
-/// and a hash of the whole name (16 hex digits), `max` bytes in all. The
-/// CRI's pod ids are 64 hex digits: with them whole, the VM's sockets
-/// (`.../k8s.io/<id>/vm/virtiofsd.sock`) would not fit a `sockaddr_un`.
-pub fn short_name(name: &str, max: usize) -> String {
-    if name.len() <= max {
-        return name.to_string();
-    }
-    // FNV-1a: the same in every build, as the directory must be for
-    // `delete` by another shim binary.
-    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
-    let keep = max.saturating_sub(17);
-    let end = (0..=keep.min(name.len()))
-        .rev()
-        .find(|&i| name.is_char_boundary(i))
-        .unwrap_or(0);
-    let mut prefix = &name[..end];
-    if prefix.is_empty() {
-        prefix = "x";
-    }
-    format!("{prefix}-{hash:016x}")
 }
 
 /// The `sandboxvm` binary that runs the VMM: next to this executable, then
@@ -219,8 +184,7 @@ impl Pod {
         ContainerId::new(ns)?;
         let dir = pod_dir(ns, &id);
         // The longest socket path in it: a guest connection to host port N.
-        let longest = longest_socket(&dir.join("vm"));
-        if longest.as_os_str().len() > MAX_SOCKET_PATH {
+        if !sockets::fit(&dir.join("vm")) {
             return Err(Error::Invalid(format!(
                 "the pod's state directory {} is too long for the VM's Unix sockets \
                  (at most {MAX_SOCKET_PATH} bytes): set a shorter SANDBOXVM_ROOT",
@@ -419,25 +383,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn long_names_are_shortened_with_a_hash() {
-        assert_eq!(short_name("pod1", 32), "pod1");
-        let id = "a".repeat(32);
-        assert_eq!(short_name(&id, 32), id);
-        let cri = "3f1c0e4b9d2a7c6e5f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6";
-        let short = short_name(cri, 32);
-        assert_eq!(short.len(), 32);
-        assert!(short.starts_with("3f1c0e4b9d2a7c6-"), "{short}");
-        assert_eq!(short, short_name(cri, 32), "stable");
-        let other = format!("{}7", &cri[..63]);
-        assert_ne!(
-            short_name(&other, 32),
-            short,
-            "the hash covers the whole id"
-        );
-        assert!(short_name("é".repeat(20).as_str(), 24).len() <= 24);
-    }
-
-    #[test]
     fn a_cri_pods_sockets_fit_a_unix_socket_path() {
         let dir = root()
             .join("shim")
@@ -445,7 +390,7 @@ mod tests {
             .join(short_name(&"f".repeat(64), 32))
             .join("vm");
         for path in [
-            longest_socket(&dir),
+            sockets::longest_socket(&dir),
             sandboxvm::sandbox::vsock_path_in(&dir),
         ] {
             assert!(

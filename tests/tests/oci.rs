@@ -112,6 +112,7 @@ fn a_container_goes_through_the_oci_states_and_its_pid_exits_with_its_status() {
         |s| {
             s["hooks"] = json!({
                 "prestart": [hook("prestart")],
+                "createContainer": [hook("createContainer")],
                 "poststart": [hook("poststart")],
                 "poststop": [hook("poststop")],
             });
@@ -272,6 +273,7 @@ ls -d /sys/fs/cgroup/e2e-oci >cgroup.left 2>&1
     // Hooks ran on the host with the state on stdin.
     for (hook, status) in [
         ("prestart", "created"),
+        ("createContainer", "created"),
         ("poststart", "running"),
         ("poststop", "stopped"),
     ] {
@@ -350,6 +352,10 @@ fn seccomp_sysctl_and_oom_score_adj_of_the_spec_hold_in_the_guest() {
     // mkdir (EOPNOTSUPP); exec'd processes get it too.
     let b = bundle("seccomp", &["sleep", "1000"], |s| {
         s["ociVersion"] = json!("1.3.0");
+        // Runs in the guest, in the container, just before its program.
+        s["hooks"] = json!({"startContainer": [
+            {"path": "/bin/sh", "args": ["sh", "-c", "cat >/tmp/start-hook.json"]}
+        ]});
         s["process"]["oomScoreAdj"] = json!(123);
         s["linux"]["sysctl"] = json!({
             "net.ipv4.ip_unprivileged_port_start": "0",
@@ -379,6 +385,7 @@ $S create --bundle {b} c1 </dev/null; $S start c1
 $S exec c1 busybox pwd >pwd.out 2>pwd.err; echo $? >pwd.rc
 $S exec c1 mkdir /tmp/d 2>mkdir.err; echo $? >mkdir.rc
 $S exec c1 cat /proc/sys/net/ipv4/ip_unprivileged_port_start /proc/sys/kernel/msgmax /proc/1/oom_score_adj >values.out
+$S exec c1 cat /tmp/start-hook.json >start-hook.json
 $S delete --force c1
 $S create --bundle {notify} c2 </dev/null 2>notify.err; echo $? >notify.rc
 $S create --bundle {bad_sysctl} c3 </dev/null 2>sysctl.err; echo $? >sysctl.rc
@@ -402,6 +409,13 @@ $S create --bundle {bad_sysctl} c3 </dev/null 2>sysctl.err; echo $? >sysctl.rc
         o.read("mkdir.err")
     );
     assert_eq!(o.read("values.out"), "0\n4321\n123\n", "{log}");
+    let hook = o.json("start-hook.json");
+    assert_eq!(hook["id"], "c1", "{hook}");
+    assert_eq!(hook["status"], "created", "{hook}");
+    assert_eq!(
+        hook["pid"], 1,
+        "the container's init, in its PID namespace: {hook}"
+    );
     for (name, says) in [
         ("notify", "linux.seccomp: SCMP_ACT_NOTIFY is not supported"),
         (
@@ -414,6 +428,82 @@ $S create --bundle {bad_sysctl} c3 </dev/null 2>sysctl.err; echo $? >sysctl.rc
         assert_eq!(err.lines().count(), 1, "{name}: one line: {err:?}");
         assert!(err.contains(says), "{name}: {err:?}");
     }
+    o.assert_clean();
+}
+
+#[test]
+fn runcs_own_command_line_works() {
+    // As runc's manual writes them: `run` in the bundle directory with the
+    // lifecycle flags, `run --bundle DIR --keep ID`, `exec --cap`, `spec`
+    // and `features`.
+    let long = bundle("runc-syntax", &["sleep", "1000"], |_| {});
+    let short = bundle(
+        "runc-syntax-short",
+        &["sh", "-c", "echo ran; exit 3"],
+        |_| {},
+    );
+    let o = script(
+        "runc-syntax",
+        &format!(
+            r#"
+(cd {long} && $S run -d --pid-file "$OLDPWD/pid" --no-pivot --no-new-keyring c1 </dev/null); echo $? >detach.rc
+$S state c1 >detach.state
+$S exec --cap CAP_NET_ADMIN -c cap_sys_time c1 grep CapEff /proc/self/status >cap.out; echo $? >cap.rc
+$S exec --apparmor my-profile c1 true 2>apparmor.err; echo $? >apparmor.rc
+$S delete --force c1
+$S run --bundle {short} --keep c2 </dev/null >keep.out; echo $? >keep.rc
+$S state c2 >keep.state
+$S delete c2; echo $? >keep-delete.rc
+$S run -b {short} c3 </dev/null >plain.out; echo $? >plain.rc
+$S state c3 2>plain.state.err; echo $? >plain.state.rc
+mkdir spec-dir; $S spec --rootless --bundle spec-dir 2>rootless.err; echo $? >rootless.rc
+$S spec --bundle spec-dir; echo $? >spec.rc
+$S features >features.json
+"#,
+            long = long.display(),
+            short = short.display(),
+        ),
+    );
+    let log = o.read("script.log");
+    assert_eq!(o.code("detach.rc"), 0, "{log}");
+    let st = o.json("detach.state");
+    assert_eq!(status_of(&st), "running", "{st}");
+    assert_eq!(
+        o.read("pid").trim(),
+        st["pid"].to_string(),
+        "--pid-file has the container's pid"
+    );
+    assert_eq!(o.code("cap.rc"), 0, "{log}");
+    let eff = o.read("cap.out");
+    let eff = u64::from_str_radix(eff.trim().trim_start_matches("CapEff:").trim(), 16)
+        .unwrap_or_else(|_| panic!("{eff:?}"));
+    assert_ne!(eff & (1 << 12), 0, "CAP_NET_ADMIN: {eff:x}");
+    assert_ne!(eff & (1 << 25), 0, "CAP_SYS_TIME: {eff:x}");
+    assert_eq!(o.code("apparmor.rc"), 1, "{log}");
+    assert!(o.read("apparmor.err").contains("no AppArmor"), "{log}");
+    assert_eq!(
+        (o.code("keep.rc"), o.read("keep.out").as_str()),
+        (3, "ran\n"),
+        "{log}"
+    );
+    assert_eq!(
+        status_of(&o.json("keep.state")),
+        "stopped",
+        "--keep keeps it"
+    );
+    assert_eq!(o.code("keep-delete.rc"), 0, "{log}");
+    assert_eq!(
+        (o.code("plain.rc"), o.read("plain.out").as_str()),
+        (3, "ran\n"),
+        "{log}"
+    );
+    assert_eq!(o.code("plain.state.rc"), 1, "run without --keep deletes it");
+    assert_eq!(o.code("rootless.rc"), 1, "{log}");
+    assert!(o.read("rootless.err").contains("user namespaces"), "{log}");
+    assert_eq!(o.code("spec.rc"), 0, "{log}");
+    let f = o.json("features.json");
+    assert_eq!(f["ociVersionMax"], "1.3.0", "{f}");
+    assert_eq!(f["linux"]["seccomp"]["enabled"], true, "{f}");
     o.assert_clean();
 }
 

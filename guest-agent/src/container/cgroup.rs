@@ -67,6 +67,20 @@ pub fn create(
     Ok(Some(dir))
 }
 
+/// Whether a JSON value asks for something: Docker writes `blockIO` with
+/// a weight of 0 and empty device lists when no limit is set.
+fn set(v: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => a.iter().any(set),
+        Value::Object(o) => o.values().any(set),
+    }
+}
+
 /// Writes `r`'s limits into the cgroup at `dir` (at create, and for
 /// UpdateContainer): memory limit and reservation, CPU quota/period and
 /// shares, pids limit. A limit the agent cannot apply is an error naming it, never
@@ -78,7 +92,7 @@ pub fn apply(dir: &Path, r: &LinuxResources) -> Result<(), Error> {
             r.block_io()
                 .as_ref()
                 .and_then(|b| serde_json::to_value(b).ok())
-                .is_some_and(|v| v.as_object().is_some_and(|o| !o.is_empty())),
+                .is_some_and(|v| set(&v)),
         ),
         (
             "linux.resources.hugepageLimits",
@@ -288,6 +302,12 @@ mod tests {
             assert!(e.contains(what), "{json}: {e}");
         }
         assert_eq!(fs::read_dir(&d).unwrap().count(), 0, "nothing written");
+        // What Docker writes when no block I/O limit is set.
+        apply(
+            &d,
+            &resources(r#"{"blockIO":{"weight":0,"weightDevice":[],"throttleReadBpsDevice":[]}}"#),
+        )
+        .unwrap();
         fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -239,6 +239,14 @@ impl Manager {
             )));
         }
         let mut cfg = spec::container_config(&spec, rootfs)?;
+        cfg.state = serde_json::json!({
+            "ociVersion": spec.version(),
+            "id": id,
+            "status": "created",
+            "bundle": "/",
+            "annotations": spec.annotations(),
+        })
+        .to_string();
         if cfg.in_guest_netns() {
             // The pod network: its DNS and hosts, unless the spec (CRI)
             // mounts its own.

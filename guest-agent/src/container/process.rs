@@ -282,7 +282,7 @@ fn workload(
                 ));
             }
         }
-        let start_rd = match kind {
+        let (start_rd, init_cfg) = match kind {
             Kind::Init { cfg, start_rd } => {
                 if let Some(h) = &cfg.hostname {
                     if cfg.new_ns.contains(CloneFlags::CLONE_NEWUTS) {
@@ -297,14 +297,14 @@ fn workload(
                         .map_err(|e| format!("linux.sysctl {}={value}: {e}", key.display()))?;
                 }
                 super::mounts::setup_rootfs(cfg)?;
-                Some(start_rd)
+                (Some(start_rd), Some(cfg))
             }
             Kind::Exec { .. } => {
                 if let Some(fd) = &root_fd {
                     fchdir(fd.as_raw_fd()).map_err(|e| format!("enter container root: {e}"))?;
                     chroot(".").map_err(|e| format!("chroot container root: {e}"))?;
                 }
-                None
+                (None, None)
             }
         };
         drop(root_fd);
@@ -355,12 +355,80 @@ fn workload(
             }
         }
         let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+        if let Some(cfg) = init_cfg.filter(|c| !c.start_hooks.is_empty()) {
+            let mut state: serde_json::Value = serde_json::from_str(&cfg.state).unwrap_or_default();
+            state["pid"] = std::process::id().into();
+            let state = state.to_string();
+            for h in &cfg.start_hooks {
+                run_hook(h, &state)?;
+            }
+        }
         let e = nix::unistd::execve(&path, &args, &p.env).unwrap_err();
         Err(format!("exec: \"{}\": {}", p.args[0], e.desc()))
     })();
     match r {
         Err(msg) => fail(sync_wr, &msg),
         Ok(never) => match never {},
+    }
+}
+
+/// Runs a startContainer hook (in the container, as its user, under its
+/// seccomp profile, as runc does) with the state on its stdin; an exit
+/// status other than 0, a signal or its timeout fail the start.
+fn run_hook(h: &super::spec::HookConfig, state: &str) -> Result<(), String> {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let name = h.path.to_string_lossy();
+    let (rd, wr) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
+    // SAFETY: this process is single-threaded (forked); the child only
+    // redirects stdin and execs, or _exits.
+    match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
+        ForkResult::Child => {
+            drop(wr);
+            let _ = dup2(rd.as_raw_fd(), 0);
+            let _ = nix::unistd::execve(&h.path, &h.args, &h.env);
+            // SAFETY: ends the forked child.
+            unsafe { libc::_exit(127) }
+        }
+        ForkResult::Parent { child } => {
+            drop(rd);
+            let mut wr = File::from(wr);
+            let _ = wr.write_all(state.as_bytes());
+            drop(wr);
+            let deadline = h
+                .timeout
+                .map(|t| std::time::Instant::now() + std::time::Duration::from_secs(t.into()));
+            loop {
+                match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) => {
+                        if deadline.is_some_and(|d| std::time::Instant::now() > d) {
+                            let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+                            let _ = waitpid(child, None);
+                            return Err(format!(
+                                "startContainer hook {name} timed out after {} s",
+                                h.timeout.unwrap_or(0)
+                            ));
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    Ok(WaitStatus::Exited(_, 0)) => return Ok(()),
+                    Ok(WaitStatus::Exited(_, 127)) => {
+                        return Err(format!(
+                            "startContainer hook {name}: cannot run it in the container"
+                        ))
+                    }
+                    Ok(WaitStatus::Exited(_, c)) => {
+                        return Err(format!(
+                            "startContainer hook {name} failed (exit status {c})"
+                        ))
+                    }
+                    Ok(WaitStatus::Signaled(_, s, _)) => {
+                        return Err(format!("startContainer hook {name} failed (killed by {s})"))
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(format!("startContainer hook {name}: wait: {e}")),
+                }
+            }
+        }
     }
 }
 

@@ -174,3 +174,26 @@ fn an_allow_everything_profile_installs_nothing() {
     let p = compile(&profile(r#"{"defaultAction":"SCMP_ACT_ALLOW"}"#)).unwrap();
     assert!(p.is_empty());
 }
+
+#[test]
+fn what_sandboxvm_features_lists_compiles() {
+    use protocol::guest_features as f;
+    for a in f::SECCOMP_ACTIONS {
+        let json = format!(
+            r#"{{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{{"names":["getpid"],"action":"{a}"}}]}}"#
+        );
+        compile(&profile(&json)).unwrap_or_else(|e| panic!("{a}: {e}"));
+    }
+    for op in f::SECCOMP_OPERATORS {
+        let json = format!(
+            r#"{{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{{"names":["getpid"],"action":"SCMP_ACT_ERRNO","args":[{{"index":0,"value":1,"valueTwo":1,"op":"{op}"}}]}}]}}"#
+        );
+        compile(&profile(&json)).unwrap_or_else(|e| panic!("{op}: {e}"));
+    }
+    let json = format!(
+        r#"{{"defaultAction":"SCMP_ACT_ERRNO","architectures":{:?},"flags":{:?}}}"#,
+        f::SECCOMP_ARCHS,
+        f::SECCOMP_FLAGS
+    );
+    compile(&profile(&json)).unwrap();
+}

@@ -79,6 +79,22 @@ pub struct ContainerConfig {
     /// Files shown over the rootfs's own (path relative to the rootfs,
     /// content): /etc/resolv.conf and /etc/hosts of the pod network.
     pub etc_files: Vec<(PathBuf, String)>,
+    /// `hooks.startContainer`, run in the container just before its
+    /// program, as the container's user.
+    pub start_hooks: Vec<HookConfig>,
+    /// The state JSON the hooks read (id, status, bundle; the pid is added
+    /// in the container).
+    pub state: String,
+}
+
+/// A hook to run in the guest.
+#[derive(Clone, Debug)]
+pub struct HookConfig {
+    pub path: CString,
+    pub args: Vec<CString>,
+    pub env: Vec<CString>,
+    /// Seconds; None: no limit.
+    pub timeout: Option<u32>,
 }
 
 impl ContainerConfig {
@@ -168,6 +184,52 @@ pub fn container_config(spec: &Spec, rootfs: PathBuf) -> Result<ContainerConfig,
         sysctl,
         process,
         etc_files: Vec::new(),
+        start_hooks: spec
+            .hooks()
+            .as_ref()
+            .and_then(|h| h.start_container().as_ref())
+            .into_iter()
+            .flatten()
+            .map(hook_config)
+            .collect::<Result<_, _>>()?,
+        state: String::new(),
+    })
+}
+
+fn hook_config(h: &oci_spec::runtime::Hook) -> Result<HookConfig, Error> {
+    let bad = |what: &str| {
+        Error::InvalidSpec(format!(
+            "hooks.startContainer {}: {what}",
+            h.path().display()
+        ))
+    };
+    let cstr = |s: &str| CString::new(s).map_err(|_| bad("a NUL byte"));
+    if !h.path().is_absolute() {
+        return Err(bad("the path must be absolute"));
+    }
+    let path = cstr(&h.path().to_string_lossy())?;
+    let mut args = h
+        .args()
+        .iter()
+        .flatten()
+        .map(|a| cstr(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    if args.is_empty() {
+        args.push(path.clone());
+    }
+    Ok(HookConfig {
+        path,
+        args,
+        env: h
+            .env()
+            .iter()
+            .flatten()
+            .map(|e| cstr(e))
+            .collect::<Result<_, _>>()?,
+        timeout: h
+            .timeout()
+            .and_then(|t| u32::try_from(t).ok())
+            .filter(|t| *t > 0),
     })
 }
 
@@ -338,4 +400,42 @@ pub fn resolve_executable(arg0: &str, path_env: &str) -> Result<CString, String>
     };
     CString::new(found.into_os_string().into_encoded_bytes())
         .map_err(|_| format!("exec: \"{arg0}\": NUL byte in path"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_namespaces_sandboxvm_features_lists_are_the_ones_taken() {
+        let all = [
+            "cgroup", "ipc", "mount", "network", "pid", "uts", "user", "time",
+        ];
+        for name in all {
+            let t: LinuxNamespaceType = serde_json::from_value(serde_json::json!(name)).unwrap();
+            assert_eq!(
+                ns_flag(t).is_some(),
+                protocol::guest_features::NAMESPACES.contains(&name),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_sysctl_name_is_dots_between_plain_words() {
+        assert_eq!(
+            sysctl_path("net.ipv4.ip_forward").unwrap(),
+            Path::new("net/ipv4/ip_forward")
+        );
+        for bad in [
+            "",
+            "net..x",
+            ".net",
+            "net/../x",
+            "kernel.x y",
+            "net.ipv4.conf.eth0/1",
+        ] {
+            assert!(sysctl_path(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -47,15 +47,26 @@ pub struct Exec {
     /// Set no_new_privileges.
     #[arg(long)]
     pub no_new_privs: bool,
-    /// Accepted for runc compatibility.
-    #[arg(long, hide = true)]
+    /// Add a capability to the process's bounding, effective, permitted and
+    /// inheritable sets (repeatable), e.g. CAP_NET_ADMIN.
+    #[arg(long, short = 'c')]
+    pub cap: Vec<String>,
+    /// An SELinux label: refused, the guest kernel has no SELinux.
+    #[arg(long)]
     pub process_label: Option<String>,
-    /// Accepted for runc compatibility.
-    #[arg(long, hide = true)]
+    /// An AppArmor profile: refused, the guest kernel has no AppArmor.
+    #[arg(long)]
     pub apparmor: Option<String>,
-    /// Accepted for runc compatibility.
-    #[arg(long, hide = true, default_value_t = 0)]
+    /// Accepted for runc compatibility; extra fds are not passed to the guest.
+    #[arg(long, default_value_t = 0)]
     pub preserve_fds: u32,
+    /// Accepted for runc compatibility (a paused container refuses exec).
+    #[arg(long)]
+    pub ignore_paused: bool,
+    /// Accepted for runc compatibility: exec'd processes join the
+    /// container's cgroup in the guest.
+    #[arg(long)]
+    pub cgroup: Option<String>,
     /// The container id.
     pub id: ContainerId,
     /// The command and its arguments.
@@ -103,10 +114,43 @@ impl Exec {
         if self.no_new_privs {
             p.set_no_new_privileges(Some(true));
         }
+        if !self.cap.is_empty() {
+            let mut caps = p.capabilities().clone().unwrap_or_default();
+            for name in &self.cap {
+                let cap: oci_spec::runtime::Capability =
+                    serde_json::from_value(name.to_ascii_uppercase().into())
+                        .map_err(|_| anyhow::anyhow!("--cap {name}: not a capability"))?;
+                let with = |set: &Option<oci_spec::runtime::Capabilities>| {
+                    let mut set = set.clone().unwrap_or_default();
+                    set.insert(cap);
+                    Some(set)
+                };
+                let (b, e, p_, i) = (
+                    with(caps.bounding()),
+                    with(caps.effective()),
+                    with(caps.permitted()),
+                    with(caps.inheritable()),
+                );
+                caps.set_bounding(b)
+                    .set_effective(e)
+                    .set_permitted(p_)
+                    .set_inheritable(i);
+            }
+            p.set_capabilities(Some(caps));
+        }
         Ok(serde_json::to_string(&p)?)
     }
 
     pub fn run(self, g: &Globals) -> anyhow::Result<i32> {
+        for (flag, v) in [
+            ("--apparmor", &self.apparmor),
+            ("--process-label", &self.process_label),
+        ] {
+            anyhow::ensure!(
+                v.as_deref().unwrap_or_default().is_empty(),
+                "{flag}: the guest kernel has no AppArmor or SELinux to apply it"
+            );
+        }
         let record = Record::load(&g.root, &self.id)?;
         let json = self.process_json(&record)?;
         let exec_id = format!(

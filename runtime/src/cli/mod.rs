@@ -10,6 +10,7 @@ mod delete;
 mod env;
 mod events;
 mod exec;
+mod features;
 mod kill;
 mod list;
 mod monitor;
@@ -54,8 +55,9 @@ pub struct Cli {
     /// /etc/sandboxvm/config.toml if it exists).
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Accepted for runc compatibility.
-    #[arg(long, global = true, hide = true)]
+    /// Accepted for runc compatibility (before the command, as runc has it:
+    /// `spec --rootless` is spec's own flag).
+    #[arg(long, hide = true)]
     pub rootless: Option<String>,
     /// Accepted for runc compatibility.
     #[arg(long, global = true, hide = true)]
@@ -129,6 +131,9 @@ pub enum Command {
     Run(run::Run),
     /// Write a default config.json (like runc spec).
     Spec(spec::SpecCmd),
+    /// Print what this runtime implements (the runtime-spec's features
+    /// JSON, like runc features).
+    Features(features::Features),
     /// Create a container: boot its VM and create the process, not started.
     Create(create::Create),
     /// Start the process of a created container.
@@ -172,6 +177,7 @@ impl Command {
         match self {
             Command::Run(c) => c.run(g),
             Command::Spec(c) => c.run(),
+            Command::Features(c) => c.run(),
             Command::Boot(c) => c.run(),
             Command::Check(c) => c.run(),
             Command::Env(c) => c.run(g),

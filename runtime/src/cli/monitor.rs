@@ -135,12 +135,47 @@ impl Monitor {
             &bundle,
             &flags,
         )?;
-        // A network namespace path in the spec is what podman or a CNI
-        // caller made for the container: mirror it into the VM.
-        let plan = match sandboxvm::net::spec_netns(&bundle.spec) {
-            Some(path) => NetworkPlan::Netns(path),
-            None => NetworkPlan::None,
+        let pid = std::process::id() as i32;
+        let mut record = Record {
+            id: self.id.clone(),
+            bundle: bundle.dir.clone(),
+            rootfs: bundle.rootfs.clone(),
+            pid,
+            pid_start: state::start_time(pid).unwrap_or(0),
+            vmm_pid: 0,
+            virtiofsd_pid: 0,
+            created: sandboxvm::oci::time::now(),
+            vm_memory_mib: 0,
+            annotations: bundle
+                .spec
+                .annotations()
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
         };
+        let (plan, host_netns) = network_plan(&bundle.spec)?;
+        // The hooks run before the VM boots: what they put in the
+        // container's network namespace is what the VM gets.
+        if let Some(h) = bundle.spec.hooks() {
+            let st = record.oci_state(Status::Created).to_string();
+            in_netns(host_netns, || -> anyhow::Result<()> {
+                hooks::run("prestart", h.prestart().as_deref().unwrap_or(&[]), &st)?;
+                hooks::run(
+                    "createRuntime",
+                    h.create_runtime().as_deref().unwrap_or(&[]),
+                    &st,
+                )?;
+                // On the host, as Kata runs them: the spec's "container
+                // namespace" is in the guest, where host paths are not.
+                hooks::run(
+                    "createContainer",
+                    h.create_container().as_deref().unwrap_or(&[]),
+                    &st,
+                )?;
+                Ok(())
+            })?;
+        }
         let timeouts = Timeouts::with_boot_flag(&config.timeouts, self.boot_timeout)?;
         let interrupted = || signals.pending().into_iter().find(|&s| s != libc::SIGWINCH);
         let Booted {
@@ -162,43 +197,18 @@ impl Monitor {
         }
         let terminal = bundle.terminal();
         let io = self.host_io(terminal)?;
-        let pid = std::process::id() as i32;
         let read_pid = |name: &str| {
             std::fs::read_to_string(sandbox.dir().join(name))
                 .ok()
                 .and_then(|s| s.trim().parse().ok())
                 .unwrap_or(0)
         };
-        let record = Record {
-            id: self.id.clone(),
-            bundle: bundle.dir.clone(),
-            rootfs: bundle.rootfs.clone(),
-            pid,
-            pid_start: state::start_time(pid).unwrap_or(0),
-            vmm_pid: read_pid("vmm.pid"),
-            virtiofsd_pid: read_pid("virtiofsd.pid"),
-            created: sandboxvm::oci::time::now(),
-            vm_memory_mib: sandbox.memory_mib(),
-            annotations: bundle
-                .spec
-                .annotations()
-                .clone()
-                .unwrap_or_default()
-                .into_iter()
-                .collect(),
-        };
+        record.vmm_pid = read_pid("vmm.pid");
+        record.virtiofsd_pid = read_pid("virtiofsd.pid");
+        record.vm_memory_mib = sandbox.memory_mib();
         record
             .save(sandbox.dir())
             .context("cannot write the container state")?;
-        if let Some(h) = bundle.spec.hooks() {
-            let st = record.oci_state(Status::Created).to_string();
-            hooks::run("prestart", h.prestart().as_deref().unwrap_or(&[]), &st)?;
-            hooks::run(
-                "createRuntime",
-                h.create_runtime().as_deref().unwrap_or(&[]),
-                &st,
-            )?;
-        }
         report(ready, "ok");
         log::info!("container {} created", self.id);
 
@@ -245,6 +255,71 @@ impl Monitor {
             signals,
         )
     }
+}
+
+/// The guest network of a container created by the monitor:
+/// - a namespace path in the spec is what podman or a CNI caller made for
+///   the container: mirrored into the VM;
+/// - a new namespace with prestart or createRuntime hooks is one the hooks
+///   fill, given the container's pid (Docker's libnetwork-setkey up to
+///   Docker 27, nerdctl's CNI hook): the monitor, whose pid that is, moves
+///   to a new namespace of its own, and the VM mirrors what the hooks put
+///   there;
+/// - else the guest's own loopback.
+///
+/// With the namespace of the monitor's own, also the one it left (the
+/// runtime's), for the hooks.
+fn network_plan(spec: &oci_spec::runtime::Spec) -> anyhow::Result<(NetworkPlan, Option<File>)> {
+    if let Some(path) = sandboxvm::net::spec_netns(spec) {
+        return Ok((NetworkPlan::Netns(path), None));
+    }
+    let new_netns = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|ns| {
+            ns.iter()
+                .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network)
+        });
+    let filled_by_hooks = spec.hooks().as_ref().is_some_and(|h| {
+        h.prestart().as_ref().is_some_and(|v| !v.is_empty())
+            || h.create_runtime().as_ref().is_some_and(|v| !v.is_empty())
+    });
+    if !(new_netns && filled_by_hooks) {
+        return Ok((NetworkPlan::None, None));
+    }
+    // /proc/PID/ns/net is the main thread's namespace: this must be it.
+    anyhow::ensure!(
+        nix::unistd::gettid() == nix::unistd::getpid(),
+        "the container's network namespace must be made by the monitor's main thread"
+    );
+    let host = File::open("/proc/thread-self/ns/net")
+        .context("cannot open the runtime's network namespace")?;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .context("cannot make the container's network namespace")?;
+    let own = PathBuf::from(format!("/proc/{}/ns/net", std::process::id()));
+    Ok((NetworkPlan::OwnNetns(own), Some(host)))
+}
+
+/// Runs `f` in network namespace `netns` (None: here), from a thread of
+/// its own. Hooks (CNI plugins, Docker's) must run where the runtime was,
+/// and enter the container's namespace by its pid themselves.
+fn in_netns<T: Send>(
+    netns: Option<File>,
+    f: impl FnOnce() -> anyhow::Result<T> + Send,
+) -> anyhow::Result<T> {
+    let Some(host) = netns else {
+        return f();
+    };
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            nix::sched::setns(&host, nix::sched::CloneFlags::CLONE_NEWNET)
+                .context("cannot return to the runtime's network namespace")?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the hooks' thread panicked")))
+    })
 }
 
 /// Starts `sandboxvm _monitor` with `args`, waits for its report and

@@ -27,7 +27,8 @@ pub struct Run {
     #[arg(long, short)]
     pub bundle: Option<PathBuf>,
     /// `[DIR] [ID]`: the bundle directory and the container id (default:
-    /// generated); with --bundle, as runc has it, the one argument is the ID.
+    /// generated); with --bundle, as runc has it, the one argument is the ID,
+    /// as it is without --bundle in a bundle directory (`runc run ID`).
     #[arg(value_name = "DIR|ID", num_args = 0..=2)]
     pub args: Vec<String>,
     /// Guest kernel (default: $SANDBOXVM_KERNEL, the configuration's guest.kernel, the build cache, /usr/share/sandboxvm).
@@ -53,6 +54,31 @@ pub struct Run {
     /// attached as the guest's eth0, not configured).
     #[arg(long, value_name = "none|host-netns|tap=NAME", default_value = "none", value_parser = parse_net_mode)]
     pub net: NetMode,
+    /// Return once the container runs (create, then start), leaving it to
+    /// `state`, `kill` and `delete`.
+    #[arg(long, short)]
+    pub detach: bool,
+    /// Write the container's host pid (its monitor's) here.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// A Unix socket that receives the terminal's master (process.terminal).
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    /// Keep the container's state after it exits (`delete` removes it).
+    #[arg(long)]
+    pub keep: bool,
+    /// Accepted for runc compatibility (the guest always pivots).
+    #[arg(long)]
+    pub no_pivot: bool,
+    /// Accepted for runc compatibility.
+    #[arg(long)]
+    pub no_new_keyring: bool,
+    /// Accepted for runc compatibility (the monitor reaps what it starts).
+    #[arg(long)]
+    pub no_subreaper: bool,
+    /// Accepted for runc compatibility; extra fds are not passed to the guest.
+    #[arg(long, default_value_t = 0)]
+    pub preserve_fds: u32,
 }
 
 /// How a container gets its network.
@@ -114,7 +140,10 @@ pub(crate) fn share_bundle<'a>(
 impl Run {
     pub fn run(self, g: &super::Globals) -> anyhow::Result<i32> {
         let verbose = g.verbose;
-        let (dir, id) = bundle_and_id(self.bundle, &self.args)?;
+        let (dir, id) = bundle_and_id(self.bundle.clone(), &self.args)?;
+        if self.detach || self.keep || self.pid_file.is_some() || self.console_socket.is_some() {
+            return self.through_create(g, dir, id);
+        }
         let bundle = Bundle::load(&dir)?;
         log::debug!(
             "bundle {}, rootfs {}",
@@ -144,7 +173,13 @@ impl Run {
             memory_mib: self.memory,
             verbose,
         };
-        let opts = Options::for_bundle(config, g.root.join(&id), &id, &bundle, &flags)?;
+        let opts = Options::for_bundle(
+            config,
+            sandboxvm::oci::state::dir(&g.root, &id),
+            &id,
+            &bundle,
+            &flags,
+        )?;
         let plan = network_plan(&bundle, &self.net)?;
         // Ctrl-C (or any forwarded signal) while the VM boots ends the run.
         let interrupted = || signals.pending().into_iter().find(|&s| s != libc::SIGWINCH);
@@ -167,6 +202,77 @@ impl Run {
             }
         }
         result
+    }
+}
+
+impl Run {
+    /// `run` with runc's lifecycle flags: `create` and `start` (the
+    /// container's monitor stands for it, as after `create`); without
+    /// --detach, waits for it, passing signals on, and without --keep
+    /// deletes it.
+    fn through_create(
+        self,
+        g: &super::Globals,
+        dir: PathBuf,
+        id: Option<ContainerId>,
+    ) -> anyhow::Result<i32> {
+        anyhow::ensure!(
+            self.cpus.is_none() && self.memory.is_none() && self.net == NetMode::None,
+            "--cpus, --memory and --net cannot be used with --detach, --keep, --pid-file or \
+             --console-socket: the VM is sized and wired from the spec, as by create"
+        );
+        let id = id.context(
+            "a container id is needed with --detach, --keep, --pid-file or --console-socket",
+        )?;
+        super::create::Create {
+            id: id.clone(),
+            bundle: dir,
+            pid_file: self.pid_file,
+            console_socket: self.console_socket,
+            no_pivot: self.no_pivot,
+            no_new_keyring: self.no_new_keyring,
+            preserve_fds: self.preserve_fds,
+            kernel: self.kernel,
+            initrd: self.initrd,
+            boot_timeout: self.boot_timeout,
+        }
+        .run(g)?;
+        let delete = |force| super::delete::Delete {
+            id: id.clone(),
+            force,
+        };
+        let monitor = sandboxvm::oci::Record::load(&g.root, &id)?.pid;
+        if let Err(e) = (super::start::Start { id: id.clone() }).run(g) {
+            let _ = delete(true).run(g);
+            return Err(e);
+        }
+        if self.detach {
+            return Ok(0);
+        }
+        let signals = crate::signals::Forwarder::install()?;
+        let status = wait_forwarding(monitor, &signals)?;
+        if !self.keep {
+            delete(false).run(g)?;
+        }
+        Ok(status)
+    }
+}
+
+/// Waits for `pid` (a child: the monitor `create` started), passing it the
+/// signals this process gets; its exit status (128 + N for signal N).
+fn wait_forwarding(pid: i32, signals: &crate::signals::Forwarder) -> anyhow::Result<i32> {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let pid = nix::unistd::Pid::from_raw(pid);
+    loop {
+        for s in signals.pending() {
+            // SAFETY: kill(2) with a pid and a signal number.
+            unsafe { libc::kill(pid.as_raw(), s) };
+        }
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)).context("wait for the container")? {
+            WaitStatus::Exited(_, code) => return Ok(code),
+            WaitStatus::Signaled(_, s, _) => return Ok(128 + s as i32),
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
     }
 }
 
@@ -218,6 +324,14 @@ fn bundle_and_id(
             anyhow::bail!("with --bundle, run takes one argument, the container id")
         }
         (Some(dir), []) => (dir, None),
+        // runc's `run ID` in the bundle directory: one argument that is not
+        // a bundle, where the current directory is one.
+        (None, [one])
+            if !Path::new(one).join("config.json").exists()
+                && Path::new("config.json").exists() =>
+        {
+            (PathBuf::from("."), Some(one))
+        }
         (None, [dir, rest @ ..]) => (PathBuf::from(dir), rest.first()),
         (None, []) => (PathBuf::from("."), None),
     };

@@ -15,10 +15,18 @@ pub struct SpecCmd {
     /// Overwrite an existing config.json.
     #[arg(long)]
     pub force: bool,
+    /// runc's rootless spec (a user namespace with id mappings): refused,
+    /// sandboxvm does not run user namespaces.
+    #[arg(long)]
+    pub rootless: bool,
 }
 
 impl SpecCmd {
     pub fn run(self) -> anyhow::Result<i32> {
+        anyhow::ensure!(
+            !self.rootless,
+            "--rootless: sandboxvm does not run user namespaces, which a rootless spec needs"
+        );
         let path = self.bundle.join("config.json");
         anyhow::ensure!(
             self.force || !path.exists(),

@@ -396,7 +396,9 @@ fn discover_with(nl: &mut nl::Nl) -> Result<Discovery, Error> {
 #[derive(Debug)]
 pub struct PodNetwork {
     netns: PathBuf,
-    record_path: PathBuf,
+    /// Where the mirroring is recorded (None: not recorded, the namespace
+    /// dies with its maker).
+    record_path: Option<PathBuf>,
     discovery: Discovery,
     mirrors: Vec<Mirror>,
     dns: Dns,
@@ -409,7 +411,18 @@ impl PodNetwork {
     /// failure whatever was made is removed again. DNS settings come from
     /// [`Dns::for_netns`] ([`PodNetwork::set_dns`] replaces them).
     pub fn setup(netns: &Path, state_dir: &Path) -> Result<PodNetwork, Error> {
-        let record_path = state_dir.join(RECORD_FILE);
+        PodNetwork::setup_recorded(netns, Some(state_dir.join(RECORD_FILE)))
+    }
+
+    /// As [`PodNetwork::setup`] for a namespace of the caller's own
+    /// (`/proc/PID/ns/net`): nothing is recorded, as nothing would outlive
+    /// the caller and the VMM to clean up, and a recorded pid could name
+    /// another process later.
+    pub fn setup_unrecorded(netns: &Path) -> Result<PodNetwork, Error> {
+        PodNetwork::setup_recorded(netns, None)
+    }
+
+    fn setup_recorded(netns: &Path, record_path: Option<PathBuf>) -> Result<PodNetwork, Error> {
         let netns_owned = netns.to_path_buf();
         let rp = record_path.clone();
         let (discovery, mirrors) = nl::in_netns(netns, move |nl| {
@@ -441,12 +454,16 @@ impl PodNetwork {
                 netns: netns_owned,
                 mirrors: mirrors.clone(),
             };
-            record.save(&rp)?;
+            if let Some(rp) = &rp {
+                record.save(rp)?;
+            }
             if let Err(e) = make(nl, &discovery, &mirrors) {
                 if let Err(e2) = unmake(nl, &mirrors) {
                     log::warn!("cleaning up after a failed network setup: {e2}");
                 }
-                let _ = std::fs::remove_file(&rp);
+                if let Some(rp) = &rp {
+                    let _ = std::fs::remove_file(rp);
+                }
                 return Err(e);
             }
             Ok((discovery, mirrors))
@@ -523,7 +540,9 @@ impl PodNetwork {
             mirrors: self.mirrors.clone(),
         };
         teardown_record(&record)?;
-        let _ = std::fs::remove_file(&self.record_path);
+        if let Some(rp) = &self.record_path {
+            let _ = std::fs::remove_file(rp);
+        }
         Ok(())
     }
 }

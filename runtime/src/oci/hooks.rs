@@ -1,6 +1,7 @@
-//! OCI hooks run on the host: prestart/createRuntime (after create),
-//! poststart (after start), poststop (after delete), each with the
-//! container's state JSON on stdin.
+//! OCI hooks run on the host: prestart, createRuntime and createContainer
+//! (during create, before the VM boots), poststart (after start), poststop
+//! (after delete), each with the container's state JSON on stdin. The
+//! guest agent runs startContainer hooks in the container.
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;

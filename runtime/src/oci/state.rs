@@ -95,9 +95,10 @@ pub struct Record {
     pub vm_memory_mib: u64,
 }
 
-/// The state directory of container `id`.
+/// The state directory of container `id`: `root/id`, the id shortened if
+/// the VM's sockets would not fit ([`crate::sockets::state_dir`]).
 pub fn dir(root: &Path, id: &ContainerId) -> PathBuf {
-    root.join(id)
+    crate::sockets::state_dir(root, id.as_str())
 }
 
 impl Record {
@@ -249,12 +250,16 @@ pub fn start_time(pid: i32) -> Option<u64> {
 /// Ids of the containers under `root` (directories with a state.json;
 /// names that are not valid ids are skipped).
 pub fn list(root: &Path) -> Vec<ContainerId> {
+    // The ids recorded: a directory's name may be a shortened id.
     let mut ids: Vec<ContainerId> = std::fs::read_dir(root)
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| e.path().join("state.json").exists())
-        .filter_map(|e| ContainerId::new(e.file_name().to_str()?).ok())
+        .filter_map(|e| {
+            let text = std::fs::read_to_string(e.path().join("state.json")).ok()?;
+            let r: Record = serde_json::from_str(&text).ok()?;
+            (dir(root, &r.id) == e.path()).then_some(r.id)
+        })
         .collect();
     ids.sort();
     ids
