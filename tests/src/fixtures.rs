@@ -102,3 +102,93 @@ pub fn run_reaped(dir: &Path, text: &str) {
     )
     .unwrap();
 }
+
+/// A container engine's script (podman's, Docker's) run on the KVM host by
+/// [`engine_script`]: its directory, where it wrote its files, and its
+/// output.
+pub struct EngineRun {
+    /// The script's directory.
+    pub dir: PathBuf,
+    /// What the script printed (its `set -x` trace among it).
+    pub log: String,
+}
+
+impl EngineRun {
+    /// The file `name` the script wrote ("" if none).
+    pub fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
+    }
+
+    /// The exit status the script wrote to `name` (-1000 if none).
+    pub fn code(&self, name: &str) -> i32 {
+        self.read(name).trim().parse().unwrap_or(-1000)
+    }
+
+    /// Asserts that nothing of sandboxvm is left: no virtiofsd, VMM or
+    /// monitor, no state under /run/sandboxvm, no mount naming sandboxvm.
+    pub fn assert_clean(&self) {
+        assert_eq!(
+            self.read("leftovers"),
+            "",
+            "sandboxvm left things behind\n{}",
+            self.log
+        );
+    }
+}
+
+/// Runs `body` (bash, `set -x`) on the KVM host in a fresh directory
+/// `<name>.out`, with `$BIN` the sandboxvm binary, `$ROOTFS` the busybox
+/// bundle's rootfs, the test kernel and initramfs in the environment and
+/// the cgroup v2 hierarchy mounted; afterwards it records what sandboxvm
+/// left (see [`EngineRun::assert_clean`]).
+pub fn engine_script(name: &str, body: &str) -> EngineRun {
+    let a = artefacts();
+    let b = bundle(name, &["true"], |_| {});
+    let dir = work_dir().join(format!("{name}.out"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = format!(
+        r#"set -x
+cd {dir}
+export SANDBOXVM_KERNEL={kernel} SANDBOXVM_INITRD={initrd} SANDBOXVM_BOOT_TIMEOUT=120
+BIN={bin}
+ROOTFS={rootfs}
+# Engines look up the container pid's cgroup (the CI host may have none mounted).
+mountpoint -q /sys/fs/cgroup || mount -t cgroup2 none /sys/fs/cgroup
+{body}
+sleep 0.2
+set +x
+{{
+  ls -A /run/sandboxvm 2>/dev/null
+  pgrep -a virtiofsd
+  pgrep -af 'sandboxvm .*(boot|_monitor) '
+  grep -F sandboxvm /proc/self/mountinfo
+}} >leftovers 2>&1
+true
+"#,
+        dir = dir.display(),
+        kernel = a.kernel.display(),
+        initrd = a.initrd.display(),
+        bin = sandboxvm_bin().display(),
+        rootfs = b.join("rootfs").display(),
+    );
+    let path = dir.join("script.sh");
+    std::fs::write(&path, script).unwrap();
+    let out = on_kvm_host(&["bash", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    EngineRun {
+        dir,
+        log: format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// This host's kernel release (the guest's must differ).
+pub fn host_kernel() -> String {
+    let out = Command::new("uname").arg("-r").output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}

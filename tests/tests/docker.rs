@@ -6,21 +6,13 @@
 //! bridge network (its prestart hook fills the network namespace the
 //! runtime made; the VM mirrors it); nothing of sandboxvm is left after.
 
-use e2e::fixtures::{artefacts, bundle, work_dir};
-use e2e::{on_kvm_host, sandboxvm_bin};
+use e2e::fixtures::{engine_script, host_kernel};
 
 #[test]
 fn docker_runs_containers_with_sandboxvm_as_a_runtime() {
-    let a = artefacts();
-    let b = bundle("docker", &["true"], |_| {});
-    let dir = work_dir().join("docker.out");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let script = format!(
-        r#"set -x
-cd {dir}
-export SANDBOXVM_KERNEL={kernel} SANDBOXVM_INITRD={initrd} SANDBOXVM_BOOT_TIMEOUT=120
-mountpoint -q /sys/fs/cgroup || mount -t cgroup2 none /sys/fs/cgroup
+    let r = engine_script(
+        "docker",
+        r#"
 # Docker's state on a tmpfs of the CI host's own (its / may be virtiofs).
 T=$(mktemp -d /run/sandboxvm-docker.XXXXXX)
 mount -t tmpfs tmpfs "$T"
@@ -29,11 +21,11 @@ mkdir "$T/vol"; echo from-host >"$T/vol/in"
 # docker-proxy (userland), the bridge network is Docker's own.
 dockerd --data-root "$T/data" --exec-root "$T/exec" --pidfile "$T/dockerd.pid" \
   -H "unix://$T/docker.sock" --storage-driver vfs --iptables=false --ip-masq=false \
-  --exec-opt native.cgroupdriver=cgroupfs --add-runtime sandboxvm={bin} >dockerd.log 2>&1 &
+  --exec-opt native.cgroupdriver=cgroupfs --add-runtime sandboxvm="$BIN" >dockerd.log 2>&1 &
 D="/usr/bin/docker -H unix://$T/docker.sock"
 for _ in $(seq 300); do $D version >/dev/null 2>&1 && break; sleep 0.2; done
-$D version --format '{{{{.Server.Version}}}}' >version
-tar -C {rootfs} -c . | $D import - e2e/busybox >/dev/null
+$D version --format '{{.Server.Version}}' >version
+tar -C "$ROOTFS" -c . | $D import - e2e/busybox >/dev/null
 R="--runtime sandboxvm"
 $D run --rm $R e2e/busybox sh -c 'echo hello from docker; uname -r; exit 3' >run.out 2>run.err
 echo $? >run.rc
@@ -44,7 +36,7 @@ $D run -d --name web $R -p 127.0.0.1:18080:80 e2e/busybox \
   sh -c 'mkdir /www; echo served-from-the-guest >/www/index.html; exec httpd -f -p 80 -h /www' >web.id 2>web.err
 echo $? >web.rc
 for _ in $(seq 120); do curl -sf -m 5 http://127.0.0.1:18080/index.html >web.out && break; sleep 0.5; done
-$D inspect -f '{{{{.NetworkSettings.IPAddress}}}}' web >web.ip
+$D inspect -f '{{.NetworkSettings.IPAddress}}' web >web.ip
 $D exec web sh -c 'uname -r; ip -4 -o addr show eth0' >exec.out 2>exec.err
 echo $? >exec.rc
 $D rm -f web >/dev/null
@@ -52,40 +44,9 @@ kill "$(cat "$T/dockerd.pid")"
 for _ in $(seq 100); do [ -e "$T/dockerd.pid" ] || break; sleep 0.2; done
 sleep 0.5
 umount -l "$T"; rmdir "$T"
-set +x
-{{
-  pgrep -a virtiofsd
-  pgrep -af 'sandboxvm .*(boot|_monitor) '
-  grep -F -e sandboxvm -e "$T" /proc/self/mountinfo
-}} >leftovers 2>&1
-true
 "#,
-        dir = dir.display(),
-        kernel = a.kernel.display(),
-        initrd = a.initrd.display(),
-        bin = sandboxvm_bin().display(),
-        rootfs = b.join("rootfs").display(),
     );
-    let path = dir.join("script.sh");
-    std::fs::write(&path, script).unwrap();
-    let out = on_kvm_host(&["bash", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
-    let code = |f: &str| read(f).trim().parse::<i32>().unwrap_or(-1000);
-    let host_kernel = String::from_utf8(
-        std::process::Command::new("uname")
-            .arg("-r")
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let (log, read, code) = (&r.log, |f: &str| r.read(f), |f: &str| r.code(f));
     assert!(!read("version").trim().is_empty(), "dockerd: {log}");
     // Output and exit status; the guest's kernel, not the host's.
     assert_eq!(code("run.rc"), 3, "{log}\n{}", read("run.err"));
@@ -93,7 +54,7 @@ true
     let lines: Vec<&str> = run_out.lines().collect();
     assert_eq!(lines.len(), 2, "{run_out}");
     assert_eq!(lines[0], "hello from docker", "{run_out}");
-    assert_ne!(lines[1], host_kernel.trim(), "{run_out}");
+    assert_ne!(lines[1], host_kernel(), "{run_out}");
     // A volume: the host directory, both ways.
     assert_eq!(code("vol.rc"), 0, "{log}\n{}", read("vol.err"));
     assert_eq!(read("vol.out"), "from-host\n");
@@ -111,7 +72,7 @@ true
     let ip = read("web.ip").trim().to_string();
     assert!(!ip.is_empty(), "{log}");
     let exec = read("exec.out");
-    assert_ne!(exec.lines().next(), Some(host_kernel.trim()), "{exec}");
+    assert_ne!(exec.lines().next(), Some(host_kernel().as_str()), "{exec}");
     assert!(exec.contains(&format!("inet {ip}/")), "{exec}");
-    assert_eq!(read("leftovers"), "", "sandboxvm left things behind\n{log}");
+    r.assert_clean();
 }

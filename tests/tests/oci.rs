@@ -346,7 +346,7 @@ $S update --memory 64m c1 2>gone.err; echo $? >gone.rc
 }
 
 #[test]
-fn seccomp_sysctl_and_oom_score_adj_of_the_spec_hold_in_the_guest() {
+fn seccomp_sysctls_devices_hooks_and_oom_score_adj_of_the_spec_hold_in_the_guest() {
     // A runtime-spec 1.3 config (as runtime-tools writes now). The profile
     // lets everything through but getcwd (EPERM, the default errno) and
     // mkdir (EOPNOTSUPP); exec'd processes get it too.
@@ -361,6 +361,10 @@ fn seccomp_sysctl_and_oom_score_adj_of_the_spec_hold_in_the_guest() {
             "net.ipv4.ip_unprivileged_port_start": "0",
             "kernel.msgmax": "4321",
         });
+        s["linux"]["devices"] = json!([
+            {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229, "fileMode": 0o640, "uid": 7, "gid": 8},
+            {"path": "/dev/extra/fifo", "type": "p", "major": 0, "minor": 0},
+        ]);
         s["linux"]["seccomp"] = json!({
             "defaultAction": "SCMP_ACT_ALLOW",
             "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
@@ -386,6 +390,7 @@ $S exec c1 busybox pwd >pwd.out 2>pwd.err; echo $? >pwd.rc
 $S exec c1 mkdir /tmp/d 2>mkdir.err; echo $? >mkdir.rc
 $S exec c1 cat /proc/sys/net/ipv4/ip_unprivileged_port_start /proc/sys/kernel/msgmax /proc/1/oom_score_adj >values.out
 $S exec c1 cat /tmp/start-hook.json >start-hook.json
+$S exec c1 stat -c '%F %t:%T %a %u:%g' /dev/fuse /dev/extra/fifo >devices.out
 $S delete --force c1
 $S create --bundle {notify} c2 </dev/null 2>notify.err; echo $? >notify.rc
 $S create --bundle {bad_sysctl} c3 </dev/null 2>sysctl.err; echo $? >sysctl.rc
@@ -409,6 +414,11 @@ $S create --bundle {bad_sysctl} c3 </dev/null 2>sysctl.err; echo $? >sysctl.rc
         o.read("mkdir.err")
     );
     assert_eq!(o.read("values.out"), "0\n4321\n123\n", "{log}");
+    assert_eq!(
+        o.read("devices.out"),
+        "character special file a:e5 640 7:8\nfifo 0:0 666 0:0\n",
+        "{log}"
+    );
     let hook = o.json("start-hook.json");
     assert_eq!(hook["id"], "c1", "{hook}");
     assert_eq!(hook["status"], "created", "{hook}");

@@ -3,81 +3,39 @@
 //! busybox bundle's rootfs: run (output and exit code), create, start,
 //! exec, stop, rm; nothing of sandboxvm is left afterwards.
 
-use e2e::fixtures::{artefacts, bundle, work_dir};
-use e2e::{on_kvm_host, sandboxvm_bin};
+use e2e::fixtures::{engine_script, host_kernel};
 
 #[test]
 fn podman_runs_containers_with_sandboxvm_as_its_runtime() {
-    let a = artefacts();
-    let b = bundle("podman", &["true"], |_| {});
-    let dir = work_dir().join("podman.out");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let script = format!(
-        r#"set -x
-cd {dir}
-export SANDBOXVM_KERNEL={kernel} SANDBOXVM_INITRD={initrd}
-# Podman looks up the container pid's cgroup (the CI host may have none mounted).
-mountpoint -q /sys/fs/cgroup || mount -t cgroup2 none /sys/fs/cgroup
+    let r = engine_script(
+        "podman",
+        r#"
 # Podman's storage on a tmpfs of the CI host's own (its / may be virtiofs).
 T=$(mktemp -d /run/sandboxvm-podman.XXXXXX)
 mount -t tmpfs tmpfs "$T"
-P="podman --root $T/storage --runroot $T/run --storage-driver vfs --cgroup-manager cgroupfs --events-backend file --runtime {bin}"
-tar -C {rootfs} -c . | $P import - localhost/busybox:e2e >/dev/null
+P="podman --root $T/storage --runroot $T/run --storage-driver vfs --cgroup-manager cgroupfs --events-backend file --runtime $BIN"
+tar -C "$ROOTFS" -c . | $P import - localhost/busybox:e2e >/dev/null
 $P run --rm --network none localhost/busybox:e2e sh -c 'echo hello from podman; uname -r; exit 4' >run.out 2>run.err
 echo $? >run.rc
 $P create --name c1 --network none localhost/busybox:e2e sleep 1000 >/dev/null
 $P start c1 >/dev/null; echo $? >start.rc
 $P exec c1 sh -c 'echo exec ok; cat /proc/1/cmdline | tr "\0" " "' >exec.out; echo $? >exec.rc
-$P inspect -f '{{{{.State.Status}}}}' c1 >status.running 2>&1
+$P inspect -f '{{.State.Status}}' c1 >status.running 2>&1
 $P stop -t 2 c1 >/dev/null; echo $? >stop.rc
-$P inspect -f '{{{{.State.Status}}}}' c1 >status.stopped 2>&1
+$P inspect -f '{{.State.Status}}' c1 >status.stopped 2>&1
 $P rm c1 >/dev/null; echo $? >rm.rc
 $P ps -aq >ps.after
 umount -l "$T"; rmdir "$T"
-sleep 0.2
-set +x
-{{
-  ls -A /run/sandboxvm 2>/dev/null
-  pgrep -a virtiofsd
-  pgrep -af 'sandboxvm .*(boot|_monitor) '
-  grep -F /run/sandboxvm /proc/self/mountinfo
-}} >leftovers 2>&1
-true
 "#,
-        dir = dir.display(),
-        kernel = a.kernel.display(),
-        initrd = a.initrd.display(),
-        bin = sandboxvm_bin().display(),
-        rootfs = b.join("rootfs").display(),
     );
-    let path = dir.join("script.sh");
-    std::fs::write(&path, script).unwrap();
-    let out = on_kvm_host(&["bash", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
-    let code = |f: &str| read(f).trim().parse::<i32>().unwrap_or(-1000);
-    let host_kernel = String::from_utf8(
-        std::process::Command::new("uname")
-            .arg("-r")
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let (log, read, code) = (&r.log, |f: &str| r.read(f), |f: &str| r.code(f));
     assert_eq!(code("run.rc"), 4, "{log}\n{}", read("run.err"));
     let run_out = read("run.out");
     let lines: Vec<&str> = run_out.lines().collect();
     assert_eq!(lines.first(), Some(&"hello from podman"), "{run_out}");
     // The guest's kernel, not the host's.
     assert_eq!(lines.len(), 2, "{run_out}");
-    assert_ne!(lines[1], host_kernel.trim(), "{run_out}");
+    assert_ne!(lines[1], host_kernel(), "{run_out}");
     assert_eq!(code("start.rc"), 0, "{log}");
     assert_eq!(code("exec.rc"), 0, "{log}");
     assert_eq!(read("exec.out"), "exec ok\nsleep 1000 ", "{log}");
@@ -86,5 +44,5 @@ true
     assert_eq!(read("status.stopped").trim(), "exited");
     assert_eq!(code("rm.rc"), 0, "{log}");
     assert_eq!(read("ps.after"), "");
-    assert_eq!(read("leftovers"), "", "sandboxvm left things behind\n{log}");
+    r.assert_clean();
 }

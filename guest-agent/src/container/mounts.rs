@@ -160,6 +160,37 @@ fn setup_dev(rootfs: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Makes a node of `linux.devices` (replacing what the path held, as runc
+/// does), with the spec's mode and owner, whatever the umask.
+fn make_device(rootfs: &Path, d: &super::spec::DeviceConfig) -> Result<()> {
+    let path = in_root(rootfs, &d.path);
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(|e| format!("mkdir {}: {e}", parent.display()))?;
+    }
+    let _ = fs::remove_file(&path);
+    mknod(
+        &path,
+        d.kind,
+        Mode::from_bits_truncate(d.mode),
+        makedev(d.major, d.minor),
+    )
+    .map_err(|e| format!("linux.devices {}: mknod: {e}", d.path.display()))?;
+    nix::sys::stat::fchmodat(
+        None,
+        &path,
+        Mode::from_bits_truncate(d.mode),
+        nix::sys::stat::FchmodatFlags::FollowSymlink,
+    )
+    .map_err(|e| format!("linux.devices {}: chmod: {e}", d.path.display()))?;
+    nix::unistd::chown(
+        &path,
+        Some(nix::unistd::Uid::from_raw(d.uid)),
+        Some(nix::unistd::Gid::from_raw(d.gid)),
+    )
+    .map_err(|e| format!("linux.devices {}: chown: {e}", d.path.display()))?;
+    Ok(())
+}
+
 /// Sets up the container's root: mounts, /dev, pivot_root (or MS_MOVE +
 /// chroot when pivot_root is refused, as on an initramfs root), masked and
 /// read-only paths, read-only root. Runs in the new mount namespace.
@@ -232,6 +263,9 @@ pub fn setup_rootfs(cfg: &ContainerConfig) -> Result<()> {
         etc_file(rootfs, rel, text, true)?;
     }
     setup_dev(rootfs)?;
+    for d in &cfg.devices {
+        make_device(rootfs, d)?;
+    }
     enter_root(rootfs)?;
     for p in &cfg.masked_paths {
         mask_path(p)?;

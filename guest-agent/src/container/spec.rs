@@ -75,6 +75,9 @@ pub struct ContainerConfig {
     /// `linux.sysctl`: (path under /proc/sys, value), written in the
     /// container's namespaces.
     pub sysctl: Vec<(PathBuf, String)>,
+    /// `linux.devices`: nodes made in the container's /dev (the guest's
+    /// devices: its kernel's numbers).
+    pub devices: Vec<DeviceConfig>,
     pub process: ProcessConfig,
     /// Files shown over the rootfs's own (path relative to the rootfs,
     /// content): /etc/resolv.conf and /etc/hosts of the pod network.
@@ -85,6 +88,47 @@ pub struct ContainerConfig {
     /// The state JSON the hooks read (id, status, bundle; the pid is added
     /// in the container).
     pub state: String,
+}
+
+/// A device node of `linux.devices`.
+#[derive(Clone, Debug)]
+pub struct DeviceConfig {
+    /// Absolute, in the container.
+    pub path: PathBuf,
+    /// S_IFCHR, S_IFBLK or S_IFIFO.
+    pub kind: nix::sys::stat::SFlag,
+    pub major: u64,
+    pub minor: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+fn device_config(d: &oci_spec::runtime::LinuxDevice) -> Result<DeviceConfig, Error> {
+    use nix::sys::stat::SFlag;
+    use oci_spec::runtime::LinuxDeviceType as T;
+    let bad =
+        |what: &str| Error::InvalidSpec(format!("linux.devices {}: {what}", d.path().display()));
+    let path = d.path().clone();
+    if !path.is_absolute() || path.components().any(|c| c.as_os_str() == "..") {
+        return Err(bad("the path must be absolute, without .."));
+    }
+    let kind = match d.typ() {
+        T::C | T::U => SFlag::S_IFCHR,
+        T::B => SFlag::S_IFBLK,
+        T::P => SFlag::S_IFIFO,
+        T::A => return Err(bad("type a is for the device cgroup, not a node")),
+    };
+    let num = |v: i64, what: &str| u64::try_from(v).map_err(|_| bad(&format!("negative {what}")));
+    Ok(DeviceConfig {
+        path,
+        kind,
+        major: num(d.major(), "major")?,
+        minor: num(d.minor(), "minor")?,
+        mode: d.file_mode().unwrap_or(0o666) & 0o7777,
+        uid: d.uid().unwrap_or(0),
+        gid: d.gid().unwrap_or(0),
+    })
 }
 
 /// A hook to run in the guest.
@@ -136,6 +180,7 @@ pub fn container_config(spec: &Spec, rootfs: PathBuf) -> Result<ContainerConfig,
     let mut masked_paths = Vec::new();
     let mut readonly_paths = Vec::new();
     let mut sysctl = Vec::new();
+    let mut devices = Vec::new();
     if let Some(linux) = spec.linux() {
         for ns in linux.namespaces().iter().flatten() {
             let Some(flag) = ns_flag(ns.typ()) else {
@@ -161,6 +206,9 @@ pub fn container_config(spec: &Spec, rootfs: PathBuf) -> Result<ContainerConfig,
         for (key, value) in linux.sysctl().iter().flatten() {
             sysctl.push((sysctl_path(key)?, value.clone()));
         }
+        for d in linux.devices().iter().flatten() {
+            devices.push(device_config(d)?);
+        }
     }
     let mut process = process_config(process)?;
     process.seccomp = super::seccomp::from_spec(spec.linux().as_ref())?;
@@ -182,6 +230,7 @@ pub fn container_config(spec: &Spec, rootfs: PathBuf) -> Result<ContainerConfig,
         masked_paths,
         readonly_paths,
         sysctl,
+        devices,
         process,
         etc_files: Vec::new(),
         start_hooks: spec

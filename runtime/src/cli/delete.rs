@@ -63,9 +63,7 @@ impl Delete {
         sandboxvm::cgroup::remove_recorded(&dir);
         if let Some(h) = super::state::spec_hooks(&record) {
             let st = record.oci_state(Status::Stopped).to_string();
-            if let Err(e) = hooks::run("poststop", h.poststop().as_deref().unwrap_or(&[]), &st) {
-                log::warn!("{e}");
-            }
+            hooks::run_each("poststop", h.poststop().as_deref().unwrap_or(&[]), &st);
         }
         anyhow::ensure!(
             sandboxvm::share::unmount_under(&dir),

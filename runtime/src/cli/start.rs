@@ -26,9 +26,7 @@ impl Start {
         let _ = std::fs::write(record.dir(&g.root).join("started"), "");
         if let Some(h) = super::state::spec_hooks(&record) {
             let st = record.oci_state(Status::Running).to_string();
-            if let Err(e) = hooks::run("poststart", h.poststart().as_deref().unwrap_or(&[]), &st) {
-                log::warn!("{e}");
-            }
+            hooks::run_each("poststart", h.poststart().as_deref().unwrap_or(&[]), &st);
         }
         Ok(0)
     }

@@ -56,6 +56,17 @@ pub fn run(stage: &'static str, hooks: &[Hook], state_json: &str) -> Result<(), 
     Ok(())
 }
 
+/// Runs every one of `hooks` (poststart, poststop: the spec wants the
+/// remaining hooks and the lifecycle to go on after a failure), logging
+/// each failure as a warning.
+pub fn run_each(stage: &'static str, hooks: &[Hook], state_json: &str) {
+    for hook in hooks {
+        if let Err(e) = run_one(stage, hook, state_json) {
+            log::warn!("{e}");
+        }
+    }
+}
+
 fn run_one(stage: &'static str, hook: &Hook, state_json: &str) -> Result<(), Error> {
     let path = hook.path().display().to_string();
     let mut cmd = Command::new(hook.path());
@@ -182,5 +193,22 @@ mod tests {
         let e = run("createRuntime", &[hook("sleep 30", Some(1))], "{}").unwrap_err();
         assert!(matches!(e, Error::Timeout { secs: 1, .. }), "{e}");
         assert!(t.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn after_a_failed_poststop_hook_the_others_still_run() {
+        let dir = std::env::temp_dir().join(format!("sandboxvm-hook-each-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("out");
+        run_each(
+            "poststop",
+            &[
+                hook(&format!("echo one >> {}; exit 1", out.display()), None),
+                hook(&format!("echo two >> {}", out.display()), None),
+            ],
+            "{}",
+        );
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "one\ntwo\n");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
