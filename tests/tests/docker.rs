@@ -17,13 +17,19 @@ fn docker_runs_containers_with_sandboxvm_as_a_runtime() {
 T=$(mktemp -d /run/sandboxvm-docker.XXXXXX)
 mount -t tmpfs tmpfs "$T"
 mkdir "$T/vol"; echo from-host >"$T/vol/in"
+# Docker's containerd, started here: dockerd gives the one it starts
+# itself a fixed time to come up, which a busy CI host can exceed.
+containerd --address "$T/ctd.sock" --root "$T/ctd-root" --state "$T/ctd-state" >containerd.log 2>&1 &
+ctd=$!
+for _ in $(seq 600); do ctr --address "$T/ctd.sock" version >/dev/null 2>&1 && break; sleep 0.2; done
 # No iptables in the CI host's kernel: published ports go through
 # docker-proxy (userland), the bridge network is Docker's own.
-dockerd --data-root "$T/data" --exec-root "$T/exec" --pidfile "$T/dockerd.pid" \
-  -H "unix://$T/docker.sock" --storage-driver vfs --iptables=false --ip-masq=false \
-  --exec-opt native.cgroupdriver=cgroupfs --add-runtime sandboxvm="$BIN" >dockerd.log 2>&1 &
+dockerd --containerd "$T/ctd.sock" --data-root "$T/data" --exec-root "$T/exec" \
+  --pidfile "$T/dockerd.pid" -H "unix://$T/docker.sock" --storage-driver vfs \
+  --iptables=false --ip-masq=false --exec-opt native.cgroupdriver=cgroupfs \
+  --add-runtime sandboxvm="$BIN" >dockerd.log 2>&1 &
 D="/usr/bin/docker -H unix://$T/docker.sock"
-for _ in $(seq 300); do $D version >/dev/null 2>&1 && break; sleep 0.2; done
+for _ in $(seq 600); do $D version >/dev/null 2>&1 && break; sleep 0.2; done
 $D version --format '{{.Server.Version}}' >version
 tar -C "$ROOTFS" -c . | $D import - e2e/busybox >/dev/null
 R="--runtime sandboxvm"
@@ -42,6 +48,7 @@ echo $? >exec.rc
 $D rm -f web >/dev/null
 kill "$(cat "$T/dockerd.pid")"
 for _ in $(seq 100); do [ -e "$T/dockerd.pid" ] || break; sleep 0.2; done
+kill $ctd; wait $ctd
 sleep 0.5
 umount -l "$T"; rmdir "$T"
 "#,
