@@ -11,17 +11,10 @@ use super::Globals;
 use sandboxvm::bundle::Bundle;
 use sandboxvm::oci::state;
 
-/// Creates container ID from the bundle: its VM boots and the process is
-/// created but waits for `start`. The pid written to --pid-file is a host
-/// process that lives as long as the container and exits with its status.
-#[derive(Debug, Args)]
-pub struct Create {
-    /// The container id.
-    pub id: ContainerId,
-    /// The bundle directory.
-    #[arg(long, short, default_value = ".")]
-    pub bundle: PathBuf,
-    /// Write the container's host pid here.
+/// runc's flags of `create`, which `run` takes too.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RuncCreateFlags {
+    /// Write the container's host pid (its monitor's) here.
     #[arg(long)]
     pub pid_file: Option<PathBuf>,
     /// A Unix socket that receives the terminal's master (process.terminal).
@@ -36,6 +29,20 @@ pub struct Create {
     /// Accepted for runc compatibility; extra fds are not passed to the guest.
     #[arg(long, default_value_t = 0)]
     pub preserve_fds: u32,
+}
+
+/// Creates container ID from the bundle: its VM boots and the process is
+/// created but waits for `start`. The pid written to --pid-file is a host
+/// process that lives as long as the container and exits with its status.
+#[derive(Debug, Args)]
+pub struct Create {
+    /// The container id.
+    pub id: ContainerId,
+    /// The bundle directory.
+    #[arg(long, short, default_value = ".")]
+    pub bundle: PathBuf,
+    #[command(flatten)]
+    pub runc: RuncCreateFlags,
     /// Guest kernel (default: $SANDBOXVM_KERNEL, the configuration's guest.kernel, the build cache, /usr/share/sandboxvm).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -52,7 +59,7 @@ impl Create {
     pub fn run(self, g: &Globals) -> anyhow::Result<i32> {
         let bundle = Bundle::load(&self.bundle)?;
         anyhow::ensure!(
-            !bundle.terminal() || self.console_socket.is_some(),
+            !bundle.terminal() || self.runc.console_socket.is_some(),
             "the process has a terminal (process.terminal): --console-socket is needed"
         );
         if state::dir(&g.root, &self.id).exists() {
@@ -71,7 +78,7 @@ impl Create {
             args.push(t.to_string().into());
         }
         for (flag, v) in [
-            ("--console-socket", &self.console_socket),
+            ("--console-socket", &self.runc.console_socket),
             ("--kernel", &self.kernel),
             ("--initrd", &self.initrd),
         ] {
@@ -81,7 +88,7 @@ impl Create {
             }
         }
         let pid = super::monitor::spawn(g, args)?;
-        if let Some(path) = &self.pid_file {
+        if let Some(path) = &self.runc.pid_file {
             write_pid_file(path, pid)?;
         }
         Ok(0)

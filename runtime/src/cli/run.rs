@@ -58,27 +58,14 @@ pub struct Run {
     /// `state`, `kill` and `delete`.
     #[arg(long, short)]
     pub detach: bool,
-    /// Write the container's host pid (its monitor's) here.
-    #[arg(long)]
-    pub pid_file: Option<PathBuf>,
-    /// A Unix socket that receives the terminal's master (process.terminal).
-    #[arg(long)]
-    pub console_socket: Option<PathBuf>,
     /// Keep the container's state after it exits (`delete` removes it).
     #[arg(long)]
     pub keep: bool,
-    /// Accepted for runc compatibility (the guest always pivots).
-    #[arg(long)]
-    pub no_pivot: bool,
-    /// Accepted for runc compatibility.
-    #[arg(long)]
-    pub no_new_keyring: bool,
     /// Accepted for runc compatibility (the monitor reaps what it starts).
     #[arg(long)]
     pub no_subreaper: bool,
-    /// Accepted for runc compatibility; extra fds are not passed to the guest.
-    #[arg(long, default_value_t = 0)]
-    pub preserve_fds: u32,
+    #[command(flatten)]
+    pub runc: super::create::RuncCreateFlags,
 }
 
 /// How a container gets its network.
@@ -141,7 +128,11 @@ impl Run {
     pub fn run(self, g: &super::Globals) -> anyhow::Result<i32> {
         let verbose = g.verbose;
         let (dir, id) = bundle_and_id(self.bundle.clone(), &self.args)?;
-        if self.detach || self.keep || self.pid_file.is_some() || self.console_socket.is_some() {
+        if self.detach
+            || self.keep
+            || self.runc.pid_file.is_some()
+            || self.runc.console_socket.is_some()
+        {
             return self.through_create(g, dir, id);
         }
         let bundle = Bundle::load(&dir)?;
@@ -227,11 +218,7 @@ impl Run {
         super::create::Create {
             id: id.clone(),
             bundle: dir,
-            pid_file: self.pid_file,
-            console_socket: self.console_socket,
-            no_pivot: self.no_pivot,
-            no_new_keyring: self.no_new_keyring,
-            preserve_fds: self.preserve_fds,
+            runc: self.runc,
             kernel: self.kernel,
             initrd: self.initrd,
             boot_timeout: self.boot_timeout,
