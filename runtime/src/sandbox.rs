@@ -301,7 +301,7 @@ impl Sandbox {
             path: vmm_dir.clone(),
             source,
         })?;
-        let fs_sock = vmm_dir.join("virtiofsd.sock");
+        let fs_sock = virtiofsd_socket_in(&opts.dir);
         let vfs_log = log("virtiofsd.log")?;
         let vfs_err = vfs_log.try_clone().map_err(|source| Error::StateDir {
             path: opts.dir.join("virtiofsd.log"),
@@ -679,6 +679,11 @@ pub fn vmm_dir(dir: &Path) -> PathBuf {
 /// The guest console log of the sandbox whose state directory is `dir`.
 pub fn console_log_in(dir: &Path) -> PathBuf {
     vmm_dir(dir).join("console.log")
+}
+
+/// virtiofsd's socket of the sandbox whose state directory is `dir`.
+pub fn virtiofsd_socket_in(dir: &Path) -> PathBuf {
+    vmm_dir(dir).join("virtiofsd.sock")
 }
 
 /// The host side of the guest's vsock (the agent's port among them) of

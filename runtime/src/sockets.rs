@@ -1,6 +1,8 @@
 //! The Unix sockets of a sandbox live in its state directory
-//! (`<dir>/vmm/vsock.sock`, `vsock.sock_<port>`, `virtiofsd.sock`) and
-//! their paths must fit a `sockaddr_un`. Callers choose long roots and ids
+//! (`<dir>/vmm/vsock.sock`, `virtiofsd.sock`) and their paths must fit a
+//! `sockaddr_un`. (A guest connecting to host port N reaches
+//! `vsock.sock_N` only if the host listens there, which the runtime never
+//! does: a path too long for it just fails that connection.) Callers choose long roots and ids
 //! (Docker's runtime root with 64-digit ids, the CRI's pod ids), so a
 //! state directory's name is shortened, with a hash, until they fit.
 
@@ -9,12 +11,10 @@ use std::path::{Path, PathBuf};
 /// Bytes a socket path may have: `sun_path` less its NUL.
 pub const MAX_SOCKET_PATH: usize = 107;
 
-/// The longest socket path of the sandbox whose state directory is `dir`:
-/// a guest connection to host port 4294967295.
+/// The longest socket path made for the sandbox whose state directory is
+/// `dir`: virtiofsd's.
 pub fn longest_socket(dir: &Path) -> PathBuf {
-    let mut path = crate::sandbox::vsock_path_in(dir).into_os_string();
-    path.push("_4294967295");
-    PathBuf::from(path)
+    crate::sandbox::virtiofsd_socket_in(dir)
 }
 
 /// Whether the sockets of a sandbox in `dir` fit.
