@@ -4,7 +4,7 @@ use clap::Args;
 
 use super::ps::Format;
 use super::Globals;
-use sandboxvm::oci::{state, Record};
+use sandboxvm::oci::state;
 
 /// Lists containers: ID, PID, STATUS, BUNDLE, CREATED.
 #[derive(Debug, Args)]
@@ -19,10 +19,7 @@ pub struct List {
 
 impl List {
     pub fn run(self, g: &Globals) -> anyhow::Result<i32> {
-        let records: Vec<Record> = state::list(&g.root)
-            .iter()
-            .filter_map(|id| Record::load(&g.root, id).ok())
-            .collect();
+        let records = state::list(&g.root);
         if self.quiet {
             for r in &records {
                 println!("{}", r.id);

@@ -247,22 +247,22 @@ pub fn start_time(pid: i32) -> Option<u64> {
     fields.get(19)?.parse().ok()
 }
 
-/// Ids of the containers under `root` (directories with a state.json;
-/// names that are not valid ids are skipped).
-pub fn list(root: &Path) -> Vec<ContainerId> {
-    // The ids recorded: a directory's name may be a shortened id.
-    let mut ids: Vec<ContainerId> = std::fs::read_dir(root)
+/// The records of the containers under `root`, by id: each directory's
+/// state.json, read once, kept when it names the container whose directory
+/// that is (a directory's name may be a shortened id).
+pub fn list(root: &Path) -> Vec<Record> {
+    let mut records: Vec<Record> = std::fs::read_dir(root)
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| {
             let text = std::fs::read_to_string(e.path().join("state.json")).ok()?;
             let r: Record = serde_json::from_str(&text).ok()?;
-            (dir(root, &r.id) == e.path()).then_some(r.id)
+            (dir(root, &r.id) == e.path()).then_some(r)
         })
         .collect();
-    ids.sort();
-    ids
+    records.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+    records
 }
 
 #[cfg(test)]
@@ -302,7 +302,7 @@ mod tests {
         std::fs::create_dir_all(r.dir(&root)).unwrap();
         r.save(&r.dir(&root)).unwrap();
         assert_eq!(Record::load(&root, &r.id).unwrap(), r);
-        assert_eq!(list(&root), vec![r.id.clone()]);
+        assert_eq!(list(&root), vec![r.clone()]);
         // Start time 1 is not ours: a reused pid.
         assert_eq!(r.status(&root), Status::Stopped);
         let s = r.oci_state(Status::Stopped);
