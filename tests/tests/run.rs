@@ -351,3 +351,55 @@ fn resource_limits_become_the_containers_cgroup() {
     assert_eq!(r.stdout, "0::/\n67108864\n50\n150000 100000\n2\n", "{r:?}");
     assert_clean(&r);
 }
+
+#[test]
+fn an_istio_style_init_container_redirects_outbound_tcp_with_iptables_nft_and_legacy() {
+    // The host's iptables (Debian's, both back ends) run from a read-only
+    // mount of its /usr through its dynamic loader, with
+    // NET_ADMIN and NET_RAW as Istio's istio-init container gets them. The
+    // rules are istio-iptables' shape: a REDIRECT chain for outbound TCP,
+    // an owner match that lets the proxy's uid through, comments and
+    // multiport. A connection to 127.0.0.1:80 (nft) or :8080 (legacy) must
+    // reach the "proxy" listening on 15001.
+    let script = r#"
+set -e
+ipt() {
+  multi=$1; shift
+  XTABLES_LIBDIR=/host/usr/lib/x86_64-linux-gnu/xtables XTABLES_LOCKFILE=/tmp/xtables.lock \
+    /host/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 --library-path /host/usr/lib/x86_64-linux-gnu \
+    /host/usr/sbin/xtables-$multi-multi iptables "$@"
+}
+proxy() { nc -l -p 15001 -e echo "redirected by $1" & sleep 0.5; }
+for backend in nft:80 legacy:8080; do
+  multi=${backend%:*}; port=${backend#*:}
+  ipt $multi -t nat -N ISTIO_REDIRECT
+  ipt $multi -t nat -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+  ipt $multi -t nat -A OUTPUT -p tcp -m owner --uid-owner 1337 -j RETURN
+  ipt $multi -t nat -A OUTPUT -p tcp -m multiport --dports $port -m comment --comment istio-style -j ISTIO_REDIRECT
+  proxy $multi
+  nc -w 5 127.0.0.1 $port </dev/null
+  ipt $multi -t nat -S OUTPUT | grep -c istio-style
+  ipt $multi -t nat -F; ipt $multi -t nat -X
+done
+"#;
+    let host_ro = |dir: &str| {
+        json!({"destination": format!("/host{dir}"), "type": "bind", "source": dir,
+               "options": ["rbind", "ro"]})
+    };
+    let b = bundle("iptables", &["sh", "-c", script], |s| {
+        let caps = ["CAP_NET_ADMIN", "CAP_NET_RAW"];
+        for set in ["bounding", "effective", "permitted"] {
+            let list = s["process"]["capabilities"][set].as_array_mut().unwrap();
+            list.extend(caps.iter().map(|c| json!(c)));
+        }
+        let mounts = s["mounts"].as_array_mut().unwrap();
+        mounts.push(host_ro("/usr"));
+    });
+    let r = run(&b);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        r.stdout, "redirected by nft\n1\nredirected by legacy\n1\n",
+        "{r:?}"
+    );
+    assert_clean(&r);
+}
