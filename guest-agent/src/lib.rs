@@ -5,4 +5,5 @@ pub mod container;
 pub mod init;
 pub mod network;
 pub mod reaper;
+pub mod resize;
 pub mod server;

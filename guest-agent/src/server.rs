@@ -172,6 +172,32 @@ impl Agent for Service {
             ..Default::default()
         })
     }
+    fn resize_vm(&self, _: &TtrpcContext, r: ResizeVmRequest) -> R<ResizeVmResponse> {
+        use crate::resize;
+        let fail = |e: resize::Error| {
+            let code = match &e {
+                resize::Error::Invalid(_) => Code::FAILED_PRECONDITION,
+                resize::Error::Sys { .. } => Code::INTERNAL,
+            };
+            let msg = format!("resize the VM: {e}");
+            log::warn!("request failed: {msg}");
+            ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
+        };
+        let sys = resize::SysFs::default();
+        let vcpus = resize::online_cpus(&sys, r.vcpus).map_err(fail)?;
+        let region = resize::hotplug_region(&resize::cmdline()).map_err(fail)?;
+        let want = r.hotplug_mib.saturating_mul(1 << 20);
+        let added = resize::add_memory(&sys, region, want).map_err(fail)?;
+        log::info!(
+            "VM resized: {vcpus} vCPUs online, {} MiB added",
+            added >> 20
+        );
+        Ok(ResizeVmResponse {
+            vcpus,
+            hotplug_mib: added >> 20,
+            ..Default::default()
+        })
+    }
     fn configure_network(&self, _: &TtrpcContext, r: NetworkConfig) -> R<Empty> {
         crate::network::configure(&r).map_err(|e| {
             let code = match &e {

@@ -416,6 +416,24 @@ impl Agent {
         Ok(())
     }
 
+    /// Grows the VM (see [`crate::vm_size`]): vCPUs online up to `vcpus`,
+    /// memory added until `added_mib` MiB are; returns what the guest has
+    /// then (vCPUs online, MiB added).
+    pub fn resize_vm(&self, vcpus: u8, added_mib: u64) -> Result<(u32, u64), Error> {
+        let r = self
+            .client
+            .resize_vm(
+                self.ctx(),
+                &protocol::agent::ResizeVmRequest {
+                    vcpus: vcpus.into(),
+                    hotplug_mib: added_mib,
+                    ..Default::default()
+                },
+            )
+            .map_err(self.call_err("ResizeVm"))?;
+        Ok((r.vcpus, r.hotplug_mib))
+    }
+
     /// Asks the guest to shut down (the VM then ends).
     pub fn shutdown(&self) -> Result<(), Error> {
         self.client

@@ -188,24 +188,6 @@ impl Bundle {
 /// What the guest kernel and agent need on top of the container's limit.
 pub const GUEST_OVERHEAD_MIB: u64 = 64;
 
-/// Whether a container memory limit of `limit` bytes (None or negative:
-/// none) fits a running VM of `vm_mib` MiB ([`GUEST_OVERHEAD_MIB`] on top);
-/// 0 = the VM's size is unknown. A running VM does not grow.
-pub fn check_limit_fits(limit: Option<i64>, vm_mib: u64) -> Result<(), String> {
-    let Some(bytes) = limit.filter(|&b| b > 0) else {
-        return Ok(());
-    };
-    let limit_mib = (bytes as u64).div_ceil(1 << 20);
-    let need = limit_mib + GUEST_OVERHEAD_MIB;
-    if vm_mib > 0 && need > vm_mib {
-        return Err(format!(
-            "a memory limit of {limit_mib} MiB needs a VM of {need} MiB; this one has {vm_mib} MiB \
-             and a running VM does not grow (create the container with the larger limit)"
-        ));
-    }
-    Ok(())
-}
-
 /// The CRI's annotations of a pod sandbox's resources (containerd 1.6+,
 /// from the kubelet's PodSandboxConfig: the sum of the containers' limits).
 pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
@@ -215,7 +197,7 @@ pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
 pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
 
 /// vCPUs enough for a CPU quota per period: at least 1, at most 32.
-fn cpus_for(quota: i64, period: u64) -> u8 {
+pub(crate) fn cpus_for(quota: i64, period: u64) -> u8 {
     if quota <= 0 || period == 0 {
         return 1;
     }
@@ -288,20 +270,6 @@ mod tests {
         assert_eq!(b.vcpus(), 2);
         assert_eq!(b.memory_mib(), Some(512 + GUEST_OVERHEAD_MIB));
         assert!(!b.terminal());
-    }
-
-    #[test]
-    fn a_new_limit_must_fit_the_running_vm() {
-        assert!(check_limit_fits(None, 256).is_ok());
-        assert!(check_limit_fits(Some(-1), 256).is_ok());
-        assert!(check_limit_fits(Some(192 << 20), 256).is_ok());
-        let e = check_limit_fits(Some(193 << 20), 256).unwrap_err();
-        assert!(
-            e.contains("needs a VM of 257 MiB; this one has 256 MiB"),
-            "{e}"
-        );
-        // An older record without the size: nothing to check against.
-        assert!(check_limit_fits(Some(1 << 40), 0).is_ok());
     }
 
     #[test]

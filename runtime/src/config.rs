@@ -90,13 +90,16 @@ pub struct Guest {
     /// vCPUs of a VM whose container asks for fewer (or nothing).
     pub default_vcpus: u8,
     /// The most vCPUs a VM gets; a pod asking for more gets this many.
-    /// Unset: the VMM's limit, 32.
+    /// A VM is created with this many, those beyond its boot count offline
+    /// until an update brings them online ([`crate::vm_size`]). Unset: a
+    /// pod is cut at the VMM's limit, 32, and a VM grows to the host's CPUs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_vcpus: Option<u8>,
     /// Memory of a VM whose container asks for less (or nothing), MiB.
     pub default_memory_mib: u64,
     /// The most memory a VM may have, MiB; a container whose limit does
-    /// not fit is refused. Unset: no maximum (guest memory is only
+    /// not fit is refused, and a VM grows up to it on update
+    /// ([`crate::vm_size`]). Unset: the host's memory (guest memory is only
     /// allocated as the guest touches it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_memory_mib: Option<u64>,

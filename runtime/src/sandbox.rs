@@ -88,104 +88,7 @@ pub enum Error {
     Network(String),
 }
 
-/// How to start a sandbox.
-#[derive(Debug, Clone)]
-pub struct Options {
-    /// State directory of this sandbox (created; must not exist).
-    pub dir: PathBuf,
-    /// The id (for messages).
-    pub id: crate::oci::ContainerId,
-    /// Guest kernel.
-    pub kernel: PathBuf,
-    /// Agent initramfs.
-    pub initrd: PathBuf,
-    /// vCPUs.
-    pub vcpus: u8,
-    /// Memory in MiB.
-    pub memory_mib: u64,
-    /// The directory virtiofsd shares.
-    pub shared_dir: PathBuf,
-    /// virtiofsd binary.
-    pub virtiofsd: PathBuf,
-    /// virtiofsd's cache mode.
-    pub virtiofsd_cache: crate::config::CacheMode,
-    /// virtiofsd's thread pool.
-    pub virtiofsd_threads: u16,
-    /// The VMM jailed, as its own user, under seccomp (see
-    /// [`crate::config::Vmm::confine`]).
-    pub confine: bool,
-    /// Extra kernel command line.
-    pub cmdline: String,
-    /// Log level passed to the VMM (`-v` count).
-    pub verbose: u8,
-    /// The `sandboxvm` binary that runs the VMM (`sandboxvm boot`); None =
-    /// this executable.
-    pub vmm_exe: Option<PathBuf>,
-    /// The host cgroup of the VMM and virtiofsd, relative to the cgroup
-    /// mount ([`crate::cgroup::resolve`]); None: the caller's.
-    pub cgroup: Option<PathBuf>,
-}
-
-/// What a command line sets over the configuration (`run`'s flags).
-#[derive(Debug, Clone, Default)]
-pub struct Overrides {
-    /// `--kernel`.
-    pub kernel: Option<PathBuf>,
-    /// `--initrd`.
-    pub initrd: Option<PathBuf>,
-    /// `--cpus`.
-    pub vcpus: Option<u8>,
-    /// `--memory`.
-    pub memory_mib: Option<u64>,
-    /// `-v` count, passed on to the VMM.
-    pub verbose: u8,
-}
-
-impl Options {
-    /// How to start the sandbox of `bundle` in `dir` under `config`: the
-    /// artefacts found ([`crate::artefacts`]), the VM sized from the
-    /// bundle's resources and annotations
-    /// ([`crate::config::Config::size`]), `flags` over both. The one place
-    /// that `run`, `create` and the containerd shim get their options from.
-    pub fn for_bundle(
-        config: &crate::config::Config,
-        dir: PathBuf,
-        id: &crate::oci::ContainerId,
-        bundle: &crate::bundle::Bundle,
-        flags: &Overrides,
-    ) -> Result<Options, Error> {
-        let size = config
-            .size(
-                Some(bundle.vcpus()),
-                bundle.memory_mib(),
-                bundle.annotations(),
-            )
-            .map_err(Error::Config)?;
-        Ok(Options {
-            dir,
-            id: id.clone(),
-            kernel: crate::artefacts::kernel(
-                flags.kernel.as_deref(),
-                config.guest.kernel.as_deref(),
-            )?,
-            initrd: crate::artefacts::initrd(
-                flags.initrd.as_deref(),
-                config.guest.initrd.as_deref(),
-            )?,
-            vcpus: flags.vcpus.unwrap_or(size.vcpus),
-            memory_mib: flags.memory_mib.unwrap_or(size.memory_mib),
-            shared_dir: bundle.rootfs.clone(),
-            virtiofsd: crate::artefacts::virtiofsd(config.virtiofsd.path.as_deref())?,
-            virtiofsd_cache: config.virtiofsd.cache,
-            virtiofsd_threads: config.virtiofsd.thread_pool_size,
-            confine: config.vmm.confine,
-            cmdline: size.kernel_params,
-            verbose: flags.verbose,
-            vmm_exe: None,
-            cgroup: bundle.host_cgroup(id)?,
-        })
-    }
-}
+pub use crate::sandbox_options::{Options, Overrides};
 
 /// The virtio-fs tag of the container's root filesystem.
 pub const ROOTFS_TAG: &str = "sbx-rootfs";
@@ -195,9 +98,9 @@ pub struct Sandbox {
     dir: PathBuf,
     /// When the VMM was started.
     launched: Option<Instant>,
-    /// The VM's memory in MiB, once launched (it may be less than asked,
-    /// to fit its cgroup).
-    memory_mib: u64,
+    /// The VM's size once launched (its memory may be less than asked, to
+    /// fit its cgroup).
+    size: crate::vm_size::VmSize,
     vmm: Option<Child>,
     virtiofsd: Option<Child>,
     keep_dir: bool,
@@ -258,7 +161,7 @@ impl Sandbox {
         let sandbox = Sandbox {
             dir: opts.dir.clone(),
             launched: None,
-            memory_mib: 0,
+            size: Default::default(),
             vmm: None,
             virtiofsd: None,
             keep_dir: false,
@@ -296,6 +199,12 @@ impl Sandbox {
             memory_mib = fit_memory(memory_mib, cgroup.memory_limit(), cgroup.dir())?;
             sandbox.cgroup = Some(cgroup);
         }
+        let size = crate::vm_size::VmSize::new(
+            opts.vcpus,
+            opts.max_vcpus,
+            memory_mib,
+            opts.max_memory_mib,
+        );
         let vmm_dir = vmm_dir(&opts.dir);
         crate::private::create_dir(&vmm_dir).map_err(|source| Error::StateDir {
             path: vmm_dir.clone(),
@@ -360,8 +269,12 @@ impl Sandbox {
             .arg(&opts.initrd)
             .arg("--cpus")
             .arg(opts.vcpus.to_string())
+            .arg("--max-cpus")
+            .arg(size.max_vcpus.to_string())
             .arg("--memory")
             .arg(memory_mib.to_string())
+            .arg("--hotplug-memory")
+            .arg(size.hotplug_mib.to_string())
             .arg("--console-log")
             .arg(console_log_in(&opts.dir))
             .arg("--vsock")
@@ -426,9 +339,15 @@ impl Sandbox {
         let pid = child.id();
         sandbox.vmm = Some(child);
         sandbox.launched = Some(Instant::now());
-        sandbox.memory_mib = memory_mib;
+        sandbox.size = size;
         write_pid(&opts.dir.join("vmm.pid"), pid)?;
-        log::info!("VMM started ({} vCPU, {} MiB)", opts.vcpus, memory_mib);
+        log::info!(
+            "VMM started ({} vCPU of {}, {} MiB of {})",
+            opts.vcpus,
+            size.max_vcpus,
+            memory_mib,
+            size.max_memory_mib()
+        );
         Ok(())
     }
 
@@ -452,9 +371,9 @@ impl Sandbox {
         self.keep_dir = true;
     }
 
-    /// The VM's memory in MiB (0 before launch).
-    pub fn memory_mib(&self) -> u64 {
-        self.memory_mib
+    /// The VM's size and ceiling (zero before launch).
+    pub fn size(&self) -> crate::vm_size::VmSize {
+        self.size
     }
 
     /// The VMM's host pid, while it runs.

@@ -83,8 +83,8 @@ pub struct Pod {
     shared: PathBuf,
     vm: Mutex<Option<Vm>>,
     vmm_pid: u32,
-    /// The VM's memory, MiB.
-    pub memory_mib: u64,
+    /// The VM's size and ceiling; a task Update grows it.
+    pub size: Mutex<sandboxvm::vm_size::VmSize>,
     paused: AtomicBool,
     /// The guest agent.
     pub agent: Agent,
@@ -258,7 +258,7 @@ impl Pod {
             Err(e) => log::warn!("pod {id}: guest details: {e}"),
         }
         let vmm_pid = sandbox.vmm_pid().unwrap_or(0);
-        let memory_mib = sandbox.memory_mib();
+        let size = Mutex::new(sandbox.size());
         guard.0 = None;
         Ok(Pod {
             id: id.to_string(),
@@ -269,7 +269,7 @@ impl Pod {
                 _keeper: keeper,
             })),
             vmm_pid,
-            memory_mib,
+            size,
             paused: AtomicBool::new(false),
             agent,
         })

@@ -333,8 +333,8 @@ impl Service {
         let parsed: oci_spec::runtime::LinuxResources = serde_json::from_str(json)
             .map_err(|e| Error::Invalid(format!("update: resources: {e}")))?;
         let pod = self.running_pod()?;
-        let limit = parsed.memory().as_ref().and_then(|m| m.limit());
-        sandboxvm::bundle::check_limit_fits(limit, pod.memory_mib)
+        lock(&pod.size)
+            .grow_for(&pod.agent, &parsed)
             .map_err(|e| Error::Invalid(format!("container {}: {e}", req.id)))?;
         pod.agent.update(&req.id, json)?;
         log::info!("updated the resources of {}", req.id);

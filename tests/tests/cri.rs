@@ -126,7 +126,10 @@ step fill $CC exec --timeout 0 "$C1" -- sh -c 'head -c 16777216 /dev/zero >/dev/
 step pod_memory_filled cat /sys/fs/cgroup/$CG/memory.current
 step update $CC update "$C1" --cpus 0.5 --memory-mib 256
 step limits $CC exec "$C1" -- sh -c 'cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max'
-step update_big $CC update "$C1" --memory-mib 4096
+# More than the VM holds: it grows (576 MiB + 2 blocks of 128 for 768 + 64).
+step update_grow $CC update "$C1" --memory-mib 768
+step size_grown $CC exec "$C1" -- sh -c 'grep MemTotal /proc/meminfo; cat /sys/fs/cgroup/memory.max'
+step update_big $CC update "$C1" --memory-mib 65536
 step limits_after $CC exec "$C1" -- cat /sys/fs/cgroup/memory.max
 step exec2 $CC exec "$C2" -- sh -c 'uname -r; cat /proc/sys/kernel/random/boot_id; cat /data/note; cat /dev/shm/one; echo $WHO'
 step host_kernel uname -r
@@ -232,17 +235,33 @@ step left leftovers
         "16 MiB written in the guest, the pod's cgroup grew by {grew} bytes"
     );
     // UpdateContainerResources: the guest cgroup changes at once; a limit
-    // the pod's VM cannot hold is refused and changes nothing.
+    // the pod's VM does not hold grows it; one beyond its ceiling is
+    // refused and changes nothing.
     ok(&r, "update");
     assert_eq!(ok(&r, "limits"), "268435456\n50000 100000");
+    ok(&r, "update_grow");
+    let kib = |line: &str| -> u64 {
+        let v = line.strip_prefix("MemTotal:").unwrap_or_default();
+        v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0)
+    };
+    let before = kib(ok(&r, "size").lines().nth(1).unwrap_or_default());
+    let grown = ok(&r, "size_grown");
+    let mut grown = grown.lines();
+    let after = kib(grown.next().unwrap_or_default());
+    assert!(
+        (before + (250 << 10)..=before + (256 << 10)).contains(&after),
+        "the VM grew from {before} kB to {after} kB, not by 256 MiB"
+    );
+    assert_eq!(grown.next(), Some("805306368"));
     let big = r.step("update_big");
     assert_ne!(big.code, 0, "{big:?}");
     assert!(
-        big.err
-            .contains("a memory limit of 4096 MiB needs a VM of 4160 MiB"),
+        big.err.contains(
+            "a memory limit of 65536 MiB needs a VM of 65600 MiB; this one has 832 MiB and can grow to"
+        ),
         "{big:?}"
     );
-    assert_eq!(ok(&r, "limits_after"), "268435456");
+    assert_eq!(ok(&r, "limits_after"), "805306368");
     assert_eq!(ok(&r, "vmms"), "1", "one VMM for the pod");
     assert_eq!(ok(&r, "shims"), "1", "one shim for the pod");
     assert_eq!(ok(&r, "all_shims"), "1", "and no other");

@@ -287,20 +287,33 @@ ls -d /sys/fs/cgroup/e2e-oci >cgroup.left 2>&1
 }
 
 #[test]
-fn update_changes_the_limits_at_once_and_refuses_what_the_vm_cannot_hold() {
+fn update_changes_the_limits_at_once_grows_the_vm_and_refuses_what_it_cannot_hold() {
     let b = bundle("update", &["sleep", "1000"], |s| {
         s["linux"]["resources"] = json!({"memory": {"limit": 128u64 << 20}});
+        // What a tmpfs holds is guest memory (its default size is half of
+        // the memory at boot: too small here).
+        s["mounts"].as_array_mut().unwrap().push(
+            json!({"destination": "/big", "type": "tmpfs", "source": "tmpfs", "options": ["size=512m"]}),
+        );
     });
     let o = script(
         "update",
         &format!(
             r#"
-$S create --bundle {b} --pid-file pid c1 </dev/null; $S start c1
+# The VM boots with 1 vCPU of 2 and 256 MiB that may grow to 1536.
+printf '[guest]\nmax_vcpus = 2\nmax_memory_mib = 1536\n' >config.toml
+SANDBOXVM_CONFIG=$PWD/config.toml $S create --bundle {b} --pid-file pid c1 </dev/null; $S start c1
+$S exec c1 sh -c 'grep MemTotal /proc/meminfo; cat /sys/devices/system/cpu/online' >boot.out
+# The VM grows for a 1 GiB limit; then it holds 384 MiB more than it booted with.
+$S update --memory 1g --cpu-quota 200000 --cpu-period 100000 c1; echo $? >grow.rc
+$S exec c1 sh -c 'grep MemTotal /proc/meminfo; cat /sys/devices/system/cpu/online' >grown.out
+$S exec c1 sh -c 'rm -f /big/fill; head -c 402653184 /dev/zero >/big/fill && wc -c </big/fill && rm /big/fill || df -m /big' >fill.out 2>fill.err
+$S state c1 >grown.state
 $S update --memory 96m --cpu-quota 50000 --cpu-period 100000 --cpu-share 512 --pids-limit 20 c1; echo $? >flags.rc
 $S exec c1 cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max /sys/fs/cgroup/cpu.weight /sys/fs/cgroup/pids.max >flags.out
 echo '{{"memory":{{"limit":-1}},"pids":{{"limit":-1}}}}' | $S update -r - c1; echo $? >stdin.rc
 $S exec c1 cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/pids.max >stdin.out
-$S update --memory 1g c1 2>big.err; echo $? >big.rc
+$S update --memory 2g c1 2>big.err; echo $? >big.rc
 $S update --cpuset-cpus 0 c1 2>cpuset.err; echo $? >cpuset.rc
 $S update --cpu-rt-runtime 5 c1 2>rt.err; echo $? >rt.rc
 $S update --memory lots c1 2>bad.err; echo $? >bad.rc
@@ -313,6 +326,38 @@ $S update --memory 64m c1 2>gone.err; echo $? >gone.rc
         ),
     );
     let log = o.read("script.log");
+    let mem_total_mib = |file: &str| -> u64 {
+        let text = o.read(file);
+        let kib: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("{file}: {text:?}\n{log}"));
+        kib >> 10
+    };
+    let boot = mem_total_mib("boot.out");
+    assert!(boot < 256, "{boot} MiB at boot\n{log}");
+    assert!(
+        o.read("boot.out").ends_with("\n0\n"),
+        "one vCPU online\n{log}"
+    );
+    assert_eq!(o.code("grow.rc"), 0, "{log}");
+    // 1024 + 64 MiB need 832 MiB more: 7 blocks of 128.
+    let grown = mem_total_mib("grown.out");
+    assert!(
+        (892..=896).contains(&(grown - boot)),
+        "{boot} -> {grown} MiB\n{log}"
+    );
+    assert!(
+        o.read("grown.out").ends_with("\n0-1\n"),
+        "two vCPUs online\n{log}"
+    );
+    assert_eq!(
+        o.read("fill.out"),
+        "402653184\n",
+        "{}\n{log}",
+        o.read("fill.err")
+    );
     assert_eq!(o.code("flags.rc"), 0, "{log}");
     assert_eq!(
         o.read("flags.out"),
@@ -324,7 +369,7 @@ $S update --memory 64m c1 2>gone.err; echo $? >gone.rc
     for (name, says) in [
         (
             "big",
-            "a memory limit of 1024 MiB needs a VM of 1088 MiB; this one has 256 MiB",
+            "a memory limit of 2048 MiB needs a VM of 2112 MiB; this one has 1152 MiB and can grow to 1536 MiB",
         ),
         (
             "cpuset",

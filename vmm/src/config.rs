@@ -39,10 +39,18 @@ pub enum Console {
 pub struct VmmConfig {
     /// The kernel and its arguments.
     pub boot: BootSource,
-    /// Number of vCPUs.
+    /// Number of vCPUs the guest boots with.
     pub vcpus: u8,
-    /// Guest memory in MiB.
+    /// vCPUs the VM has in all (at least `vcpus`): the others are created
+    /// offline (`maxcpus=` on the command line) for the guest to bring
+    /// online later.
+    pub max_vcpus: u8,
+    /// Guest memory in MiB at boot.
     pub memory_mib: u64,
+    /// Memory in MiB mapped above the boot RAM, not in the e820 map, for
+    /// the guest to add later (`sandboxvm.hotplug=` on the command line):
+    /// a multiple of [`crate::layout::HOTPLUG_BLOCK`]; 0 for none.
+    pub hotplug_mib: u64,
     /// The serial console's destination.
     pub console: Console,
     /// The kernel is PVM-enabled: allow booting on a PVM host, where a
@@ -66,7 +74,9 @@ impl VmmConfig {
                 cmdline: String::new(),
             },
             vcpus: 1,
+            max_vcpus: 1,
             memory_mib: DEFAULT_MEMORY_MIB,
+            hotplug_mib: 0,
             console: Console::Stdout,
             pvm_guest: false,
             vsock: None,

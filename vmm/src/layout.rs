@@ -69,6 +69,23 @@ pub fn ram_regions(size: u64) -> Vec<(GuestAddress, u64, u64)> {
     }
 }
 
+/// The unit in which memory is added to a running guest: Linux's memory
+/// block on x86_64 (128 MiB below 64 GiB of boot RAM).
+pub const HOTPLUG_BLOCK: u64 = 128 << 20;
+/// Where the hot-pluggable memory starts is aligned to this (any memory
+/// block size Linux may pick for a small guest divides it).
+pub const HOTPLUG_ALIGN: u64 = 1 << 30;
+
+/// The start of the memory a guest of `size` bytes of boot RAM can add
+/// later: above 4 GiB and above its RAM, aligned to [`HOTPLUG_ALIGN`].
+pub fn hotplug_base(size: u64) -> u64 {
+    let ram_end = match size.checked_sub(MMIO_GAP_START) {
+        Some(high) if high > 0 => MMIO_GAP_END + high,
+        _ => MMIO_GAP_END,
+    };
+    ram_end.div_ceil(HOTPLUG_ALIGN) * HOTPLUG_ALIGN
+}
+
 /// One e820 RAM range: `(start, length)`.
 pub type E820Entry = (u64, u64);
 
@@ -132,6 +149,25 @@ mod tests {
             ]
         );
         assert_eq!(low_ram_end(size), MMIO_GAP_START);
+    }
+
+    #[test]
+    fn hot_pluggable_memory_starts_above_ram_and_4_gib() {
+        assert_eq!(hotplug_base(256 * MIB), MMIO_GAP_END);
+        assert_eq!(hotplug_base(MMIO_GAP_START), MMIO_GAP_END);
+        // 4 GiB of RAM ends at 5 GiB (1 GiB above the hole).
+        assert_eq!(hotplug_base(4096 * MIB), 5 << 30);
+        assert_eq!(hotplug_base(4096 * MIB + 1), 6 << 30);
+        for size in [64 * MIB, 3 << 30, 7 << 30] {
+            let base = hotplug_base(size);
+            assert_eq!(base % HOTPLUG_ALIGN, 0);
+            let end = ram_regions(size)
+                .iter()
+                .map(|(a, l, _)| a.0 + l)
+                .max()
+                .unwrap();
+            assert!(base >= end && base >= MMIO_GAP_END, "{size:#x}");
+        }
     }
 
     #[test]

@@ -36,6 +36,11 @@ use event_loop::Ending;
 pub use host::HostKvm;
 use vcpu::{Vcpu, VcpuControl, VcpuStop};
 
+/// The kernel parameter that tells the guest where the memory it may add
+/// lies: `sandboxvm.hotplug=ADDR:LEN` (hexadecimal bytes). The guest agent
+/// adds it block by block through `/sys/devices/system/memory/probe`.
+pub const HOTPLUG_PARAM: &str = "sandboxvm.hotplug";
+
 /// COM1.
 const SERIAL_PORT: u64 = 0x3f8;
 const SERIAL_IRQ: u32 = 4;
@@ -164,9 +169,17 @@ impl Vmm {
                 arch::mptable::MAX_CPUS
             )));
         }
-        let ram = memory::create(config.memory_mib)?;
+        // vCPUs beyond the boot ones are created offline.
+        let all_vcpus = config.max_vcpus.max(config.vcpus);
+        if all_vcpus > arch::mptable::MAX_CPUS {
+            return Err(Error::Config(format!(
+                "at most {all_vcpus} vCPUs ({} supported)",
+                arch::mptable::MAX_CPUS
+            )));
+        }
+        let ram = memory::create(config.memory_mib, config.hotplug_mib)?;
         let kvm = Kvm::new().map_err(vm::Error::OpenKvm)?;
-        let vm = vm::create(&kvm, &ram.memory, config.vcpus)?;
+        let vm = vm::create(&kvm, &ram.memory, all_vcpus)?;
 
         let events_err = |e: std::io::Error| Error::Events(e.to_string());
         let power_off_evt = EventFd::new(EFD_NONBLOCK).map_err(events_err)?;
@@ -205,14 +218,23 @@ impl Vmm {
         for net in &config.net {
             attacher.net(net)?;
         }
-        let device_cmdline = attacher.cmdline.join(" ");
+        let mut device_cmdline = attacher.cmdline;
+        if all_vcpus > config.vcpus {
+            // The others stay offline until the guest brings them up
+            // through sysfs.
+            device_cmdline.push(format!("maxcpus={}", config.vcpus));
+        }
+        if let Some((addr, len)) = ram.hotplug {
+            device_cmdline.push(format!("{HOTPLUG_PARAM}={:#x}:{len:#x}", addr.0));
+        }
+        let device_cmdline = device_cmdline.join(" ");
         let mut pio = Bus::new();
         pio.insert(Arc::new(Mutex::new(serial)), SERIAL_PORT, 8)?;
         pio.insert(Arc::new(Mutex::new(i8042)), I8042_PORT, 5)?;
 
         let base_cpuid = arch::cpuid::supported(&kvm)?;
         let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
-        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+        let mut vcpus = Vec::with_capacity(usize::from(all_vcpus));
         match payload {
             Payload::Kernel(boot) => {
                 let kernel = boot::load_kernel(&ram.memory, &boot.kernel)?;
@@ -225,15 +247,15 @@ impl Vmm {
                     &boot.cmdline,
                 )?;
                 boot::write_boot_params(&ram.memory, ram.size, &kernel, &cmdline, initrd)?;
-                arch::mptable::setup(&ram.memory, config.vcpus)?;
+                arch::mptable::setup(&ram.memory, all_vcpus)?;
                 log::debug!(
                     "kernel entry {:?}, command line {:?}",
                     kernel.entry,
                     cmdline.as_cstring()
                 );
-                for id in 0..config.vcpus {
+                for id in 0..all_vcpus {
                     let mut vcpu = Vcpu::new(&vm, id)?;
-                    let cpuid = arch::cpuid::for_vcpu(&base_cpuid, id, config.vcpus, tsc_deadline);
+                    let cpuid = arch::cpuid::for_vcpu(&base_cpuid, id, all_vcpus, tsc_deadline);
                     vcpu.configure(&ram.memory, &cpuid, kernel.entry)?;
                     vcpus.push(vcpu);
                 }
@@ -245,10 +267,11 @@ impl Vmm {
             }
         }
         log::info!(
-            "VM ready in {} ms: {} vCPU(s), {} MiB{}",
+            "VM ready in {} ms: {} vCPU(s) of {all_vcpus}, {} MiB + {} MiB to add{}",
             created.elapsed().as_millis(),
             config.vcpus,
             config.memory_mib,
+            config.hotplug_mib,
             match memory::shmem_huge_pages() {
                 Some(false) => " (4 KiB pages: shmem_enabled forbids huge pages)",
                 _ => "",

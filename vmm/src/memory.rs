@@ -12,7 +12,7 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
-use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::layout;
 
@@ -28,6 +28,9 @@ pub enum Error {
     /// The requested size is too small to boot anything.
     #[error("guest memory of {0} MiB is too small (at least 16 MiB)")]
     TooSmall(u64),
+    /// Hot-pluggable memory not in whole blocks.
+    #[error("hot-pluggable memory of {0} MiB is not a multiple of 128 MiB")]
+    Hotplug(u64),
 }
 
 /// Guest memory and the memfd that backs it.
@@ -36,16 +39,25 @@ pub struct GuestRam {
     pub memory: GuestMemoryMmap,
     /// The memfd behind them (for sharing with vhost-user back ends).
     pub file: File,
-    /// Total size in bytes.
+    /// Boot RAM in bytes (what the e820 map describes).
     pub size: u64,
+    /// Memory the guest can add later: its guest address and length.
+    pub hotplug: Option<(GuestAddress, u64)>,
 }
 
-/// Creates `mib` MiB of guest memory laid out as [`layout::ram_regions`] says.
-pub fn create(mib: u64) -> Result<GuestRam, Error> {
+/// Creates `mib` MiB of guest memory laid out as [`layout::ram_regions`]
+/// says, and `hotplug_mib` MiB more at [`layout::hotplug_base`] for the
+/// guest to add later. All of it is one sparse memfd: nothing is allocated
+/// before the guest touches it.
+pub fn create(mib: u64, hotplug_mib: u64) -> Result<GuestRam, Error> {
     if mib < 16 {
         return Err(Error::TooSmall(mib));
     }
     let size = mib << 20;
+    let hotplug_size = hotplug_mib << 20;
+    if !hotplug_size.is_multiple_of(layout::HOTPLUG_BLOCK) {
+        return Err(Error::Hotplug(hotplug_mib));
+    }
     // SAFETY: the name is a valid NUL-terminated string; the call has no
     // other memory effects. The result is checked below.
     let fd = unsafe { libc::memfd_create(c"sandboxvm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
@@ -54,9 +66,12 @@ pub fn create(mib: u64) -> Result<GuestRam, Error> {
     }
     // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
     let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).map_err(Error::Memfd)?;
+    file.set_len(size + hotplug_size).map_err(Error::Memfd)?;
+    let hotplug =
+        (hotplug_size > 0).then(|| (GuestAddress(layout::hotplug_base(size)), hotplug_size));
     let ranges: Vec<_> = layout::ram_regions(size)
         .into_iter()
+        .chain(hotplug.map(|(addr, len)| (addr, len, size)))
         .map(|(addr, len, offset)| {
             let file = file.try_clone().map_err(Error::Memfd)?;
             Ok((addr, len as usize, Some(FileOffset::new(file, offset))))
@@ -66,7 +81,12 @@ pub fn create(mib: u64) -> Result<GuestRam, Error> {
     for region in memory.iter() {
         advise_huge_pages(region.as_ptr(), region.len() as usize);
     }
-    Ok(GuestRam { memory, file, size })
+    Ok(GuestRam {
+        memory,
+        file,
+        size,
+        hotplug,
+    })
 }
 
 /// Asks for transparent huge pages on a guest RAM mapping. Only advice: a
@@ -105,12 +125,12 @@ fn shmem_setting_allows_advice(text: &str) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::Bytes;
 
     #[test]
     fn memory_is_shared_with_the_memfd() {
         use std::os::unix::fs::FileExt;
-        let ram = create(64).unwrap();
+        let ram = create(64, 0).unwrap();
         assert_eq!(ram.memory.num_regions(), 1);
         ram.memory
             .write_obj(0xdead_beef_u32, GuestAddress(0x1234))
@@ -138,7 +158,7 @@ mod tests {
 
     #[test]
     fn guest_ram_asks_for_huge_pages() {
-        let ram = create(64).unwrap();
+        let ram = create(64, 0).unwrap();
         let region = ram.memory.iter().next().unwrap();
         let start = region.as_ptr() as usize;
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
@@ -167,7 +187,26 @@ mod tests {
     }
 
     #[test]
+    fn hot_pluggable_memory_is_mapped_above_the_ram_and_shares_the_memfd() {
+        use std::os::unix::fs::FileExt;
+        let ram = create(64, 256).unwrap();
+        let (addr, len) = ram.hotplug.unwrap();
+        assert_eq!((addr.0, len), (layout::hotplug_base(64 << 20), 256 << 20));
+        assert_eq!(ram.size, 64 << 20);
+        assert_eq!(ram.memory.num_regions(), 2);
+        ram.memory
+            .write_obj(0x1234_5678_u32, GuestAddress(addr.0 + len - 4))
+            .unwrap();
+        let mut buf = [0u8; 4];
+        ram.file
+            .read_exact_at(&mut buf, (64 << 20) + len - 4)
+            .unwrap();
+        assert_eq!(u32::from_le_bytes(buf), 0x1234_5678);
+        assert!(matches!(create(64, 100), Err(Error::Hotplug(100))));
+    }
+
+    #[test]
     fn rejects_tiny_memory() {
-        assert!(matches!(create(8), Err(Error::TooSmall(8))));
+        assert!(matches!(create(8, 0), Err(Error::TooSmall(8))));
     }
 }

@@ -24,9 +24,17 @@ pub struct Boot {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub cpus: u8,
+    /// vCPUs in all: those beyond --cpus are created offline, for the guest
+    /// to bring online later (default: --cpus).
+    #[arg(long)]
+    pub max_cpus: Option<u8>,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = vmm::config::DEFAULT_MEMORY_MIB)]
     pub memory: u64,
+    /// Memory in MiB (a multiple of 128) mapped above the guest's RAM for it
+    /// to add later; the guest is told where on its command line.
+    #[arg(long, default_value_t = 0)]
+    pub hotplug_memory: u64,
     /// Write the guest console to this file instead of stdout.
     #[arg(long)]
     pub console_log: Option<PathBuf>,
@@ -116,7 +124,9 @@ impl Boot {
         config.boot.initrd = self.initrd;
         config.boot.cmdline = self.cmdline;
         config.vcpus = self.cpus;
+        config.max_vcpus = self.max_cpus.unwrap_or(self.cpus);
         config.memory_mib = self.memory;
+        config.hotplug_mib = self.hotplug_memory;
         config.pvm_guest = self.pvm_guest;
         config.vsock = self.vsock.map(|uds| VsockConfig { uds });
         config.fs = self.fs;

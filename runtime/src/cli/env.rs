@@ -112,7 +112,7 @@ impl Env {
                 },
                 boots_standard_guests: kvm.boots_standard_guests(),
                 cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-                memory_mib: host_memory_mib(),
+                memory_mib: sandboxvm::sandbox_options::host_memory_mib(),
                 cgroup: if sandboxvm::cgroup::have_cgroup2() {
                     "v2"
                 } else {
@@ -136,16 +136,4 @@ impl Env {
         }
         Ok(0)
     }
-}
-
-/// The host's memory, MiB (`MemTotal`), or u64::MAX if unknown.
-fn host_memory_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(u64::MAX, |kib| kib / 1024)
 }

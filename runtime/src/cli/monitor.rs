@@ -145,7 +145,7 @@ impl Monitor {
             vmm_pid: 0,
             virtiofsd_pid: 0,
             created: sandboxvm::oci::time::now(),
-            vm_memory_mib: 0,
+            vm: Default::default(),
             annotations: bundle
                 .spec
                 .annotations()
@@ -205,7 +205,7 @@ impl Monitor {
         };
         record.vmm_pid = read_pid("vmm.pid");
         record.virtiofsd_pid = read_pid("virtiofsd.pid");
-        record.vm_memory_mib = sandbox.memory_mib();
+        record.vm = sandbox.size();
         record
             .save(sandbox.dir())
             .context("cannot write the container state")?;

@@ -1,6 +1,7 @@
 //! `sandboxvm update`: new resource limits for a container (runc update):
-//! its cgroup in the guest changes at once. The VM itself does not grow: a
-//! memory limit that does not fit it is refused.
+//! the VM grows first if they need more than it has ([`sandboxvm::vm_size`];
+//! beyond its ceiling they are refused), then its cgroup in the guest
+//! changes at once.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -10,7 +11,7 @@ use clap::Args;
 use serde_json::{json, Map, Value};
 
 use super::Globals;
-use sandboxvm::oci::{ContainerId, Record};
+use sandboxvm::oci::{state, ContainerId, Record};
 
 /// Updates the resource limits of container ID, as runc does.
 #[derive(Debug, Args)]
@@ -79,11 +80,16 @@ impl Update {
         let resources = self.resources_json()?;
         let parsed: oci_spec::runtime::LinuxResources =
             serde_json::from_value(resources.clone()).context("resources")?;
-        let record = Record::load(&g.root, &self.id)?;
+        let mut record = Record::load(&g.root, &self.id)?;
         let agent = record.live_agent(&g.root)?;
-        let limit = parsed.memory().as_ref().and_then(|m| m.limit());
-        sandboxvm::bundle::check_limit_fits(limit, record.vm_memory_mib)
-            .map_err(|e| anyhow::anyhow!("container {}: {e}", self.id))?;
+        let before = record.vm;
+        let grown = record.vm.grow_for(&agent, &parsed);
+        if record.vm != before {
+            record
+                .save(&state::dir(&g.root, &self.id))
+                .context("cannot write the container state")?;
+        }
+        grown.map_err(|e| anyhow::anyhow!("container {}: {e}", self.id))?;
         agent.update(&self.id, &resources.to_string())?;
         Ok(0)
     }

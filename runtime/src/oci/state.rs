@@ -90,9 +90,10 @@ pub struct Record {
     pub created: String,
     /// The spec's annotations.
     pub annotations: BTreeMap<String, String>,
-    /// The VM's memory in MiB (0: unknown, a record of an older version).
+    /// The VM's size and ceiling (zero: unknown, a record of an older
+    /// version); `update` grows it.
     #[serde(default)]
-    pub vm_memory_mib: u64,
+    pub vm: crate::vm_size::VmSize,
 }
 
 /// The state directory of container `id`: `root/id`, the id shortened if
@@ -280,7 +281,7 @@ mod tests {
             virtiofsd_pid: 0,
             created: "2026-01-01T00:00:00Z".into(),
             annotations: BTreeMap::from([("k".to_string(), "v".to_string())]),
-            vm_memory_mib: 256,
+            vm: crate::vm_size::VmSize::new(1, 1, 256, 256),
         }
     }
 
