@@ -63,16 +63,17 @@ impl Sys for SysFs {
 }
 
 /// The memory the VM may add, from the kernel command line: `(address,
-/// length)` in bytes, None when the VM has none.
+/// length)` in bytes, None when the VM has none. The first occurrence is
+/// the VMM's (the configuration's parameters come after it).
 pub fn hotplug_region(cmdline: &str) -> Result<Option<(u64, u64)>, Error> {
+    let key = protocol::HOTPLUG_PARAM;
     let Some(value) = cmdline
         .split_whitespace()
-        .rev()
-        .find_map(|w| w.strip_prefix("sandboxvm.hotplug="))
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
     else {
         return Ok(None);
     };
-    let bad = || Error::Invalid(format!("malformed sandboxvm.hotplug={value:?}"));
+    let bad = || Error::Invalid(format!("malformed {key}={value:?}"));
     let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).map_err(|_| bad());
     let (addr, len) = value.split_once(':').ok_or_else(bad)?;
     let (addr, len) = (hex(addr)?, hex(len)?);
@@ -122,9 +123,10 @@ pub fn add_memory(sys: &dyn Sys, region: Option<(u64, u64)>, want: u64) -> Resul
     let Some((addr, len)) = region else {
         return match want {
             0 => Ok(0),
-            _ => Err(Error::Invalid(
-                "this VM has no memory to add (it was booted without sandboxvm.hotplug=)".into(),
-            )),
+            _ => Err(Error::Invalid(format!(
+                "this VM has no memory to add (it was booted without {}=)",
+                protocol::HOTPLUG_PARAM
+            ))),
         };
     };
     if want == 0 {
@@ -157,22 +159,24 @@ pub fn add_memory(sys: &dyn Sys, region: Option<(u64, u64)>, want: u64) -> Resul
         }
         let dir = format!("memory/memory{}", start / block);
         if !sys.exists(&dir) {
-            sys.write("memory/probe", &format!("{start:#x}"))
-                .map_err(|source| Error::Sys {
+            match sys.write("memory/probe", &format!("{start:#x}")) {
+                // Added meanwhile (by the guest's own kernel or a user).
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                r => r.map_err(|source| Error::Sys {
                     what: format!("cannot add the memory block at {start:#x}"),
                     source,
-                })?;
+                })?,
+            }
         }
         let state = format!("{dir}/state");
         if sys.read(&state).map_or(true, |s| s != "online") {
-            // Movable: the kernel keeps its own allocations out of it, so
-            // that it can be taken out again.
-            sys.write(&state, "online_movable")
-                .or_else(|_| sys.write(&state, "online"))
-                .map_err(|source| Error::Sys {
-                    what: format!("cannot online the memory block at {start:#x}"),
-                    source,
-                })?;
+            // The kernel's zone: its own allocations (page tables, slab)
+            // may use the new memory too, not only the boot RAM. The VM
+            // never gives memory back, so it need not stay movable.
+            sys.write(&state, "online").map_err(|source| Error::Sys {
+                what: format!("cannot online the memory block at {start:#x}"),
+                source,
+            })?;
         }
         added += block;
     }
@@ -195,7 +199,6 @@ mod tests {
     #[derive(Default)]
     struct FakeSys {
         files: RefCell<BTreeMap<String, String>>,
-        refuse_movable: bool,
     }
 
     impl FakeSys {
@@ -243,14 +246,7 @@ mod tests {
             let old = f
                 .get_mut(rel)
                 .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))?;
-            if value == "online_movable" && self.refuse_movable {
-                return Err(std::io::ErrorKind::InvalidInput.into());
-            }
-            *old = if value.starts_with("online") {
-                "online".into()
-            } else {
-                value.into()
-            };
+            *old = value.into();
             Ok(())
         }
         fn exists(&self, rel: &str) -> bool {
@@ -321,11 +317,8 @@ mod tests {
     }
 
     #[test]
-    fn an_offline_block_left_over_is_onlined_and_plain_online_is_the_fallback() {
-        let sys = FakeSys {
-            refuse_movable: true,
-            ..FakeSys::new(1, 1, BLOCK, &[])
-        };
+    fn an_offline_block_left_over_is_onlined() {
+        let sys = FakeSys::new(1, 1, BLOCK, &[]);
         let id = BASE / BLOCK;
         sys.files
             .borrow_mut()

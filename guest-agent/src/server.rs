@@ -183,6 +183,9 @@ impl Agent for Service {
             log::warn!("request failed: {msg}");
             ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
         };
+        // One resize at a time: two would race to add the same blocks.
+        static RESIZING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = RESIZING.lock().unwrap_or_else(|e| e.into_inner());
         let sys = resize::SysFs::default();
         let vcpus = resize::online_cpus(&sys, r.vcpus).map_err(fail)?;
         let region = resize::hotplug_region(&resize::cmdline()).map_err(fail)?;

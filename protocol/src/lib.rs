@@ -64,6 +64,11 @@ pub use ttrpc;
 /// The vsock port the guest agent listens on (`VMADDR_CID_ANY:1024`).
 pub const AGENT_PORT: u32 = 1024;
 
+/// The kernel parameter by which the VMM tells the guest where the memory
+/// it may add lies: `sandboxvm.hotplug=ADDR:LEN` (hexadecimal bytes); the
+/// agent's `ResizeVm` adds it block by block.
+pub const HOTPLUG_PARAM: &str = "sandboxvm.hotplug";
+
 /// Connects to a guest vsock port through the VMM's Unix-socket bridge:
 /// connects to `uds`, writes `CONNECT <port>\n` and expects `OK <n>\n`.
 /// On success the stream is a byte pipe to the guest listener.

@@ -201,7 +201,9 @@ pub(crate) fn cpus_for(quota: i64, period: u64) -> u8 {
     if quota <= 0 || period == 0 {
         return 1;
     }
-    (quota as u64).div_ceil(period).clamp(1, 32) as u8
+    (quota as u64)
+        .div_ceil(period)
+        .clamp(1, crate::config::VCPU_LIMIT.into()) as u8
 }
 
 /// The newest runtime-spec version understood (any 1.3.x is taken).

@@ -44,6 +44,59 @@ pub enum Error {
     },
 }
 
+/// The limits in force on a cgroup: the smallest of it and its ancestors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// `memory.max`, bytes.
+    pub memory: Option<u64>,
+    /// `cpu.max` as whole CPUs (quota / period, rounded up).
+    pub cpus: Option<u8>,
+}
+
+/// The limits in force on the cgroup at `dir` (under [`MOUNT`]).
+pub fn limits_at(dir: &Path) -> Limits {
+    limits_within(Path::new(MOUNT), dir)
+}
+
+/// [`limits_at`] of a hierarchy mounted at `mount`.
+fn limits_within(mount: &Path, dir: &Path) -> Limits {
+    let read = |d: &Path, file: &str| std::fs::read_to_string(d.join(file)).ok();
+    let dirs = || dir.ancestors().take_while(|d| d.starts_with(mount));
+    Limits {
+        memory: dirs()
+            .filter_map(|d| read(d, "memory.max")?.trim().parse::<u64>().ok())
+            .min(),
+        cpus: dirs()
+            .filter_map(|d| {
+                let text = read(d, "cpu.max")?;
+                let mut words = text.split_whitespace();
+                let quota: u64 = words.next()?.parse().ok()?;
+                let period: u64 = words.next()?.parse().ok().filter(|&p| p > 0)?;
+                Some(u8::try_from(quota.div_ceil(period).max(1)).unwrap_or(u8::MAX))
+            })
+            .min(),
+    }
+}
+
+/// The limits in force on process `pid`'s cgroup (v2); none for a process
+/// that is gone or outside the v2 hierarchy.
+pub fn limits_of(pid: u32) -> Limits {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return Limits::default();
+    };
+    let Some(rel) = text.lines().find_map(|l| l.strip_prefix("0::")) else {
+        return Limits::default();
+    };
+    let rel = rel.trim_start_matches('/');
+    if Path::new(rel)
+        .components()
+        .any(|c| c == Component::ParentDir)
+    {
+        return Limits::default();
+    }
+    limits_at(&Path::new(MOUNT).join(rel))
+}
+
 /// Whether `MOUNT` is a cgroup v2 hierarchy.
 pub fn have_cgroup2() -> bool {
     Path::new(MOUNT).join("cgroup.controllers").is_file()
@@ -170,15 +223,9 @@ impl Cgroup {
         &self.dir
     }
 
-    /// The memory limit in force here, in bytes: the smallest `memory.max`
-    /// of this cgroup and its ancestors; `None` when there is none.
+    /// The memory limit in force here, in bytes ([`Limits::memory`]).
     pub fn memory_limit(&self) -> Option<u64> {
-        self.dir
-            .ancestors()
-            .take_while(|d| d.starts_with(MOUNT))
-            .filter_map(|d| std::fs::read_to_string(d.join("memory.max")).ok())
-            .filter_map(|v| v.trim().parse::<u64>().ok())
-            .min()
+        limits_at(&self.dir).memory
     }
 
     /// Makes the child `cmd` starts join this cgroup before it runs
@@ -345,6 +392,41 @@ fn enable_controllers(dir: &Path) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_limits_in_force_are_the_smallest_up_to_the_mount() {
+        let root = std::env::temp_dir().join(format!("sbx-cg-limits-{}", std::process::id()));
+        let leaf = root.join("pod/sandbox");
+        std::fs::create_dir_all(&leaf).unwrap();
+        std::fs::write(root.join("pod/memory.max"), "536870912\n").unwrap();
+        std::fs::write(root.join("pod/cpu.max"), "150000 100000\n").unwrap();
+        std::fs::write(leaf.join("memory.max"), "max\n").unwrap();
+        std::fs::write(leaf.join("cpu.max"), "max 100000\n").unwrap();
+        let l = limits_within(&root, &leaf);
+        assert_eq!(
+            l,
+            Limits {
+                memory: Some(536870912),
+                cpus: Some(2)
+            }
+        );
+        // Nothing above the mount counts.
+        assert_eq!(limits_within(&root.join("pod/sandbox"), &leaf).memory, None);
+        std::fs::write(leaf.join("memory.max"), "268435456\n").unwrap();
+        std::fs::write(leaf.join("cpu.max"), "50000 100000\n").unwrap();
+        assert_eq!(
+            limits_within(&root, &leaf),
+            Limits {
+                memory: Some(268435456),
+                cpus: Some(1)
+            }
+        );
+        assert_eq!(
+            limits_within(&root, &root.join("elsewhere")),
+            Limits::default()
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
     use super::*;
 
     fn id(s: &str) -> ContainerId {

@@ -22,7 +22,7 @@ pub const ENV: &str = "SANDBOXVM_CONFIG";
 /// The prefix of the pod annotations a configuration may let pods use.
 pub const ANNOTATION_PREFIX: &str = "io.sandboxvm.";
 /// The most vCPUs a VM gets (the VMM's limit).
-pub const VCPU_LIMIT: u8 = 32;
+pub const VCPU_LIMIT: u8 = vmm::arch::mptable::MAX_CPUS;
 /// The least memory a guest boots with, MiB.
 pub const MIN_MEMORY_MIB: u64 = 128;
 /// Longest kernel command line the file or an annotation may add.
@@ -92,14 +92,16 @@ pub struct Guest {
     /// The most vCPUs a VM gets; a pod asking for more gets this many.
     /// A VM is created with this many, those beyond its boot count offline
     /// until an update brings them online ([`crate::vm_size`]). Unset: a
-    /// pod is cut at the VMM's limit, 32, and a VM grows to the host's CPUs.
+    /// pod is cut at the VMM's limit, 32, and a VM grows as
+    /// [`crate::vm_size::VmSize::ceiling`] says.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_vcpus: Option<u8>,
     /// Memory of a VM whose container asks for less (or nothing), MiB.
     pub default_memory_mib: u64,
     /// The most memory a VM may have, MiB; a container whose limit does
     /// not fit is refused, and a VM grows up to it on update
-    /// ([`crate::vm_size`]). Unset: the host's memory (guest memory is only
+    /// ([`crate::vm_size`]). Unset: no maximum for sizing, and a VM grows
+    /// as [`crate::vm_size::VmSize::ceiling`] says (guest memory is only
     /// allocated as the guest touches it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_memory_mib: Option<u64>,
@@ -386,6 +388,12 @@ impl Config {
             ));
         }
         if let Some(max) = g.max_memory_mib {
+            if max > crate::vm_size::MAX_MEMORY_MIB {
+                return Err(format!(
+                    "guest.max_memory_mib = {max}: at most {}",
+                    crate::vm_size::MAX_MEMORY_MIB
+                ));
+            }
             if g.default_memory_mib > max {
                 return Err(format!(
                     "guest.default_memory_mib = {} is above guest.max_memory_mib = {max}",

@@ -96,6 +96,10 @@ fn mistakes_are_one_line_naming_the_key() {
             "[guest]\ndefault_memory_mib = 512\nmax_memory_mib = 256\n",
             "guest.default_memory_mib",
         ),
+        (
+            "[guest]\nmax_memory_mib = 99999999\n",
+            "guest.max_memory_mib = 99999999: at most 1048576",
+        ),
         ("[guest]\nkernel = \"vmlinux\"\n", "guest.kernel"),
         (
             "[guest]\nkernel_params = \"a\\nb\"\n",

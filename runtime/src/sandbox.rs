@@ -199,12 +199,12 @@ impl Sandbox {
             memory_mib = fit_memory(memory_mib, cgroup.memory_limit(), cgroup.dir())?;
             sandbox.cgroup = Some(cgroup);
         }
-        let size = crate::vm_size::VmSize::new(
-            opts.vcpus,
-            opts.max_vcpus,
-            memory_mib,
-            opts.max_memory_mib,
-        );
+        let limits = sandbox
+            .cgroup
+            .as_ref()
+            .map(|c| crate::cgroup::limits_at(c.dir()))
+            .unwrap_or_default();
+        let size = crate::vm_size::VmSize::ceiling(opts, memory_mib, limits);
         let vmm_dir = vmm_dir(&opts.dir);
         crate::private::create_dir(&vmm_dir).map_err(|source| Error::StateDir {
             path: vmm_dir.clone(),

@@ -19,13 +19,15 @@ pub struct Options {
     pub initrd: PathBuf,
     /// vCPUs at boot.
     pub vcpus: u8,
-    /// vCPUs the VM may grow to (created offline).
-    pub max_vcpus: u8,
+    /// vCPUs the VM may grow to (created offline): the configuration's
+    /// `guest.max_vcpus`; unset, see [`crate::vm_size`].
+    pub max_vcpus: Option<u8>,
     /// Memory in MiB at boot.
     pub memory_mib: u64,
     /// Memory in MiB the VM may grow to (mapped, added by the guest when
-    /// asked: [`crate::vm_size`]).
-    pub max_memory_mib: u64,
+    /// asked): the configuration's `guest.max_memory_mib`; unset, see
+    /// [`crate::vm_size`].
+    pub max_memory_mib: Option<u64>,
     /// The directory virtiofsd shares.
     pub shared_dir: PathBuf,
     /// virtiofsd binary.
@@ -98,17 +100,9 @@ impl Options {
                 config.guest.initrd.as_deref(),
             )?,
             vcpus,
-            max_vcpus: config
-                .guest
-                .max_vcpus
-                .unwrap_or_else(|| host_cpus().min(config.max_vcpus()))
-                .max(vcpus),
+            max_vcpus: config.guest.max_vcpus,
             memory_mib,
-            max_memory_mib: config
-                .guest
-                .max_memory_mib
-                .unwrap_or_else(|| host_memory_mib().min(1 << 20))
-                .max(memory_mib),
+            max_memory_mib: config.guest.max_memory_mib,
             shared_dir: bundle.rootfs.clone(),
             virtiofsd: crate::artefacts::virtiofsd(config.virtiofsd.path.as_deref())?,
             virtiofsd_cache: config.virtiofsd.cache,
@@ -122,14 +116,12 @@ impl Options {
     }
 }
 
-/// The host's CPUs this process may use (the ceiling of a VM's vCPUs when
-/// the configuration sets none; a configured ceiling may overcommit).
-fn host_cpus() -> u8 {
+/// The host's CPUs this process may use.
+pub fn host_cpus() -> u8 {
     std::thread::available_parallelism().map_or(1, |n| u8::try_from(n.get()).unwrap_or(u8::MAX))
 }
 
-/// The host's memory, MiB (`MemTotal`; the ceiling of a VM's memory when
-/// the configuration sets none), or u64::MAX if unknown.
+/// The host's memory, MiB (`MemTotal`), or u64::MAX if unknown.
 pub fn host_memory_mib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()

@@ -6,15 +6,26 @@
 //! online and adds memory blocks (`ResizeVm`). A VM never shrinks: a lower
 //! limit only changes the container's cgroup in the guest.
 //!
-//! The ceiling is the configuration's `guest.max_vcpus` and
-//! `guest.max_memory_mib` (unset: the host's CPUs and memory). The guest
-//! could touch all the memory mapped for it without asking: what bounds
-//! its host memory is the cgroup of the VMM (the pod's, under Kubernetes).
+//! A guest that owns its kernel can take what was made for it without
+//! asking: online the vCPUs, add the memory. So the ceiling is only what
+//! something bounds ([`VmSize::ceiling`]): the configuration's
+//! `guest.max_vcpus` and `guest.max_memory_mib` when set; else, for a VMM
+//! whose host cgroup has a limit (a Kubernetes pod's), the host's CPUs or
+//! memory, the cgroup holding the guest to what it allows; else nothing
+//! beyond the boot size, as before growing existed. Growing also stays
+//! within the cgroup's memory limit in force at the time (the kubelet
+//! raises a pod's before it resizes its containers).
 
 use serde::{Deserialize, Serialize};
 
 use crate::agent::Agent;
 use crate::bundle::GUEST_OVERHEAD_MIB;
+use crate::cgroup::Limits;
+use crate::sandbox::VMM_RESERVE_MIB;
+
+/// The most memory a VM can be given, MiB (1 TiB): the configuration's
+/// `guest.max_memory_mib` is refused above it.
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 
 /// A VM's size now and its ceiling.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +70,20 @@ impl VmSize {
         }
     }
 
+    /// The size a VM booted with `opts.vcpus` and `memory_mib` MiB may grow
+    /// to, as the module says: `limits` are its host cgroup's.
+    pub fn ceiling(opts: &crate::sandbox::Options, memory_mib: u64, limits: Limits) -> VmSize {
+        let max_vcpus = opts.max_vcpus.unwrap_or(match limits.cpus {
+            Some(_) => crate::sandbox_options::host_cpus().min(crate::config::VCPU_LIMIT),
+            None => opts.vcpus,
+        });
+        let max_memory_mib = opts.max_memory_mib.unwrap_or(match limits.memory {
+            Some(_) => crate::sandbox_options::host_memory_mib().min(MAX_MEMORY_MIB),
+            None => memory_mib,
+        });
+        VmSize::new(opts.vcpus, max_vcpus, memory_mib, max_memory_mib)
+    }
+
     /// The guest's memory now, MiB (0: unknown).
     pub fn memory_mib(&self) -> u64 {
         self.boot_memory_mib + self.added_mib
@@ -73,9 +98,13 @@ impl VmSize {
     /// it holds them already; an error when its memory limit needs more
     /// than the VM's ceiling. vCPUs are only brought up to the ceiling (the
     /// container is throttled less than it asked for, not refused).
+    /// `cgroup_memory` is the memory limit in force on the VMM's host
+    /// cgroup, bytes: the VM grows only within it (less the VMM's own
+    /// [`VMM_RESERVE_MIB`]).
     pub fn plan(
         &self,
         resources: &oci_spec::runtime::LinuxResources,
+        cgroup_memory: Option<u64>,
     ) -> Result<Option<Growth>, String> {
         if self.boot_memory_mib == 0 {
             return Ok(None); // a record of an older version: size unknown
@@ -88,12 +117,23 @@ impl VmSize {
         if let Some(bytes) = limit.filter(|&b| b > 0) {
             let limit_mib = (bytes as u64).div_ceil(1 << 20);
             let need = limit_mib + GUEST_OVERHEAD_MIB;
-            if need > self.max_memory_mib() {
+            let fit = cgroup_memory.map(|b| (b >> 20).saturating_sub(VMM_RESERVE_MIB));
+            let most = match fit {
+                Some(fit) if fit < self.max_memory_mib() => fit.max(self.memory_mib()),
+                _ => self.max_memory_mib(),
+            };
+            if need > most {
+                let why = if most < self.max_memory_mib() {
+                    format!(
+                        "its host cgroup allows it {most} MiB (memory.max less the VMM's {VMM_RESERVE_MIB} MiB)"
+                    )
+                } else {
+                    format!("it can grow to {most} MiB (guest.max_memory_mib in the configuration)")
+                };
                 return Err(format!(
                     "a memory limit of {limit_mib} MiB needs a VM of {need} MiB; this one has {} MiB \
-                     and can grow to {} MiB (guest.max_memory_mib in the configuration)",
+                     and {why}",
                     self.memory_mib(),
-                    self.max_memory_mib()
                 ));
             }
             if need > self.memory_mib() {
@@ -130,24 +170,28 @@ impl VmSize {
     /// Grows the VM through its agent as [`VmSize::plan`] says for
     /// `resources` (nothing when it holds them); an error names what does
     /// not fit or what the guest refused.
+    /// `vmm_pid` is the VMM's host pid (its cgroup's limit in force bounds
+    /// the growth).
     pub fn grow_for(
         &mut self,
         agent: &Agent,
         resources: &oci_spec::runtime::LinuxResources,
+        vmm_pid: u32,
     ) -> Result<(), String> {
-        let Some(growth) = self.plan(resources)? else {
+        let Some(growth) = self.plan(resources, crate::cgroup::limits_of(vmm_pid).memory)? else {
             return Ok(());
         };
         let (vcpus, added_mib) = agent
             .resize_vm(growth.vcpus, growth.added_mib)
             .map_err(|e| format!("cannot grow the VM: {e}"))?;
+        self.take_reply(vcpus, added_mib);
         log::info!(
-            "VM grown: {vcpus} vCPUs online (of {}), {} MiB (of {})",
+            "VM grown: {} vCPUs online (of {}), {} MiB (of {})",
+            self.vcpus,
             self.max_vcpus,
-            self.boot_memory_mib + added_mib,
+            self.memory_mib(),
             self.max_memory_mib()
         );
-        self.take_reply(vcpus, added_mib);
         if self.added_mib < growth.added_mib {
             return Err(format!(
                 "the guest added {} MiB of the {} MiB asked",
@@ -179,10 +223,10 @@ mod tests {
     fn a_limit_that_fits_needs_nothing_and_a_larger_one_whole_blocks() {
         let s = VmSize::new(1, 2, 576, 2048);
         let fits = resources(r#"{"memory":{"limit":536870912}}"#);
-        assert_eq!(s.plan(&fits).unwrap(), None);
+        assert_eq!(s.plan(&fits, None).unwrap(), None);
         let more = resources(r#"{"memory":{"limit":805306368}}"#); // 768 MiB
         assert_eq!(
-            s.plan(&more).unwrap(),
+            s.plan(&more, None).unwrap(),
             Some(Growth {
                 vcpus: 1,
                 added_mib: 256 // 768 + 64 - 576, in 128 MiB blocks
@@ -192,20 +236,41 @@ mod tests {
             added_mib: 256,
             ..s
         };
-        assert_eq!(s2.plan(&more).unwrap(), None, "already grown");
-        assert_eq!(s2.plan(&fits).unwrap(), None, "never shrinks");
+        assert_eq!(s2.plan(&more, None).unwrap(), None, "already grown");
+        assert_eq!(s2.plan(&fits, None).unwrap(), None, "never shrinks");
         let none = resources(r#"{"memory":{"limit":-1}}"#);
-        assert_eq!(s.plan(&none).unwrap(), None);
+        assert_eq!(s.plan(&none, None).unwrap(), None);
     }
 
     #[test]
     fn beyond_the_ceiling_is_refused_with_the_figures() {
         let s = VmSize::new(1, 2, 576, 1024);
         let e = s
-            .plan(&resources(r#"{"memory":{"limit":2147483648}}"#))
+            .plan(&resources(r#"{"memory":{"limit":2147483648}}"#), None)
             .unwrap_err();
         assert!(e.contains("2048 MiB needs a VM of 2112 MiB"), "{e}");
         assert!(e.contains("can grow to 960 MiB"), "{e}");
+    }
+
+    #[test]
+    fn growth_stays_within_the_cgroup_limit_in_force() {
+        let s = VmSize::new(1, 1, 576, 4096);
+        let more = resources(r#"{"memory":{"limit":805306368}}"#); // 768 + 64 MiB
+        let pod = |mib: u64| Some(mib << 20);
+        assert!(s.plan(&more, pod(928)).unwrap().is_some(), "864 MiB fit");
+        let e = s.plan(&more, pod(672)).unwrap_err();
+        assert!(
+            e.contains("this one has 576 MiB and its host cgroup allows it 608 MiB"),
+            "{e}"
+        );
+        // A limit above the ceiling names the configured ceiling.
+        let e = s
+            .plan(
+                &resources(r#"{"memory":{"limit":8589934592}}"#),
+                pod(1 << 20),
+            )
+            .unwrap_err();
+        assert!(e.contains("it can grow to 4032 MiB"), "{e}");
     }
 
     #[test]
@@ -213,16 +278,16 @@ mod tests {
         let s = VmSize::new(1, 2, 576, 576);
         let two = resources(r#"{"cpu":{"quota":200000,"period":100000}}"#);
         assert_eq!(
-            s.plan(&two).unwrap(),
+            s.plan(&two, None).unwrap(),
             Some(Growth {
                 vcpus: 2,
                 added_mib: 0
             })
         );
         let eight = resources(r#"{"cpu":{"quota":800000,"period":100000}}"#);
-        assert_eq!(s.plan(&eight).unwrap().unwrap().vcpus, 2);
+        assert_eq!(s.plan(&eight, None).unwrap().unwrap().vcpus, 2);
         let half = resources(r#"{"cpu":{"quota":50000,"period":100000}}"#);
-        assert_eq!(s.plan(&half).unwrap(), None);
+        assert_eq!(s.plan(&half, None).unwrap(), None);
     }
 
     #[test]
@@ -243,6 +308,6 @@ mod tests {
     fn an_unknown_size_plans_nothing() {
         let s = VmSize::default();
         let big = resources(r#"{"memory":{"limit":107374182400}}"#);
-        assert_eq!(s.plan(&big).unwrap(), None);
+        assert_eq!(s.plan(&big, None).unwrap(), None);
     }
 }

@@ -324,8 +324,9 @@ impl Service {
 
     /// New limits for a container's cgroup in the guest (the CRI's
     /// UpdateContainerResources): `resources` is an OCI LinuxResources,
-    /// JSON in an Any as containerd marshals it. A memory limit that does
-    /// not fit the pod's VM is refused: the VM does not grow.
+    /// JSON in an Any as containerd marshals it. The pod's VM grows first
+    /// if they need more than it has ([`sandboxvm::vm_size`]); beyond its
+    /// ceiling they are refused.
     fn do_update(&self, req: &UpdateTaskRequest) -> Result<()> {
         self.container(&req.id)?;
         let json = std::str::from_utf8(&req.resources.value)
@@ -334,7 +335,7 @@ impl Service {
             .map_err(|e| Error::Invalid(format!("update: resources: {e}")))?;
         let pod = self.running_pod()?;
         lock(&pod.size)
-            .grow_for(&pod.agent, &parsed)
+            .grow_for(&pod.agent, &parsed, pod.vmm_pid())
             .map_err(|e| Error::Invalid(format!("container {}: {e}", req.id)))?;
         pod.agent.update(&req.id, json)?;
         log::info!("updated the resources of {}", req.id);

@@ -73,8 +73,11 @@ pub fn ram_regions(size: u64) -> Vec<(GuestAddress, u64, u64)> {
 /// block on x86_64 (128 MiB below 64 GiB of boot RAM).
 pub const HOTPLUG_BLOCK: u64 = 128 << 20;
 /// Where the hot-pluggable memory starts is aligned to this (any memory
-/// block size Linux may pick for a small guest divides it).
-pub const HOTPLUG_ALIGN: u64 = 1 << 30;
+/// block size Linux picks for a guest, up to 2 GiB, divides it).
+pub const HOTPLUG_ALIGN: u64 = 2 << 30;
+/// The end of the guest physical addresses the VMM uses: 1 TiB, within the
+/// 40 physical address bits of any x86_64 CPU that runs KVM guests.
+pub const GUEST_PHYS_END: u64 = 1 << 40;
 
 /// The start of the memory a guest of `size` bytes of boot RAM can add
 /// later: above 4 GiB and above its RAM, aligned to [`HOTPLUG_ALIGN`].
@@ -156,8 +159,9 @@ mod tests {
         assert_eq!(hotplug_base(256 * MIB), MMIO_GAP_END);
         assert_eq!(hotplug_base(MMIO_GAP_START), MMIO_GAP_END);
         // 4 GiB of RAM ends at 5 GiB (1 GiB above the hole).
-        assert_eq!(hotplug_base(4096 * MIB), 5 << 30);
-        assert_eq!(hotplug_base(4096 * MIB + 1), 6 << 30);
+        assert_eq!(hotplug_base(4096 * MIB), 6 << 30);
+        assert_eq!(hotplug_base(5120 * MIB), 6 << 30);
+        assert_eq!(hotplug_base(5120 * MIB + 1), 8 << 30);
         for size in [64 * MIB, 3 << 30, 7 << 30] {
             let base = hotplug_base(size);
             assert_eq!(base % HOTPLUG_ALIGN, 0);

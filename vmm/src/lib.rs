@@ -36,11 +36,6 @@ use event_loop::Ending;
 pub use host::HostKvm;
 use vcpu::{Vcpu, VcpuControl, VcpuStop};
 
-/// The kernel parameter that tells the guest where the memory it may add
-/// lies: `sandboxvm.hotplug=ADDR:LEN` (hexadecimal bytes). The guest agent
-/// adds it block by block through `/sys/devices/system/memory/probe`.
-pub const HOTPLUG_PARAM: &str = "sandboxvm.hotplug";
-
 /// COM1.
 const SERIAL_PORT: u64 = 0x3f8;
 const SERIAL_IRQ: u32 = 4;
@@ -173,7 +168,7 @@ impl Vmm {
         let all_vcpus = config.max_vcpus.max(config.vcpus);
         if all_vcpus > arch::mptable::MAX_CPUS {
             return Err(Error::Config(format!(
-                "at most {all_vcpus} vCPUs ({} supported)",
+                "{all_vcpus} vCPUs in all (at most {} supported)",
                 arch::mptable::MAX_CPUS
             )));
         }
@@ -225,7 +220,11 @@ impl Vmm {
             device_cmdline.push(format!("maxcpus={}", config.vcpus));
         }
         if let Some((addr, len)) = ram.hotplug {
-            device_cmdline.push(format!("{HOTPLUG_PARAM}={:#x}:{len:#x}", addr.0));
+            device_cmdline.push(format!(
+                "{}={:#x}:{len:#x}",
+                protocol::HOTPLUG_PARAM,
+                addr.0
+            ));
         }
         let device_cmdline = device_cmdline.join(" ");
         let mut pio = Bus::new();

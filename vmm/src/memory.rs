@@ -29,8 +29,11 @@ pub enum Error {
     #[error("guest memory of {0} MiB is too small (at least 16 MiB)")]
     TooSmall(u64),
     /// Hot-pluggable memory not in whole blocks.
-    #[error("hot-pluggable memory of {0} MiB is not a multiple of 128 MiB")]
+    #[error("hot-pluggable memory of {0} MiB is not a multiple of {block} MiB", block = layout::HOTPLUG_BLOCK >> 20)]
     Hotplug(u64),
+    /// More than the guest's physical address space holds.
+    #[error("guest memory of {0} MiB (+ {1} MiB to add) does not fit the guest's address space")]
+    TooLarge(u64, u64),
 }
 
 /// Guest memory and the memfd that backs it.
@@ -53,8 +56,14 @@ pub fn create(mib: u64, hotplug_mib: u64) -> Result<GuestRam, Error> {
     if mib < 16 {
         return Err(Error::TooSmall(mib));
     }
-    let size = mib << 20;
-    let hotplug_size = hotplug_mib << 20;
+    let size = mib.checked_mul(1 << 20).ok_or(Error::TooLarge(mib, 0))?;
+    let hotplug_size = hotplug_mib
+        .checked_mul(1 << 20)
+        .filter(|&h| {
+            h.checked_add(layout::hotplug_base(size))
+                .is_some_and(|end| end <= layout::GUEST_PHYS_END)
+        })
+        .ok_or(Error::TooLarge(mib, hotplug_mib))?;
     if !hotplug_size.is_multiple_of(layout::HOTPLUG_BLOCK) {
         return Err(Error::Hotplug(hotplug_mib));
     }
@@ -203,6 +212,8 @@ mod tests {
             .unwrap();
         assert_eq!(u32::from_le_bytes(buf), 0x1234_5678);
         assert!(matches!(create(64, 100), Err(Error::Hotplug(100))));
+        assert!(matches!(create(64, u64::MAX), Err(Error::TooLarge(..))));
+        assert!(matches!(create(u64::MAX, 0), Err(Error::TooLarge(..))));
     }
 
     #[test]

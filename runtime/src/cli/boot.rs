@@ -31,8 +31,8 @@ pub struct Boot {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = vmm::config::DEFAULT_MEMORY_MIB)]
     pub memory: u64,
-    /// Memory in MiB (a multiple of 128) mapped above the guest's RAM for it
-    /// to add later; the guest is told where on its command line.
+    /// Memory in MiB (whole 128 MiB blocks) mapped above the guest's RAM
+    /// for it to add later; the guest is told where on its command line.
     #[arg(long, default_value_t = 0)]
     pub hotplug_memory: u64,
     /// Write the guest console to this file instead of stdout.

@@ -83,7 +83,9 @@ impl Update {
         let mut record = Record::load(&g.root, &self.id)?;
         let agent = record.live_agent(&g.root)?;
         let before = record.vm;
-        let grown = record.vm.grow_for(&agent, &parsed);
+        let grown = record
+            .vm
+            .grow_for(&agent, &parsed, u32::try_from(record.vmm_pid).unwrap_or(0));
         if record.vm != before {
             record
                 .save(&state::dir(&g.root, &self.id))

@@ -128,7 +128,9 @@ impl Record {
 
     /// Writes the record atomically into `dir`.
     pub fn save(&self, dir: &Path) -> std::io::Result<()> {
-        let tmp = dir.join("state.json.tmp");
+        // A name of this process's own: two writers (updates) each replace
+        // the record whole, never a mix of both.
+        let tmp = dir.join(format!("state.json.tmp.{}", std::process::id()));
         std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
         std::fs::rename(tmp, dir.join("state.json"))
     }
