@@ -106,7 +106,7 @@ pub fn amend(spec: &Value, how: &Amend<'_>) -> Result<GuestSpec, Error> {
     if !spec.is_object() {
         return Err(Error::Invalid("config.json is not a JSON object".into()));
     }
-    amend_namespaces(&mut spec, how);
+    amend_namespaces(&mut spec, how)?;
     let readonly_root = spec["root"]["readonly"].as_bool().unwrap_or(false);
     let mount_points = if readonly_root {
         mount_points(&spec, &how.bundle_dir)
@@ -173,9 +173,15 @@ fn mount_points(spec: &Value, bundle_dir: &Path) -> Vec<(PathBuf, bool)> {
     out
 }
 
-fn amend_namespaces(spec: &mut Value, how: &Amend<'_>) {
+/// The spec's namespaces as the guest makes them. A path the guest can
+/// stand for is rewritten (a pod's sandbox container's IPC, UTS and PID
+/// namespaces); a network namespace path is mirrored into the VM by the
+/// host ([`crate::net`]), so the guest's is a new one; any other path names
+/// a host process's namespace, which a guest kernel cannot enter: refused,
+/// as the runtime spec asks of what a runtime cannot apply.
+fn amend_namespaces(spec: &mut Value, how: &Amend<'_>) -> Result<(), Error> {
     let Some(namespaces) = spec["linux"]["namespaces"].as_array_mut() else {
-        return;
+        return Ok(());
     };
     if how.netns == GuestNetns::Pod {
         namespaces.retain(|ns| ns["type"] != "network");
@@ -198,19 +204,28 @@ fn amend_namespaces(spec: &mut Value, how: &Amend<'_>) {
         let Some(obj) = ns.as_object_mut() else {
             continue;
         };
-        let has_path = obj
+        let path = obj
             .get("path")
             .and_then(Value::as_str)
-            .is_some_and(|p| !p.is_empty());
-        match (has_path, how.sandbox_pid, typ.as_str()) {
-            (true, Some(pid), "ipc" | "uts" | "pid") => {
+            .filter(|p| !p.is_empty())
+            .map(str::to_string);
+        match (path, how.sandbox_pid, typ.as_str()) {
+            (Some(_), Some(pid), "ipc" | "uts" | "pid") => {
                 obj.insert("path".into(), json!(format!("/proc/{pid}/ns/{typ}")));
             }
-            _ => {
+            (None, ..) | (Some(_), _, "network") => {
                 obj.remove("path");
+            }
+            (Some(path), ..) => {
+                return Err(Error::Invalid(format!(
+                    "linux.namespaces: the {typ} namespace at {path} cannot be joined: \
+                     the container runs in a VM of its own, whose kernel cannot enter a host \
+                     process's namespace"
+                )));
             }
         }
     }
+    Ok(())
 }
 
 fn is_bind(m: &Value) -> bool {
@@ -353,9 +368,20 @@ mod tests {
         );
     }
 
+    fn without_ipc_and_uts_paths() -> Value {
+        let mut spec = cri_spec();
+        for ns in spec["linux"]["namespaces"].as_array_mut().unwrap() {
+            if ns["type"] != "network" {
+                ns.as_object_mut().unwrap().remove("path");
+            }
+        }
+        spec
+    }
+
     #[test]
-    fn host_namespace_paths_go_and_an_isolated_container_keeps_a_netns_of_its_own() {
-        let (s, _) = amended(&cri_spec(), &how(GuestNetns::Isolated, None, false));
+    fn a_mirrored_netns_path_goes_and_an_isolated_container_keeps_a_netns_of_its_own() {
+        let spec = without_ipc_and_uts_paths();
+        let (s, _) = amended(&spec, &how(GuestNetns::Isolated, None, false));
         assert_eq!(
             s["linux"]["namespaces"],
             json!([
@@ -368,7 +394,7 @@ mod tests {
                 {"type": "time"},
             ])
         );
-        let (s, _) = amended(&cri_spec(), &how(GuestNetns::Pod, None, false));
+        let (s, _) = amended(&spec, &how(GuestNetns::Pod, None, false));
         assert_eq!(
             s["linux"]["namespaces"],
             json!([
@@ -383,17 +409,46 @@ mod tests {
     }
 
     #[test]
+    fn a_host_namespace_path_the_guest_cannot_stand_for_is_refused() {
+        // No sandbox container to join: the ipc path is a host process's.
+        let e = amend(&cri_spec(), &how(GuestNetns::Isolated, None, false)).unwrap_err();
+        assert_eq!(e.to_string().lines().count(), 1, "one line: {e}");
+        assert!(
+            e.to_string()
+                .contains("the ipc namespace at /proc/4242/ns/ipc cannot be joined"),
+            "{e}"
+        );
+        // Not even in a pod: only ipc, uts and pid are the sandbox's.
+        let mut spec = cri_spec();
+        spec["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "cgroup", "path": "/proc/1/ns/cgroup"}));
+        let e = amend(&spec, &how(GuestNetns::Pod, Some(17), true)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("the cgroup namespace at /proc/1/ns/cgroup"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_kubernetes_pods_user_and_time_namespaces_go() {
-        let (s, _) = amended(&cri_spec(), &how(GuestNetns::Pod, None, true));
+        let (s, _) = amended(&cri_spec(), &how(GuestNetns::Pod, Some(17), true));
         assert_eq!(
             s["linux"]["namespaces"],
-            json!([{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}])
+            json!([
+                {"type": "pid"},
+                {"type": "ipc", "path": "/proc/17/ns/ipc"},
+                {"type": "uts", "path": "/proc/17/ns/uts"},
+                {"type": "mount"}
+            ])
         );
     }
 
     #[test]
     fn host_binds_move_into_the_share_with_a_pods_shm() {
-        let (s, binds) = amended(&cri_spec(), &how(GuestNetns::Pod, None, true));
+        let (s, binds) = amended(&cri_spec(), &how(GuestNetns::Pod, Some(17), true));
         let bind = |source: &str, name: &str, readonly| HostBind {
             source: source.into(),
             name: name.into(),
@@ -418,11 +473,11 @@ mod tests {
 
     #[test]
     fn hooks_go_the_cgroup_is_the_guests_and_unknown_fields_stay() {
-        let (s, _) = amended(&cri_spec(), &how(GuestNetns::Pod, None, true));
+        let (s, _) = amended(&cri_spec(), &how(GuestNetns::Pod, Some(17), true));
         assert!(s.get("hooks").is_none());
         let mut spec = cri_spec();
         spec["hooks"]["startContainer"] = json!([{"path": "/bin/in-the-container"}]);
-        let (s, _) = amended(&spec, &how(GuestNetns::Pod, None, true));
+        let (s, _) = amended(&spec, &how(GuestNetns::Pod, Some(17), true));
         assert_eq!(
             s["hooks"],
             json!({"startContainer": [{"path": "/bin/in-the-container"}]}),
@@ -435,7 +490,7 @@ mod tests {
 
     #[test]
     fn a_stand_alone_containers_shm_becomes_a_tmpfs() {
-        let (s, binds) = amended(&cri_spec(), &how(GuestNetns::Pod, None, false));
+        let (s, binds) = amended(&cri_spec(), &how(GuestNetns::Pod, Some(17), false));
         assert_eq!(binds.len(), 2, "{binds:?}");
         let shm = &s["mounts"][2];
         assert_eq!(shm["destination"], "/dev/shm");
@@ -453,12 +508,12 @@ mod tests {
             ("", "has no source"),
         ] {
             let s = json!({"mounts": [{"destination": "/x", "type": "bind", "source": source}]});
-            let e = amend(&s, &how(GuestNetns::Pod, None, false))
+            let e = amend(&s, &how(GuestNetns::Pod, Some(17), false))
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(says), "{source}: {e}");
         }
-        let e = amend(&json!([1]), &how(GuestNetns::Pod, None, false)).unwrap_err();
+        let e = amend(&json!([1]), &how(GuestNetns::Pod, Some(17), false)).unwrap_err();
         assert!(e.to_string().contains("not a JSON object"));
     }
 
@@ -476,7 +531,7 @@ mod tests {
                 {"destination": "/proc", "type": "proc", "source": "proc"},
             ],
         });
-        let g = amend(&spec, &how(GuestNetns::Pod, None, false)).unwrap();
+        let g = amend(&spec, &how(GuestNetns::Pod, Some(17), false)).unwrap();
         assert!(g.readonly_root);
         assert_eq!(
             g.mount_points,
@@ -488,7 +543,7 @@ mod tests {
             ]
         );
         assert!(
-            !amended(&cri_spec(), &how(GuestNetns::Pod, None, false)).0["root"]["readonly"]
+            !amended(&cri_spec(), &how(GuestNetns::Pod, Some(17), false)).0["root"]["readonly"]
                 .as_bool()
                 .unwrap_or(false)
         );
@@ -496,7 +551,7 @@ mod tests {
 
     #[test]
     fn a_relative_bind_source_is_the_bundles() {
-        let mut h = how(GuestNetns::Pod, None, false);
+        let mut h = how(GuestNetns::Pod, Some(17), false);
         h.bundle_dir = std::env::temp_dir();
         let name = format!("sandboxvm-rel-{}", std::process::id());
         std::fs::write(std::env::temp_dir().join(&name), "x").unwrap();

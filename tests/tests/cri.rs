@@ -6,8 +6,9 @@
 //! containers, ExecSync, ContainerStatus, ListContainers, StopContainer,
 //! StopPodSandbox, RemovePodSandbox.
 //!
-//! The pod uses the host's network namespace (`hostNetwork: true`), so no
-//! CNI plugin is needed; its sandbox (pause) image is a busybox image whose
+//! The pods use the host's network namespace (`hostNetwork: true`), except
+//! the one on the pod network that Debian's CNI plugins (bridge, host-local,
+//! portmap) make; the sandbox (pause) image is a busybox image whose
 //! entrypoint sleeps, imported with the test's busybox image into
 //! containerd's `k8s.io` namespace (no registry).
 
@@ -57,6 +58,12 @@ fn images() -> &'static Images {
 /// `$POD` = the pod's metadata flags (pod "web" in namespace "e2e", its
 /// container logs in `$W/logs`).
 fn run(name: &str, body: &str) -> Ran {
+    run_with(name, CRI_CONFIG, "", body)
+}
+
+/// [`run`] with containerd config lines `config` and shell code `env` run
+/// before containerd starts.
+fn run_with(name: &str, config: &str, env: &str, body: &str) -> Ran {
     let i = images();
     let body = format!(
         "CC=\"{} --socket $W/ctd/containerd.sock\"\n\
@@ -67,11 +74,11 @@ fn run(name: &str, body: &str) -> Ran {
     );
     e2e::containerd::run(&Script {
         name,
-        config: CRI_CONFIG,
+        config,
+        env,
         namespace: "k8s.io",
         images: &[&fixture().image, &i.pause],
         body: &body,
-        ..Script::default()
     })
 }
 
@@ -101,6 +108,11 @@ step images $CC images
 # virtiofsd are charged there.
 CG=e2e-pod-$$
 POD="$POD --share-pid --cpus 1.5 --memory-mib 512 --cgroup-parent /$CG"
+# The kubelet's pod cgroup: the containers' limits plus the RuntimeClass's
+# overhead (160 MiB). Its limit lets the VM grow within it.
+echo +memory +cpu >/sys/fs/cgroup/cgroup.subtree_control
+mkdir /sys/fs/cgroup/$CG
+echo $(( (512 + 160) << 20 )) >/sys/fs/cgroup/$CG/memory.max
 step runpod $CC run-pod $POD --handler sandboxvm
 P=$(cat runpod.out)
 step podstatus $CC pod-status "$P"
@@ -126,7 +138,9 @@ step fill $CC exec --timeout 0 "$C1" -- sh -c 'head -c 16777216 /dev/zero >/dev/
 step pod_memory_filled cat /sys/fs/cgroup/$CG/memory.current
 step update $CC update "$C1" --cpus 0.5 --memory-mib 256
 step limits $CC exec "$C1" -- sh -c 'cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max'
-# More than the VM holds: it grows (576 MiB + 2 blocks of 128 for 768 + 64).
+# More than the VM holds: the kubelet raises the pod's limit first (in-place
+# resize), then the VM grows (576 MiB + 2 blocks of 128 for 768 + 64).
+echo $(( (768 + 160) << 20 )) >/sys/fs/cgroup/$CG/memory.max
 step update_grow $CC update "$C1" --memory-mib 768
 step size_grown $CC exec "$C1" -- sh -c 'grep MemTotal /proc/meminfo; cat /sys/fs/cgroup/memory.max'
 step update_big $CC update "$C1" --memory-mib 65536
@@ -160,7 +174,8 @@ step status1_stopped $CC status "$C1"
 step podstatus_stopped $CC pod-status "$P"
 step vmms_after_stoppod count 'sandboxvm.* boot '
 step removepod $CC remove-pod "$P"
-step cgroup_gone test ! -e /sys/fs/cgroup/$CG
+# The sandbox's cgroup went with it; the pod's is the kubelet's to remove.
+step cgroup_gone sh -c "find /sys/fs/cgroup/$CG -mindepth 1 -type d | wc -l; rmdir /sys/fs/cgroup/$CG"
 step list_removed $CC list
 step pods_removed $CC pods
 step left leftovers
@@ -257,7 +272,8 @@ step left leftovers
     assert_ne!(big.code, 0, "{big:?}");
     assert!(
         big.err.contains(
-            "a memory limit of 65536 MiB needs a VM of 65600 MiB; this one has 832 MiB and can grow to"
+            "a memory limit of 65536 MiB needs a VM of 65600 MiB; this one has 832 MiB \
+             and its host cgroup allows it 864 MiB"
         ),
         "{big:?}"
     );
@@ -379,7 +395,7 @@ step left leftovers
     assert_eq!(status["state"], "SANDBOX_NOTREADY", "{status}");
     assert_eq!(ok(&r, "vmms_after_stoppod"), "0", "the pod's VM stopped");
     ok(&r, "removepod");
-    ok(&r, "cgroup_gone");
+    assert_eq!(ok(&r, "cgroup_gone"), "0", "the sandbox's cgroup is gone");
     assert_eq!(json(&r, "list_removed"), serde_json::json!([]));
     assert_eq!(json(&r, "pods_removed"), serde_json::json!([]));
     assert_eq!(
@@ -444,6 +460,103 @@ step left leftovers
     assert!(log.contains(" stdout F in-a-tty"), "{log}");
     assert_eq!(json(&r, "list"), serde_json::json!([]), "removed");
     assert_eq!(ok(&r, "vmms"), "1", "the pod's VM outlives its container");
+    assert_eq!(r.step("left").out, "", "{}", r.tail());
+    r.assert_clean();
+}
+
+/// The CRI plugin's CNI configuration for the pod-network test: Debian's
+/// containernetworking-plugins, a bridge with a gateway and masquerading,
+/// host-local addresses (kept under the test's directory) and portmap for
+/// host ports.
+const CNI_CONFIG: &str = r#"[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "docker.io/library/sbx-pause:latest"
+[plugins."io.containerd.grpc.v1.cri".containerd]
+  snapshotter = "$snapshotter"
+[plugins."io.containerd.grpc.v1.cri".cni]
+  bin_dir = "/usr/lib/cni"
+  conf_dir = "$W/cni""#;
+
+const CNI_ENV: &str = r#"mkdir -p "$W/cni"
+cat >"$W/cni/10-e2e.conflist" <<EOF
+{"cniVersion": "1.0.0", "name": "e2e-pod", "plugins": [
+  {"type": "bridge", "bridge": "sbxcni0", "isGateway": true, "ipMasq": true,
+   "ipam": {"type": "host-local", "dataDir": "$W/cni-ipam",
+            "ranges": [[{"subnet": "10.88.7.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
+  {"type": "portmap", "capabilities": {"portMappings": true}}
+]}
+EOF"#;
+
+#[test]
+fn a_pod_on_the_cni_bridge_serves_at_its_address_and_its_host_port() {
+    // What the kubelet asks for a pod without hostNetwork and with a
+    // hostPort: the CRI plugin runs the CNI plugins in the pod's network
+    // namespace, the VM mirrors what they made, and the server in the
+    // guest answers at the pod's address and at the host port.
+    let r = run_with(
+        "cni",
+        CNI_CONFIG,
+        CNI_ENV,
+        r#"
+step runpod $CC run-pod $POD --pod-network --port 18080:8080 --handler sandboxvm
+P=$(cat runpod.out)
+step podstatus $CC pod-status "$P"
+IP=$(sed -n 's/.*"ip":"\([0-9.]*\)".*/\1/p' podstatus.out)
+step create $CC create --pod-id "$P" $POD --name web --image @IMAGE@ -- \
+  sh -c 'while true; do nc -l -p 8080 -e echo served-from-the-pod; done'
+C=$(cat create.out)
+step start $CC start "$C"
+step guest_addr $CC exec "$C" -- sh -c 'ip -4 -o addr show eth0; ip route show default'
+# The server listens again a moment after each connection: retry.
+try_nc() { for i in $(seq 100); do busybox nc -w 5 "$@" </dev/null && return 0; sleep 0.2; done; return 1; }
+step by_ip try_nc $IP 8080
+step nat_rules iptables -t nat -S
+step by_host_port try_nc 10.88.7.1 18080
+step rules_during sh -c 'iptables -t nat -S | grep -c 18080'
+step stop $CC stop "$C" --timeout 1
+step remove $CC remove "$C"
+step stoppod $CC stop-pod "$P"
+step removepod $CC remove-pod "$P"
+step rules_after sh -c 'iptables -t nat -S | grep -c 18080 || true'
+step addresses_after sh -c "ls $W/cni-ipam/e2e-pod | grep -c '^10\.' || true"
+step left leftovers
+"#
+        .replace("@IMAGE@", IMAGE)
+        .as_str(),
+    );
+    for s in [
+        "runpod",
+        "create",
+        "start",
+        "stop",
+        "remove",
+        "stoppod",
+        "removepod",
+    ] {
+        ok(&r, s);
+    }
+    let status = json(&r, "podstatus");
+    assert_eq!(status["network"], "POD", "{status}");
+    let ip = status["ip"].as_str().unwrap_or_default().to_string();
+    assert!(ip.starts_with("10.88.7."), "a host-local address: {status}");
+    let addr = ok(&r, "guest_addr");
+    assert!(
+        addr.contains(&format!("inet {ip}/24")) && addr.contains("default via 10.88.7.1"),
+        "the guest's eth0 has the pod's address and route: {addr}"
+    );
+    assert_eq!(ok(&r, "by_ip"), "served-from-the-pod", "{}", r.tail());
+    assert_eq!(
+        ok(&r, "by_host_port"),
+        "served-from-the-pod",
+        "{}",
+        r.tail()
+    );
+    assert!(
+        ok(&r, "rules_during").parse::<u32>().unwrap_or(0) > 0,
+        "portmap's DNAT rules"
+    );
+    // CNI DEL on StopPodSandbox: the rules and the address are gone.
+    assert_eq!(ok(&r, "rules_after"), "0", "{}", r.tail());
+    assert_eq!(ok(&r, "addresses_after"), "0", "{}", r.tail());
     assert_eq!(r.step("left").out, "", "{}", r.tail());
     r.assert_clean();
 }

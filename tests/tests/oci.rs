@@ -369,7 +369,7 @@ $S update --memory 64m c1 2>gone.err; echo $? >gone.rc
     for (name, says) in [
         (
             "big",
-            "a memory limit of 2048 MiB needs a VM of 2112 MiB; this one has 1152 MiB and can grow to 1536 MiB",
+            "a memory limit of 2048 MiB needs a VM of 2112 MiB; this one has 1152 MiB and it can grow to 1536 MiB",
         ),
         (
             "cpuset",
@@ -655,6 +655,13 @@ fn bad_input_gets_one_line_and_leaves_nothing() {
         s["process"]["terminal"] = json!(true)
     });
     let ok = bundle("bad-kernel", &["true"], |_| {});
+    // podman's --ipc container:X between two VMs: a host process's
+    // namespace, which the guest cannot join.
+    let ns_path = bundle("ns-path", &["true"], |s| {
+        let list = s["linux"]["namespaces"].as_array_mut().unwrap();
+        list.retain(|ns| ns["type"] != "ipc");
+        list.push(json!({"type": "ipc", "path": "/proc/1/ns/ipc"}));
+    });
     let m = malformed.to_str().unwrap();
     let victim = root.parent().unwrap().join("victim");
     std::fs::create_dir_all(&victim).unwrap();
@@ -669,6 +676,10 @@ fn bad_input_gets_one_line_and_leaves_nothing() {
             "--console-socket is needed",
         ),
         (vec!["create", "--bundle", m, "a/b"], "invalid container id"),
+        (
+            vec!["create", "--bundle", ns_path.to_str().unwrap(), "x"],
+            "the ipc namespace at /proc/1/ns/ipc cannot be joined",
+        ),
         // Ids never name a path outside the root: measured before, this
         // removed the directory beside the root.
         (vec!["delete", "-f", "../victim"], "invalid container id"),

@@ -23,9 +23,10 @@ use k8s_cri::v1::{
     LinuxContainerConfig, LinuxContainerResources, LinuxContainerSecurityContext,
     LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListContainersRequest, ListImagesRequest,
     ListPodSandboxRequest, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
-    PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
-    StopPodSandboxRequest, UInt64Value, UpdateContainerResourcesRequest, VersionRequest,
+    PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest, PortMapping, Protocol,
+    RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
+    StopContainerRequest, StopPodSandboxRequest, UInt64Value, UpdateContainerResourcesRequest,
+    VersionRequest,
 };
 use serde_json::{json, Value};
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -74,6 +75,24 @@ struct Pod {
     /// kubelet accounts the pod.
     #[arg(long)]
     cgroup_parent: Option<String>,
+    /// A network namespace of the pod's own, which the CRI plugin's CNI
+    /// plugins set up; else the host's (`hostNetwork: true`, no CNI).
+    #[arg(long)]
+    pod_network: bool,
+    /// A TCP port mapping HOST:CONTAINER (a container's `hostPort`, which
+    /// the CNI portmap plugin wires). Repeatable.
+    #[arg(long = "port", value_parser = parse_port)]
+    ports: Vec<(i32, i32)>,
+}
+
+fn parse_port(s: &str) -> std::result::Result<(i32, i32), String> {
+    let (h, c) = s.split_once(':').ok_or("expected HOST:CONTAINER")?;
+    let p = |v: &str| {
+        v.parse::<u16>()
+            .map(i32::from)
+            .map_err(|e| format!("{v:?}: {e}"))
+    };
+    Ok((p(h)?, p(c)?))
 }
 
 #[derive(Subcommand)]
@@ -82,8 +101,8 @@ enum Call {
     Version,
     /// ListImages: the image tags the CRI plugin knows, as JSON.
     Images,
-    /// RunPodSandbox of a pod in the host's network namespace (no CNI
-    /// needed); prints the pod sandbox id.
+    /// RunPodSandbox (in the host's network namespace unless
+    /// --pod-network); prints the pod sandbox id.
     RunPod {
         #[command(flatten)]
         pod: Pod,
@@ -226,13 +245,27 @@ fn pod_config(pod: &Pod) -> PodSandboxConfig {
         }),
         hostname: pod.pod_name.clone(),
         log_directory: pod.log_dir.clone().unwrap_or_default(),
+        port_mappings: pod
+            .ports
+            .iter()
+            .map(|&(host_port, container_port)| PortMapping {
+                protocol: Protocol::Tcp as i32,
+                container_port,
+                host_port,
+                host_ip: String::new(),
+            })
+            .collect(),
         labels: HashMap::from([("io.kubernetes.pod.name".into(), pod.pod_name.clone())]),
         linux: Some(LinuxPodSandboxConfig {
             security_context: Some(LinuxSandboxSecurityContext {
-                // hostNetwork: no CNI needed; IPC per pod, PID per
-                // container unless shared.
+                // hostNetwork unless a pod network is asked for; IPC per
+                // pod, PID per container unless shared.
                 namespace_options: Some(NamespaceOption {
-                    network: node,
+                    network: if pod.pod_network {
+                        NamespaceMode::Pod as i32
+                    } else {
+                        node
+                    },
                     pid: if pod.share_pid {
                         NamespaceMode::Pod
                     } else {
@@ -349,6 +382,7 @@ async fn call(cli: Cli) -> Result<Outcome> {
                 "state": pod_state_name(s.state),
                 "runtime_handler": s.runtime_handler,
                 "network": NamespaceMode::try_from(ns.network).map_or("?", |m| m.as_str_name()),
+                "ip": s.network.map(|n| n.ip).unwrap_or_default(),
             }))
         }
         Call::Pods => {
