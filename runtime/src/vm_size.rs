@@ -73,15 +73,31 @@ impl VmSize {
     /// The size a VM booted with `opts.vcpus` and `memory_mib` MiB may grow
     /// to, as the module says: `limits` are its host cgroup's.
     pub fn ceiling(opts: &crate::sandbox::Options, memory_mib: u64, limits: Limits) -> VmSize {
-        let max_vcpus = opts.max_vcpus.unwrap_or(match limits.cpus {
-            Some(_) => crate::sandbox_options::host_cpus().min(crate::config::VCPU_LIMIT),
-            None => opts.vcpus,
+        let host = (
+            crate::sandbox_options::host_cpus().min(crate::config::VCPU_LIMIT),
+            crate::sandbox_options::host_memory_mib().min(MAX_MEMORY_MIB),
+        );
+        let configured = (opts.max_vcpus, opts.max_memory_mib);
+        Self::ceiling_of(opts.vcpus, memory_mib, configured, limits, host)
+    }
+
+    /// [`VmSize::ceiling`] on a host of `host` (CPUs, MiB).
+    fn ceiling_of(
+        vcpus: u8,
+        memory_mib: u64,
+        configured: (Option<u8>, Option<u64>),
+        limits: Limits,
+        host: (u8, u64),
+    ) -> VmSize {
+        let max_vcpus = configured.0.unwrap_or(match limits.cpus {
+            Some(_) => host.0,
+            None => vcpus,
         });
-        let max_memory_mib = opts.max_memory_mib.unwrap_or(match limits.memory {
-            Some(_) => crate::sandbox_options::host_memory_mib().min(MAX_MEMORY_MIB),
+        let max_memory_mib = configured.1.unwrap_or(match limits.memory {
+            Some(_) => host.1,
             None => memory_mib,
         });
-        VmSize::new(opts.vcpus, max_vcpus, memory_mib, max_memory_mib)
+        VmSize::new(vcpus, max_vcpus, memory_mib, max_memory_mib)
     }
 
     /// The guest's memory now, MiB (0: unknown).
@@ -217,6 +233,26 @@ mod tests {
         assert_eq!(s.max_memory_mib(), 576 + 1408 / 128 * 128);
         assert_eq!(VmSize::new(2, 1, 576, 100).max_vcpus, 2);
         assert_eq!(VmSize::new(1, 1, 576, 100).hotplug_mib, 0);
+    }
+
+    #[test]
+    fn nothing_to_grow_into_is_made_unless_a_cgroup_or_the_configuration_bounds_it() {
+        let host = (8, 16384);
+        let none = Limits::default();
+        let s = VmSize::ceiling_of(1, 256, (None, None), none, host);
+        assert_eq!(
+            (s.max_vcpus, s.hotplug_mib),
+            (1, 0),
+            "no bound: the boot size"
+        );
+        let pod = Limits {
+            memory: Some(672 << 20),
+            cpus: Some(2),
+        };
+        let s = VmSize::ceiling_of(1, 576, (None, None), pod, host);
+        assert_eq!((s.max_vcpus, s.max_memory_mib()), (8, 576 + 15744));
+        let s = VmSize::ceiling_of(1, 256, (Some(2), Some(1536)), none, host);
+        assert_eq!((s.max_vcpus, s.max_memory_mib()), (2, 1536));
     }
 
     #[test]
