@@ -62,7 +62,11 @@ echo "$p" >virtiofsd"#;
     assert_eq!(lines[1], "2", "vCPUs: {r:?}");
     assert_guest_memory(lines[2], 384);
     // [log] level = "info": the phases are logged without -v.
-    assert!(r.stderr.contains("VMM started (2 vCPU, 384 MiB)"), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("VMM started (2 vCPU of 2, 384 MiB of 384)"),
+        "{r:?}"
+    );
     let vfs = std::fs::read_to_string(b.with_extension("out").join("virtiofsd")).unwrap();
     assert!(
         vfs.contains("--cache=never") && vfs.contains("--thread-pool-size=2"),
