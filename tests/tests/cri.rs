@@ -88,6 +88,17 @@ fn json(ran: &Ran, step: &str) -> Value {
     serde_json::from_str(&s.out).unwrap_or_else(|e| panic!("{step}: {e}: {s:?}"))
 }
 
+/// The steps of a one-container pod's life, which must each succeed.
+const LIFECYCLE: [&str; 7] = [
+    "runpod",
+    "create",
+    "start",
+    "stop",
+    "remove",
+    "stoppod",
+    "removepod",
+];
+
 /// A step that must succeed; its stdout, trimmed.
 fn ok(ran: &Ran, step: &str) -> String {
     let s = ran.step(step);
@@ -433,15 +444,7 @@ step left leftovers
         .replace("@IMAGE@", IMAGE)
         .as_str(),
     );
-    for s in [
-        "runpod",
-        "create",
-        "start",
-        "stop",
-        "remove",
-        "stoppod",
-        "removepod",
-    ] {
+    for s in LIFECYCLE {
         ok(&r, s);
     }
     assert_eq!(
@@ -523,15 +526,7 @@ step left leftovers
         .replace("@IMAGE@", IMAGE)
         .as_str(),
     );
-    for s in [
-        "runpod",
-        "create",
-        "start",
-        "stop",
-        "remove",
-        "stoppod",
-        "removepod",
-    ] {
+    for s in LIFECYCLE {
         ok(&r, s);
     }
     let status = json(&r, "podstatus");
