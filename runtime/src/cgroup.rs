@@ -223,11 +223,6 @@ impl Cgroup {
         &self.dir
     }
 
-    /// The memory limit in force here, in bytes ([`Limits::memory`]).
-    pub fn memory_limit(&self) -> Option<u64> {
-        limits_at(&self.dir).memory
-    }
-
     /// Makes the child `cmd` starts join this cgroup before it runs
     /// anything (so none of its memory is charged elsewhere).
     pub fn join_on_exec(&self, cmd: &mut std::process::Command) -> Result<(), Error> {

@@ -189,6 +189,7 @@ impl Sandbox {
         };
 
         let mut memory_mib = opts.memory_mib;
+        let mut limits = crate::cgroup::Limits::default();
         if let Some(rel) = &opts.cgroup {
             let mut cgroup = Cgroup::create(rel)?;
             cgroup.record(&opts.dir).map_err(|source| Error::StateDir {
@@ -196,14 +197,10 @@ impl Sandbox {
                 source,
             })?;
             log::debug!("VMM and virtiofsd in cgroup {}", cgroup.dir().display());
-            memory_mib = fit_memory(memory_mib, cgroup.memory_limit(), cgroup.dir())?;
+            limits = crate::cgroup::limits_at(cgroup.dir());
+            memory_mib = fit_memory(memory_mib, limits.memory, cgroup.dir())?;
             sandbox.cgroup = Some(cgroup);
         }
-        let limits = sandbox
-            .cgroup
-            .as_ref()
-            .map(|c| crate::cgroup::limits_at(c.dir()))
-            .unwrap_or_default();
         let size = crate::vm_size::VmSize::ceiling(opts, memory_mib, limits);
         let vmm_dir = vmm_dir(&opts.dir);
         crate::private::create_dir(&vmm_dir).map_err(|source| Error::StateDir {
