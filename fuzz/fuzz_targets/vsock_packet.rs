@@ -149,14 +149,19 @@ fuzz_target!(|data: &[u8]| {
     }
 
     // What the header descriptor points at before the device runs (the
-    // writes above may have moved or overwritten things; the device's own
-    // used-ring write may land there afterwards).
-    let table = if shape & 3 == 3 { 0xa000 } else { 0 };
-    let head_addr: u64 = mem.read_obj(GuestAddress(table)).unwrap();
+    // writes above may have moved or overwritten things, descriptor 0's
+    // flags among them, so it is indirect whenever its flags say so now;
+    // the device's own used-ring write may land there afterwards).
+    let d0_addr: u64 = mem.read_obj(GuestAddress(0)).unwrap();
+    let d0_flags: u16 = mem.read_obj(GuestAddress(12)).unwrap();
+    let head_addr = if d0_flags & 4 != 0 {
+        mem.read_obj::<u64>(GuestAddress(d0_addr)).ok()
+    } else {
+        Some(d0_addr)
+    };
     let mut got_raw = [0u8; HDR_LEN];
-    let head_readable = mem
-        .read_slice(&mut got_raw, GuestAddress(head_addr))
-        .is_ok();
+    let head_readable =
+        head_addr.is_some_and(|a| mem.read_slice(&mut got_raw, GuestAddress(a)).is_ok());
 
     let mut q = VirtqQueues::new(&mem, &mut rxq, &mut txq, None);
     if let Some(pkt) = q.pop_tx() {
