@@ -58,7 +58,11 @@ fn start_agent() -> Agent {
     let _ = std::fs::remove_dir_all(&dir);
     let rootfs = dir.join("rootfs");
     std::fs::create_dir_all(rootfs.join("bin")).unwrap();
-    std::fs::create_dir_all(rootfs.join("tmp")).unwrap();
+    // The mount points an image has (a container in a user namespace
+    // cannot make them in a rootfs owned by the host's root).
+    for d in ["tmp", "proc", "dev"] {
+        std::fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
     std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
     for l in [
         "sh", "echo", "cat", "id", "sleep", "hostname", "test", "tty", "true", "ls",
@@ -324,4 +328,108 @@ fn remove_before_start_and_unknown_ids() {
     let e = a.client.start_container(t(), &a.creq("never")).unwrap_err();
     assert_eq!(msg(e), r#"container "never" not found"#);
     let _ = Path::new("/");
+}
+
+/// `spec` with a new user namespace mapping container ids 0-65535 to the
+/// host's 100000- (uids) and 200000- (gids).
+fn userns_spec(args: &[&str]) -> String {
+    spec(args, "")
+        .replace(
+            r#"{"type": "mount"}]"#,
+            r#"{"type": "mount"}, {"type": "user"}]"#,
+        )
+        .replace(
+            r#""maskedPaths""#,
+            r#""uidMappings": [{"containerID": 0, "hostID": 100000, "size": 65536}],
+    "gidMappings": [{"containerID": 0, "hostID": 200000, "size": 65536}],
+    "maskedPaths""#,
+        )
+}
+
+#[test]
+fn a_user_namespace_holds_the_init_and_its_execs_and_its_root_is_not_the_hosts() {
+    need_root!();
+    let a = start_agent();
+    // Its root has every capability, in its namespace only: the rootfs
+    // (the host root's) shows as unmapped, and no device node can be made.
+    let (out, st) = a.run(
+        "userns",
+        &userns_spec(&[
+            "sh",
+            "-c",
+            "cat /proc/self/uid_map /proc/self/gid_map; id -u; stat -c %u:%g /bin/busybox; \
+             mknod /tmp/n c 1 3 2>/dev/null && echo made-a-node || echo no-node",
+        ]),
+    );
+    let out: Vec<String> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(
+        (out, st),
+        (
+            vec![
+                "0 100000 65536".to_string(),
+                "0 200000 65536".into(),
+                "0".into(),
+                "65534:65534".into(),
+                "no-node".into()
+            ],
+            0
+        )
+    );
+    a.create("userns-exec", &userns_spec(&["sleep", "10"]))
+        .unwrap();
+    a.start("userns-exec");
+    let req = ExecProcessRequest {
+        container_id: "userns-exec".into(),
+        exec_id: "e1".into(),
+        process_json: r#"{"user": {"uid": 1000, "gid": 1000}, "args": ["cat", "/proc/self/uid_map"], "env": ["PATH=/bin"], "cwd": "/"}"#.into(),
+        ..Default::default()
+    };
+    a.client.exec_process(t(), &req).unwrap();
+    let map = a.stdout("userns-exec", "e1");
+    assert_eq!(
+        map.split_whitespace().collect::<Vec<_>>(),
+        ["0", "100000", "65536"],
+        "{map:?}"
+    );
+    assert_eq!(a.wait("userns-exec", "e1"), 0);
+    let host_uid = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .map(|l| l.split_whitespace().nth(1).unwrap().to_string())
+            .unwrap()
+    };
+    let st = a
+        .client
+        .state_container(t(), &a.creq("userns-exec"))
+        .unwrap();
+    assert_eq!(
+        host_uid(&st.pid.to_string()),
+        "100000",
+        "the init as the host sees it"
+    );
+    let k = SignalProcessRequest {
+        container_id: "userns-exec".into(),
+        signal: 9,
+        ..Default::default()
+    };
+    a.client.signal_process(t(), &k).unwrap();
+    assert_eq!(a.wait("userns-exec", ""), 137);
+    a.remove("userns-exec");
+    // Maps the kernel refuses (overlapping ranges) fail the create in one
+    // line that names them.
+    let overlap = userns_spec(&["true"]).replace(
+        r#"[{"containerID": 0, "hostID": 100000, "size": 65536}]"#,
+        r#"[{"containerID": 0, "hostID": 100000, "size": 10}, {"containerID": 5, "hostID": 300000, "size": 10}]"#,
+    );
+    let e = msg(a.create("overlap", &overlap).unwrap_err());
+    assert!(
+        e.contains("uid_map (0 100000 10, 5 300000 10): Invalid argument"),
+        "{e}"
+    );
+    assert_eq!(e.lines().count(), 1, "{e}");
 }

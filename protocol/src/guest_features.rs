@@ -3,9 +3,8 @@
 //! (runtime-spec `features.md`), and the agent's tests check its code
 //! accepts each of them.
 
-/// Namespace types a container may ask for (a user or time namespace is
-/// refused).
-pub const NAMESPACES: &[&str] = &["cgroup", "ipc", "mount", "network", "pid", "uts"];
+/// Namespace types a container may ask for (a time namespace is refused).
+pub const NAMESPACES: &[&str] = &["cgroup", "ipc", "mount", "network", "pid", "uts", "user"];
 
 /// Seccomp actions (`SCMP_ACT_NOTIFY` is refused: a seccomp agent on the
 /// host cannot serve calls made in the guest).

@@ -487,6 +487,76 @@ $S create --bundle {bad_sysctl} c3 </dev/null 2>sysctl.err; echo $? >sysctl.rc
 }
 
 #[test]
+fn a_user_namespace_maps_the_containers_ids_and_its_root_is_not_the_guests() {
+    // Container ids 0-65535 are the guest's uids 100000- and gids 200000-.
+    // Its root holds CAP_MKNOD and CAP_DAC_OVERRIDE in its own namespace
+    // only: no device node, no write to a file of the guest's root (the
+    // rootfs), linux.devices bound from the guest; an exec'd process is in
+    // the same namespace.
+    let b = bundle("userns", &["sleep", "1000"], |s| {
+        let ns = s["linux"]["namespaces"].as_array_mut().unwrap();
+        ns.push(json!({"type": "user"}));
+        s["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+        s["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 200000, "size": 65536}]);
+        s["linux"]["devices"] =
+            json!([{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}]);
+        for set in ["bounding", "effective", "permitted"] {
+            let list = s["process"]["capabilities"][set].as_array_mut().unwrap();
+            list.extend([json!("CAP_MKNOD"), json!("CAP_DAC_OVERRIDE")]);
+        }
+    });
+    let unmapped = bundle("userns-unmapped", &["true"], |s| {
+        let ns = s["linux"]["namespaces"].as_array_mut().unwrap();
+        ns.push(json!({"type": "user"}));
+    });
+    let o = script(
+        "userns",
+        &format!(
+            r#"
+$S create --bundle {b} c1 </dev/null; $S start c1
+$S exec c1 sh -c 'cat /proc/1/uid_map /proc/self/gid_map; id -u; stat -c "%u:%g" / /dev/fuse; stat -c "%F %t:%T" /dev/fuse' >ids.out 2>&1
+$S exec c1 touch /owned-by-guest-root 2>touch.err; echo $? >touch.rc
+$S exec c1 mknod /dev/null2 c 1 3 2>mknod.err; echo $? >mknod.rc
+$S delete --force c1
+$S create --bundle {unmapped} c2 </dev/null 2>unmapped.err; echo $? >unmapped.rc
+"#,
+            b = b.display(),
+            unmapped = unmapped.display(),
+        ),
+    );
+    let log = o.read("script.log");
+    let ids: Vec<String> = o
+        .read("ids.out")
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "0 100000 65536",
+            "0 200000 65536",
+            "0",
+            "65534:65534",
+            "65534:65534",
+            "character special file a:e5"
+        ],
+        "{log}"
+    );
+    assert_eq!(o.code("touch.rc"), 1, "{log}");
+    assert!(o.read("touch.err").contains("Permission denied"), "{log}");
+    assert_eq!(o.code("mknod.rc"), 1, "{log}");
+    assert!(o.read("mknod.err").contains("not permitted"), "{log}");
+    assert_eq!(o.code("unmapped.rc"), 1, "{log}");
+    let err = o.read("unmapped.err");
+    assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+    assert!(
+        err.contains("linux.uidMappings: a new user namespace needs at least one mapping"),
+        "{err:?}"
+    );
+    o.assert_clean();
+}
+
+#[test]
 fn runcs_own_command_line_works() {
     // As runc's manual writes them: `run` in the bundle directory with the
     // lifecycle flags, `run --bundle DIR --keep ID`, `exec --cap`, `spec`
@@ -511,7 +581,7 @@ $S state c2 >keep.state
 $S delete c2; echo $? >keep-delete.rc
 $S run -b {short} c3 </dev/null >plain.out; echo $? >plain.rc
 $S state c3 2>plain.state.err; echo $? >plain.state.rc
-mkdir spec-dir; $S spec --rootless --bundle spec-dir 2>rootless.err; echo $? >rootless.rc
+mkdir spec-dir rootless-dir; $S spec --rootless --bundle rootless-dir; echo $? >rootless.rc
 $S spec --bundle spec-dir; echo $? >spec.rc
 $S features >features.json
 "#,
@@ -553,8 +623,13 @@ $S features >features.json
         "{log}"
     );
     assert_eq!(o.code("plain.state.rc"), 1, "run without --keep deletes it");
-    assert_eq!(o.code("rootless.rc"), 1, "{log}");
-    assert!(o.read("rootless.err").contains("user namespaces"), "{log}");
+    assert_eq!(o.code("rootless.rc"), 0, "{log}");
+    let rootless = o.json("rootless-dir/config.json");
+    assert_eq!(
+        rootless["linux"]["uidMappings"],
+        json!([{"containerID": 0, "hostID": 0, "size": 1}]),
+        "runc's rootless spec maps the caller (root here) to the container's root: {rootless}"
+    );
     assert_eq!(o.code("spec.rc"), 0, "{log}");
     let f = o.json("features.json");
     assert_eq!(f["ociVersionMax"], "1.3.0", "{f}");

@@ -6,6 +6,7 @@ pub mod process;
 pub mod seccomp;
 pub mod spec;
 mod syscalls;
+pub mod userns;
 
 use std::collections::HashMap;
 use std::fs::File;

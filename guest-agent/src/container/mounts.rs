@@ -90,15 +90,43 @@ fn do_mount(rootfs: &Path, m: &MountConfig) -> Result<()> {
         let src = m.source.clone().unwrap_or_else(|| PathBuf::from(fstype));
         let r = mnt(Some(&src), &target, Some(fstype), m.flags, data);
         if let Err(e) = r {
-            // cgroup2 and sysfs can be refused in some nestings; they are
-            // not essential to run the workload.
-            if !matches!(fstype, "cgroup2" | "sysfs") {
+            // cgroup2 and sysfs can be refused in some nestings (sysfs in a
+            // user namespace whose network namespace is not its own: the
+            // guest's is bound instead, as runc does); they are not
+            // essential to run the workload.
+            if fstype == "sysfs" {
+                let _ = bind_sysfs(&target, m.flags);
+            } else if fstype != "cgroup2" {
                 return Err(e);
             }
         }
     }
     if !m.propagation.is_empty() {
         mnt(None, &target, None, m.propagation, None)?;
+    }
+    Ok(())
+}
+
+/// The guest's /sys bound at `target`, read-only if `flags` ask for it.
+fn bind_sysfs(target: &Path, flags: MsFlags) -> Result<()> {
+    let sys = Path::new("/sys");
+    mnt(
+        Some(sys),
+        target,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
+    let keep =
+        flags & (MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC);
+    if !keep.is_empty() {
+        mnt(
+            None,
+            target,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | keep,
+            None,
+        )?;
     }
     Ok(())
 }
@@ -168,13 +196,19 @@ fn make_device(rootfs: &Path, d: &super::spec::DeviceConfig) -> Result<()> {
         fs::create_dir_all(parent).map_err(|e| format!("mkdir {}: {e}", parent.display()))?;
     }
     let _ = fs::remove_file(&path);
-    mknod(
+    let made = mknod(
         &path,
         d.kind,
         Mode::from_bits_truncate(d.mode),
         makedev(d.major, d.minor),
-    )
-    .map_err(|e| format!("linux.devices {}: mknod: {e}", d.path.display()))?;
+    );
+    if made == Err(nix::errno::Errno::EPERM) {
+        // In a user namespace no node can be made: the guest's node of the
+        // same path and numbers is bound instead (mode and owner stay the
+        // guest's), as runc binds the host's.
+        return bind_guest_device(&path, d);
+    }
+    made.map_err(|e| format!("linux.devices {}: mknod: {e}", d.path.display()))?;
     nix::sys::stat::fchmodat(
         None,
         &path,
@@ -189,6 +223,27 @@ fn make_device(rootfs: &Path, d: &super::spec::DeviceConfig) -> Result<()> {
     )
     .map_err(|e| format!("linux.devices {}: chown: {e}", d.path.display()))?;
     Ok(())
+}
+
+fn bind_guest_device(path: &Path, d: &super::spec::DeviceConfig) -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let name = d.path.display();
+    let guest = fs::metadata(&d.path).map_err(|e| {
+        format!("linux.devices {name}: no node can be made in a user namespace and the guest has none to bind: {e}")
+    })?;
+    let t = guest.file_type();
+    let same_kind = match d.kind {
+        SFlag::S_IFCHR => t.is_char_device(),
+        SFlag::S_IFBLK => t.is_block_device(),
+        _ => t.is_fifo(),
+    };
+    if !same_kind || guest.rdev() != makedev(d.major, d.minor) {
+        return Err(format!(
+            "linux.devices {name}: no node can be made in a user namespace and the guest's {name} is another device"
+        ));
+    }
+    ensure_target(path, true)?;
+    mnt(Some(&d.path), path, None, MsFlags::MS_BIND, None)
 }
 
 /// Sets up the container's root: mounts, /dev, pivot_root (or MS_MOVE +

@@ -188,6 +188,10 @@ fn intermediate(
             std::fs::write(cg.join("cgroup.procs"), "0")
                 .map_err(|e| format!("join cgroup {}: {e}", cg.display()))?;
         }
+        // Limits and the OOM score here, in the guest's user namespace: in
+        // the container's own, raising a hard limit or lowering the score
+        // is refused. B inherits both.
+        set_limits(proc_cfg)?;
         let mut root_fd = None;
         match &kind {
             Kind::Init { cfg, .. } => {
@@ -199,7 +203,11 @@ fn intermediate(
                     setns(&fd, *flag)
                         .map_err(|e| format!("join namespace {}: {e}", path.display()))?;
                 }
-                unshare(cfg.new_ns).map_err(|e| format!("unshare namespaces: {e}"))?;
+                if let Some(maps) = &cfg.id_maps {
+                    super::userns::enter_new(maps)?;
+                }
+                unshare(cfg.new_ns - CloneFlags::CLONE_NEWUSER)
+                    .map_err(|e| format!("unshare namespaces: {e}"))?;
                 if cfg.new_ns.contains(CloneFlags::CLONE_NEWNET) {
                     // A network namespace of its own: loopback only, up.
                     crate::init::loopback_up()
@@ -220,7 +228,9 @@ fn intermediate(
                 // Open everything first: /proc changes with the mount ns.
                 root_fd = Some(open_o(format!("/proc/{init_pid}/root"))?);
                 let mut fds = Vec::new();
+                // The user namespace first: the others are its.
                 for (ns, flag) in [
+                    ("user", CloneFlags::CLONE_NEWUSER),
                     ("cgroup", CloneFlags::CLONE_NEWCGROUP),
                     ("ipc", CloneFlags::CLONE_NEWIPC),
                     ("uts", CloneFlags::CLONE_NEWUTS),
@@ -315,10 +325,6 @@ fn workload(
             .map(|a| CString::new(a.as_bytes()).map_err(|_| "NUL byte in process.args".to_string()))
             .collect::<Result<_, _>>()?;
         chdir(&p.cwd).map_err(|e| format!("chdir to cwd {}: {e}", p.cwd.display()))?;
-        if let Some(adj) = p.oom_score_adj {
-            std::fs::write("/proc/self/oom_score_adj", adj.to_string())
-                .map_err(|e| format!("oomScoreAdj {adj}: {e}"))?;
-        }
         // The profile goes in as late as it can (the fewer calls it must
         // allow for set-up, the better): after the identity change with
         // no_new_privs; before it otherwise, while CAP_SYS_ADMIN is held.
@@ -432,7 +438,12 @@ fn run_hook(h: &super::spec::HookConfig, state: &str) -> Result<(), String> {
     }
 }
 
-fn set_identity(p: &ProcessConfig) -> Result<(), String> {
+/// `process.rlimits` and `oomScoreAdj`, applied to the calling process.
+fn set_limits(p: &ProcessConfig) -> Result<(), String> {
+    if let Some(adj) = p.oom_score_adj {
+        std::fs::write("/proc/self/oom_score_adj", adj.to_string())
+            .map_err(|e| format!("oomScoreAdj {adj}: {e}"))?;
+    }
     for (res, soft, hard) in &p.rlimits {
         let lim = libc::rlimit {
             rlim_cur: *soft,
@@ -446,6 +457,10 @@ fn set_identity(p: &ProcessConfig) -> Result<(), String> {
             ));
         }
     }
+    Ok(())
+}
+
+fn set_identity(p: &ProcessConfig) -> Result<(), String> {
     if let Some(c) = &p.caps {
         for cap in caps::all() {
             if !c.bounding.contains(&cap) {

@@ -67,8 +67,10 @@ pub struct ContainerConfig {
     pub hostname: Option<String>,
     /// Namespaces to create.
     pub new_ns: CloneFlags,
-    /// Namespaces to join (type, path).
+    /// Namespaces to join (type, path), a user namespace first.
     pub join_ns: Vec<(CloneFlags, PathBuf)>,
+    /// The maps of a new user namespace (`new_ns` has CLONE_NEWUSER).
+    pub id_maps: Option<super::userns::IdMaps>,
     pub mounts: Vec<MountConfig>,
     pub masked_paths: Vec<PathBuf>,
     pub readonly_paths: Vec<PathBuf>,
@@ -165,6 +167,7 @@ fn ns_flag(t: LinuxNamespaceType) -> Option<CloneFlags> {
         LinuxNamespaceType::Pid => CloneFlags::CLONE_NEWPID,
         LinuxNamespaceType::Network => CloneFlags::CLONE_NEWNET,
         LinuxNamespaceType::Cgroup => CloneFlags::CLONE_NEWCGROUP,
+        LinuxNamespaceType::User => CloneFlags::CLONE_NEWUSER,
         _ => return None,
     })
 }
@@ -181,6 +184,7 @@ pub fn container_config(spec: &Spec, rootfs: PathBuf) -> Result<ContainerConfig,
     let mut readonly_paths = Vec::new();
     let mut sysctl = Vec::new();
     let mut devices = Vec::new();
+    let mut id_maps = None;
     if let Some(linux) = spec.linux() {
         for ns in linux.namespaces().iter().flatten() {
             let Some(flag) = ns_flag(ns.typ()) else {
@@ -194,6 +198,9 @@ pub fn container_config(spec: &Spec, rootfs: PathBuf) -> Result<ContainerConfig,
                 _ => new_ns |= flag,
             }
         }
+        // A user namespace is joined before the others (they may be its).
+        join_ns.sort_by_key(|(f, _)| !f.contains(CloneFlags::CLONE_NEWUSER));
+        id_maps = super::userns::id_maps(linux, new_ns.contains(CloneFlags::CLONE_NEWUSER))?;
         let abs = |v: &Option<Vec<String>>| -> Vec<PathBuf> {
             v.iter()
                 .flatten()
@@ -226,6 +233,7 @@ pub fn container_config(spec: &Spec, rootfs: PathBuf) -> Result<ContainerConfig,
         hostname: spec.hostname().clone().filter(|h| !h.is_empty()),
         new_ns,
         join_ns,
+        id_maps,
         mounts,
         masked_paths,
         readonly_paths,
@@ -308,6 +316,12 @@ fn mount_config(m: &oci_spec::runtime::Mount) -> Result<MountConfig, Error> {
     if !destination.is_absolute() {
         return Err(Error::InvalidSpec(format!(
             "mount destination {} is not absolute",
+            destination.display()
+        )));
+    }
+    if m.uid_mappings().is_some() || m.gid_mappings().is_some() {
+        return Err(Error::InvalidSpec(format!(
+            "mount {}: id-mapped mounts (uidMappings/gidMappings) are not supported",
             destination.display()
         )));
     }

@@ -15,25 +15,28 @@ pub struct SpecCmd {
     /// Overwrite an existing config.json.
     #[arg(long)]
     pub force: bool,
-    /// runc's rootless spec (a user namespace with id mappings): refused,
-    /// sandboxvm does not run user namespaces.
+    /// runc's rootless spec: a user namespace in the guest whose root is
+    /// the caller's uid and gid, no network namespace of its own.
     #[arg(long)]
     pub rootless: bool,
 }
 
 impl SpecCmd {
     pub fn run(self) -> anyhow::Result<i32> {
-        anyhow::ensure!(
-            !self.rootless,
-            "--rootless: sandboxvm does not run user namespaces, which a rootless spec needs"
-        );
         let path = self.bundle.join("config.json");
         anyhow::ensure!(
             self.force || !path.exists(),
             "{} exists already (--force overwrites it)",
             path.display()
         );
-        let spec = oci_spec::runtime::Spec::default();
+        let spec = if self.rootless {
+            oci_spec::runtime::Spec::rootless(
+                nix::unistd::getuid().as_raw(),
+                nix::unistd::getgid().as_raw(),
+            )
+        } else {
+            oci_spec::runtime::Spec::default()
+        };
         let json = serde_json::to_string_pretty(&spec).context("cannot encode the spec")?;
         std::fs::write(&path, json + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;
