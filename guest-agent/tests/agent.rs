@@ -433,3 +433,49 @@ fn a_user_namespace_holds_the_init_and_its_execs_and_its_root_is_not_the_hosts()
     );
     assert_eq!(e.lines().count(), 1, "{e}");
 }
+
+#[test]
+fn the_device_filter_lets_through_what_the_rules_allow_and_nothing_else() {
+    need_root!();
+    let a = start_agent();
+    // The container's root may make any node; it may open /dev/null (runc's
+    // defaults) and the kmsg node only when the rules allow it.
+    let probe = [
+        "sh",
+        "-c",
+        "mknod /dev/kmsg2 c 1 11 && echo made; true </dev/kmsg2 && echo opened-kmsg; \
+         echo x >/dev/null && echo wrote-null",
+    ];
+    let with_devices = |rules: &str| {
+        spec(&probe, "").replace(
+            r#""maskedPaths""#,
+            &format!(r#""resources": {{"devices": {rules}}}, "maskedPaths""#),
+        )
+    };
+    let (out, _) = a.run(
+        "deny-all",
+        &with_devices(r#"[{"allow": false, "access": "rwm"}]"#),
+    );
+    assert_eq!(out, "made\nwrote-null\n");
+    let (out, _) = a.run("no-rules", &spec(&probe, ""));
+    assert_eq!(out, "made\nwrote-null\n", "no rules: runc's defaults only");
+    let (out, _) = a.run(
+        "kmsg-allowed",
+        &with_devices(
+            r#"[{"allow": false, "access": "rwm"}, {"allow": true, "type": "c", "major": 1, "minor": 11, "access": "r"}]"#,
+        ),
+    );
+    assert_eq!(out, "made\nopened-kmsg\nwrote-null\n");
+    let (out, _) = a.run(
+        "privileged",
+        &with_devices(r#"[{"allow": true, "access": "rwm"}]"#),
+    );
+    assert_eq!(out, "made\nopened-kmsg\nwrote-null\n");
+    let e = msg(a
+        .create(
+            "bad-rule",
+            &with_devices(r#"[{"allow": true, "access": "rwx"}]"#),
+        )
+        .unwrap_err());
+    assert!(e.contains("linux.resources.devices: access"), "{e}");
+}

@@ -135,8 +135,8 @@ pub fn assert_guest_memory(meminfo_line: &str, mib: u64) {
 }
 
 /// Makes the container play an owned guest kernel (`--privileged`): every
-/// capability, and the guest's pid namespace, so that it reaches the guest's
-/// own mount of the share through PID 1 (the agent).
+/// capability and every device, and the guest's pid namespace, so that it
+/// reaches the guest's own mount of the share through PID 1 (the agent).
 pub fn as_owned_guest(s: &mut serde_json::Value) {
     let all_caps = json!([
         "CAP_CHOWN",
@@ -163,6 +163,7 @@ pub fn as_owned_guest(s: &mut serde_json::Value) {
     for set in ["bounding", "effective", "permitted"] {
         s["process"]["capabilities"][set] = all_caps.clone();
     }
+    s["linux"]["resources"]["devices"] = json!([{"allow": true, "access": "rwm"}]);
     s["linux"]["namespaces"]
         .as_array_mut()
         .unwrap()

@@ -402,6 +402,10 @@ fn seccomp_sysctls_devices_hooks_and_oom_score_adj_of_the_spec_hold_in_the_guest
             {"path": "/bin/sh", "args": ["sh", "-c", "cat >/tmp/start-hook.json"]}
         ]});
         s["process"]["oomScoreAdj"] = json!(123);
+        for set in ["bounding", "effective", "permitted"] {
+            let list = s["process"]["capabilities"][set].as_array_mut().unwrap();
+            list.extend([json!("CAP_MKNOD"), json!("CAP_DAC_OVERRIDE")]);
+        }
         s["linux"]["sysctl"] = json!({
             "net.ipv4.ip_unprivileged_port_start": "0",
             "kernel.msgmax": "4321",
@@ -436,6 +440,7 @@ $S exec c1 mkdir /tmp/d 2>mkdir.err; echo $? >mkdir.rc
 $S exec c1 cat /proc/sys/net/ipv4/ip_unprivileged_port_start /proc/sys/kernel/msgmax /proc/1/oom_score_adj >values.out
 $S exec c1 cat /tmp/start-hook.json >start-hook.json
 $S exec c1 stat -c '%F %t:%T %a %u:%g' /dev/fuse /dev/extra/fifo >devices.out
+$S exec c1 sh -c 'mknod /dev/kmsg2 c 1 11 && echo made; true </dev/kmsg2 && echo kmsg; true <>/dev/fuse && echo fuse' >filter.out 2>&1
 $S delete --force c1
 $S create --bundle {notify} c2 </dev/null 2>notify.err; echo $? >notify.rc
 $S create --bundle {bad_sysctl} c3 </dev/null 2>sysctl.err; echo $? >sysctl.rc
@@ -463,6 +468,12 @@ $S create --bundle {bad_sysctl} c3 </dev/null 2>sysctl.err; echo $? >sysctl.rc
         o.read("devices.out"),
         "character special file a:e5 640 7:8\nfifo 0:0 666 0:0\n",
         "{log}"
+    );
+    // The device filter: runc's defaults and linux.devices, nothing else.
+    let filter = o.read("filter.out");
+    assert!(
+        filter.starts_with("made\n") && filter.ends_with("Operation not permitted\nfuse\n"),
+        "{filter:?}"
     );
     let hook = o.json("start-hook.json");
     assert_eq!(hook["id"], "c1", "{hook}");

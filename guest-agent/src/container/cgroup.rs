@@ -23,13 +23,15 @@ fn enable_controllers(dir: &Path) {
     }
 }
 
-/// Creates the container's cgroup and applies `linux.resources`.
+/// Creates the container's cgroup, applies `linux.resources` and attaches
+/// the device filter of `devices`.
 /// Returns None (with a warning) where there is no cgroup v2 hierarchy at
 /// `root`'s parent, unless resources were asked for.
 pub fn create(
     root: &Path,
     id: &str,
     resources: Option<&LinuxResources>,
+    devices: &[super::devices::Rule],
 ) -> Result<Option<PathBuf>, Error> {
     let parent = root.parent().unwrap_or(Path::new("/"));
     let wants_limits = resources.is_some_and(|r| {
@@ -58,11 +60,12 @@ pub fn create(
     enable_controllers(root);
     let dir = root.join(id);
     fs::create_dir(&dir).map_err(|e| io("create cgroup", &dir, e))?;
-    if let Some(r) = resources {
-        if let Err(e) = apply(&dir, r) {
-            let _ = fs::remove_dir(&dir);
-            return Err(e);
-        }
+    let set_up = resources
+        .map_or(Ok(()), |r| apply(&dir, r))
+        .and_then(|()| super::devices::attach(&dir, devices));
+    if let Err(e) = set_up {
+        let _ = fs::remove_dir(&dir);
+        return Err(e);
     }
     Ok(Some(dir))
 }
@@ -84,7 +87,8 @@ fn set(v: &serde_json::Value) -> bool {
 /// Writes `r`'s limits into the cgroup at `dir` (at create, and for
 /// UpdateContainer): memory limit and reservation, CPU quota/period and
 /// shares, pids limit. A limit the agent cannot apply is an error naming it, never
-/// dropped.
+/// dropped. The device rules are not limits: set once at create (the
+/// device filter), and left as they are by an update, as runc does.
 pub fn apply(dir: &Path, r: &LinuxResources) -> Result<(), Error> {
     let unsupported = [
         (

@@ -1,6 +1,7 @@
 //! OCI containers inside the guest: create/start/exec/wait/signal/io/remove.
 
 pub mod cgroup;
+pub mod devices;
 pub mod mounts;
 pub mod process;
 pub mod seccomp;
@@ -258,7 +259,13 @@ impl Manager {
             }
         }
         let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
-        let cgroup = cgroup::create(&self.cgroup_root, id, resources)?;
+        let device_rules = devices::rules(
+            resources
+                .and_then(|r| r.devices().as_deref())
+                .unwrap_or_default(),
+            &cfg.devices,
+        )?;
+        let cgroup = cgroup::create(&self.cgroup_root, id, resources, &device_rules)?;
         let cleanup = |cg: &Option<PathBuf>| {
             if let Some(cg) = cg {
                 let _ = cgroup::remove(cg);
