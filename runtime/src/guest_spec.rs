@@ -107,6 +107,7 @@ pub fn amend(spec: &Value, how: &Amend<'_>) -> Result<GuestSpec, Error> {
         return Err(Error::Invalid("config.json is not a JSON object".into()));
     }
     amend_namespaces(&mut spec, how)?;
+    warn_unapplied_labels(&spec, how.id);
     let readonly_root = spec["root"]["readonly"].as_bool().unwrap_or(false);
     let mount_points = if readonly_root {
         mount_points(&spec, &how.bundle_dir)
@@ -141,6 +142,31 @@ pub fn amend(spec: &Value, how: &Amend<'_>) -> Result<GuestSpec, Error> {
         readonly_root,
         mount_points,
     })
+}
+
+/// The security labels of the spec that the guest cannot apply, one
+/// warning each: its kernel has no AppArmor or SELinux, and a host's
+/// profile confines host processes, which the container's are not (the VM
+/// and the confined VMM are its boundary). They are not refused because
+/// Docker and podman set their default profile on every container of a
+/// host with either LSM, as Kata and gVisor accept them; `sandboxvm
+/// features` says both are disabled, and an exec asking for one by flag is
+/// refused.
+fn warn_unapplied_labels(spec: &Value, id: &str) {
+    for (key, value) in [
+        ("process.apparmorProfile", &spec["process"]["apparmorProfile"]),
+        ("process.selinuxLabel", &spec["process"]["selinuxLabel"]),
+        ("linux.mountLabel", &spec["linux"]["mountLabel"]),
+    ] {
+        match value.as_str() {
+            None | Some("" | "unconfined") => {}
+            Some(label) => log::warn!(
+                "container {id}: {key} {:?} is not applied: the guest kernel has no AppArmor or \
+                 SELinux (the VM confines the container)",
+                label.chars().take(200).collect::<String>()
+            ),
+        }
+    }
 }
 
 /// The spec's mount destinations that lie in the rootfs itself (not
