@@ -154,7 +154,10 @@ pub fn amend(spec: &Value, how: &Amend<'_>) -> Result<GuestSpec, Error> {
 /// refused.
 fn warn_unapplied_labels(spec: &Value, id: &str) {
     for (key, value) in [
-        ("process.apparmorProfile", &spec["process"]["apparmorProfile"]),
+        (
+            "process.apparmorProfile",
+            &spec["process"]["apparmorProfile"],
+        ),
         ("process.selinuxLabel", &spec["process"]["selinuxLabel"]),
         ("linux.mountLabel", &spec["linux"]["mountLabel"]),
     ] {

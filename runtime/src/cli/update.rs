@@ -80,7 +80,8 @@ impl Update {
         let resources = self.resources_json()?;
         let parsed: oci_spec::runtime::LinuxResources =
             serde_json::from_value(resources.clone()).context("resources")?;
-        let mut record = Record::load(&g.root, &self.id)?;
+        // Held to the end: the guest's limits and the record change together.
+        let (mut record, _locked) = Record::load_locked(&g.root, &self.id)?;
         let agent = record.live_agent(&g.root)?;
         let before = record.vm;
         let grown = record

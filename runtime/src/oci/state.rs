@@ -102,7 +102,31 @@ pub fn dir(root: &Path, id: &ContainerId) -> PathBuf {
     crate::sockets::state_dir(root, id.as_str())
 }
 
+/// An exclusive lock on a container's state for a read-change-write of
+/// its record (`update`): held until dropped.
+pub struct Locked {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
 impl Record {
+    /// Waits for the container's state lock, then loads its record: two
+    /// updates at once run one after the other, each from the record the
+    /// other wrote.
+    pub fn load_locked(root: &Path, id: &ContainerId) -> Result<(Record, Locked), Error> {
+        let d = dir(root, id);
+        let corrupt = |e: std::io::Error| Error::Corrupt {
+            id: id.to_string(),
+            reason: format!("cannot lock {}: {e}", d.display()),
+        };
+        let f = std::fs::File::open(&d).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NotFound(id.to_string()),
+            _ => corrupt(e),
+        })?;
+        let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| corrupt(e.into()))?;
+        Ok((Record::load(root, id)?, Locked { _lock: lock }))
+    }
+
     /// Loads the record of `id`.
     pub fn load(root: &Path, id: &ContainerId) -> Result<Record, Error> {
         let path = dir(root, id).join("state.json");
@@ -296,6 +320,28 @@ mod tests {
         let pid = c.id() as i32;
         c.wait().unwrap();
         assert_eq!(start_time(pid), None);
+    }
+
+    #[test]
+    fn a_locked_load_waits_for_the_holder_and_reads_what_it_wrote() {
+        let root = std::env::temp_dir().join(format!("sandboxvm-lock-{}", std::process::id()));
+        let r = record(1, 1);
+        std::fs::create_dir_all(r.dir(&root)).unwrap();
+        r.save(&r.dir(&root)).unwrap();
+        let (mut first, held) = Record::load_locked(&root, &r.id).unwrap();
+        let (root2, id) = (root.clone(), r.id.clone());
+        let second = std::thread::spawn(move || Record::load_locked(&root2, &id).unwrap().0);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!second.is_finished(), "the second load waits for the lock");
+        first.vm.added_mib = 128;
+        first.save(&r.dir(&root)).unwrap();
+        drop(held);
+        assert_eq!(second.join().unwrap().vm.added_mib, 128);
+        assert!(matches!(
+            Record::load_locked(&root, &ContainerId::new("nope").unwrap()),
+            Err(Error::NotFound(_))
+        ));
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
