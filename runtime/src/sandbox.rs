@@ -277,14 +277,20 @@ impl Sandbox {
             .arg("--vsock")
             .arg(vsock_path_in(&opts.dir))
             .arg("--fs")
-            .arg(format!("{}:{ROOTFS_TAG}", fs_sock.display()))
+            .arg(
+                vmm::FsConfig {
+                    socket: fs_sock.clone(),
+                    tag: ROOTFS_TAG.into(),
+                }
+                .to_string(),
+            )
             .arg("--cmdline")
             .arg(format!("quiet {}", opts.cmdline))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log("vmm.log")?);
         for dev in sandbox.network.devices() {
-            cmd.arg("--net").arg(dev.arg());
+            cmd.arg("--net").arg(dev.to_string());
         }
         // vmm.confine = false or SANDBOXVM_VMM_CONFINE=off: the VMM without
         // its jail, own user and seccomp filters, for measuring what they

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::agent::Agent;
 use crate::guest_spec::GuestNetns;
-use crate::net::{NetDevice, Network, PodNetwork};
+use crate::net::{NetConfig, Network, PodNetwork};
 use crate::sandbox::{Error, Options, Sandbox};
 use crate::timeouts::Timeouts;
 
@@ -95,7 +95,7 @@ impl Sandbox {
         let guest_net = match network {
             NetworkPlan::None => None,
             NetworkPlan::Tap(tap) => {
-                sandbox.attach_network(Network::Taps(vec![NetDevice {
+                sandbox.attach_network(Network::Taps(vec![NetConfig {
                     tap: tap.clone(),
                     mac: None,
                     mtu: None,

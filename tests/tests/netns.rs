@@ -55,9 +55,14 @@ ip -n $P -o link show eth0 | grep -o 'link/ether [0-9a-f:]*' | cut -d' ' -f2 >po
 mkdir -p www
 echo "hello from the host" >www/index.html
 ip netns exec $H busybox httpd -f -p 8080 -h www & pids="$pids $!"
-# Waits until FILE has the line LINE, at most SECS seconds.
+# Waits until FILE has the line LINE, at most SECS seconds, and no longer
+# than the process PID lives if one is given.
 wait_line() {
-  for _ in $(seq $(( $3 * 10 ))); do grep -qx "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
+  for _ in $(seq $(( $3 * 10 ))); do
+    grep -qx "$2" "$1" 2>/dev/null && return 0
+    [ -z "${4:-}" ] || kill -0 "$4" 2>/dev/null || { grep -qx "$2" "$1" 2>/dev/null; return; }
+    sleep 0.1
+  done
   return 1
 }
 # Waits until container $1 is stopped (at most 60 s).
@@ -203,7 +208,7 @@ dd if=/dev/urandom of={b}/rootfs/srv/big bs=1M count=16 2>/dev/null
 sha256sum <{b}/rootfs/srv/big | cut -d' ' -f1 >big.src.sha
 $S run --net host-netns {b} >stdout 2>stderr </dev/null &
 spid=$!
-if wait_line stdout "sandbox: serving" 600; then
+if wait_line stdout "sandbox: serving" 600 $spid; then
   pod_net >during
   ip netns exec $H busybox wget -q -O - http://10.89.0.2:8081/index.html >page 2>&1
   t0=$(date +%s)

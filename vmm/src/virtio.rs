@@ -57,6 +57,94 @@ pub struct NetConfig {
     pub mtu: Option<u16>,
 }
 
+/// `SOCKET:TAG`, as `sandboxvm boot --fs` takes it.
+impl std::fmt::Display for FsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.socket.display(), self.tag)
+    }
+}
+
+impl std::str::FromStr for FsConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (socket, tag) = s
+            .rsplit_once(':')
+            .filter(|(p, t)| !p.is_empty() && !t.is_empty())
+            .ok_or_else(|| format!("expected SOCKET:TAG, got {s:?}"))?;
+        Ok(FsConfig {
+            socket: socket.into(),
+            tag: tag.to_string(),
+        })
+    }
+}
+
+/// `tap=NAME[,mac=MAC][,mtu=N]`, as `sandboxvm boot --net` takes it.
+impl std::fmt::Display for NetConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "tap={}", self.tap)?;
+        if let Some(mac) = self.mac {
+            write!(f, ",mac={}", format_mac(&mac))?;
+        }
+        if let Some(mtu) = self.mtu {
+            write!(f, ",mtu={mtu}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut tap = None;
+        let mut mac = None;
+        let mut mtu = None;
+        for item in s.split(',') {
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| format!("expected key=value, got {item:?}"))?;
+            match key {
+                "tap" if !value.is_empty() => tap = Some(value.to_string()),
+                "mac" => mac = Some(parse_mac(value)?),
+                "mtu" => {
+                    mtu = Some(
+                        value
+                            .parse::<u16>()
+                            .map_err(|_| format!("bad MTU {value:?}"))?,
+                    )
+                }
+                _ => return Err(format!("unknown or empty option {item:?} (tap, mac, mtu)")),
+            }
+        }
+        let tap = tap.ok_or_else(|| "tap=NAME is required".to_string())?;
+        Ok(NetConfig { tap, mac, mtu })
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("bad MAC {s:?} (aa:bb:cc:dd:ee:ff)");
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let part = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+        *b = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(mac)
+}
+
 /// Errors attaching virtio devices.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -185,6 +273,73 @@ mod tests {
     use vm_memory::GuestAddress;
 
     use super::*;
+
+    #[test]
+    fn the_net_and_fs_options_read_back_what_they_write() {
+        let parse = |s: &str| s.parse::<NetConfig>();
+        assert_eq!(
+            parse("tap=sbx1,mac=52:54:00:AB:cd:0e,mtu=1400").unwrap(),
+            NetConfig {
+                tap: "sbx1".into(),
+                mac: Some([0x52, 0x54, 0, 0xab, 0xcd, 0x0e]),
+                mtu: Some(1400)
+            }
+        );
+        assert_eq!(
+            parse("mtu=9000,tap=t").unwrap().mtu,
+            Some(9000),
+            "any order"
+        );
+        for d in [
+            NetConfig {
+                tap: "tap0_sbx".into(),
+                mac: Some([0x02, 0xab, 0, 1, 2, 0xff]),
+                mtu: Some(1400),
+            },
+            NetConfig {
+                tap: "t".into(),
+                mac: None,
+                mtu: None,
+            },
+        ] {
+            assert_eq!(parse(&d.to_string()).unwrap(), d, "{d}");
+        }
+        assert_eq!(
+            NetConfig {
+                tap: "tap0_sbx".into(),
+                mac: Some([0x02, 0xab, 0, 1, 2, 0xff]),
+                mtu: Some(1400),
+            }
+            .to_string(),
+            "tap=tap0_sbx,mac=02:ab:00:01:02:ff,mtu=1400"
+        );
+        for (bad, why) in [
+            ("mac=52:54:00:00:00:01", "tap=NAME is required"),
+            ("tap=", "unknown or empty option \"tap=\""),
+            ("tap0", "expected key=value"),
+            ("tap=t,speed=10", "unknown or empty option \"speed=10\""),
+            ("tap=t,mtu=70000", "bad MTU \"70000\""),
+            ("tap=t,mac=52:54:00:00:00", "bad MAC"),
+            ("tap=t,mac=52:54:00:00:00:01:02", "bad MAC"),
+            ("tap=t,mac=5:54:00:00:00:01", "bad MAC"),
+            ("tap=t,mac=zz:54:00:00:00:01", "bad MAC"),
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert!(err.starts_with(why), "{bad}: {err}");
+        }
+        let fs = FsConfig {
+            socket: "/run/sandboxvm/c:1/fs.sock".into(),
+            tag: "sbx-rootfs".into(),
+        };
+        assert_eq!(
+            fs.to_string().parse::<FsConfig>().unwrap(),
+            fs,
+            "a colon in the path"
+        );
+        for bad in ["sock", ":tag", "/sock:"] {
+            assert!(bad.parse::<FsConfig>().is_err(), "{bad}");
+        }
+    }
 
     /// Runs `f` on a thread in a new network namespace (its taps vanish
     /// with it); skipped without KVM, /dev/net/tun or the privilege.

@@ -48,12 +48,12 @@ pub struct Boot {
     pub vsock: Option<PathBuf>,
     /// Add a virtio-fs device served by a running virtiofsd at SOCKET, mounted
     /// in the guest by TAG. Repeatable.
-    #[arg(long, value_name = "SOCKET:TAG", value_parser = parse_fs)]
+    #[arg(long, value_name = "SOCKET:TAG")]
     pub fs: Vec<FsConfig>,
     /// Add a virtio-net device on the host tap NAME (attached if it exists,
     /// else created for the VM's lifetime), with the guest interface's MAC
     /// and MTU. Repeatable: eth0, eth1, ... in order.
-    #[arg(long, value_name = "tap=NAME[,mac=MAC][,mtu=N]", value_parser = parse_net)]
+    #[arg(long, value_name = "tap=NAME[,mac=MAC][,mtu=N]")]
     pub net: Vec<NetConfig>,
     /// Once the VM is built, run in a mount namespace whose root holds only
     /// DIR (the part of the sandbox's state the VMM needs: the console log,
@@ -65,57 +65,6 @@ pub struct Boot {
     /// directory is given to it.
     #[arg(long, value_name = "auto|UID[:GID]")]
     pub user: Option<vmm::confine::User>,
-}
-
-fn parse_fs(s: &str) -> Result<FsConfig, String> {
-    let (socket, tag) = s
-        .rsplit_once(':')
-        .filter(|(p, t)| !p.is_empty() && !t.is_empty())
-        .ok_or_else(|| format!("expected SOCKET:TAG, got {s:?}"))?;
-    Ok(FsConfig {
-        socket: socket.into(),
-        tag: tag.to_string(),
-    })
-}
-
-fn parse_net(s: &str) -> Result<NetConfig, String> {
-    let mut tap = None;
-    let mut mac = None;
-    let mut mtu = None;
-    for item in s.split(',') {
-        let (key, value) = item
-            .split_once('=')
-            .ok_or_else(|| format!("expected key=value, got {item:?}"))?;
-        match key {
-            "tap" if !value.is_empty() => tap = Some(value.to_string()),
-            "mac" => mac = Some(parse_mac(value)?),
-            "mtu" => {
-                mtu = Some(
-                    value
-                        .parse::<u16>()
-                        .map_err(|_| format!("bad MTU {value:?}"))?,
-                )
-            }
-            _ => return Err(format!("unknown or empty option {item:?} (tap, mac, mtu)")),
-        }
-    }
-    let tap = tap.ok_or_else(|| "tap=NAME is required".to_string())?;
-    Ok(NetConfig { tap, mac, mtu })
-}
-
-/// `aa:bb:cc:dd:ee:ff`.
-fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let bad = || format!("bad MAC {s:?} (aa:bb:cc:dd:ee:ff)");
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in &mut mac {
-        let part = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
-        *b = u8::from_str_radix(part, 16).map_err(|_| bad())?;
-    }
-    if parts.next().is_some() {
-        return Err(bad());
-    }
-    Ok(mac)
 }
 
 impl Boot {
@@ -171,49 +120,5 @@ impl Boot {
             }
         );
         Ok(0)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn net_option() {
-        assert_eq!(
-            parse_net("tap=tap0").unwrap(),
-            NetConfig {
-                tap: "tap0".into(),
-                mac: None,
-                mtu: None
-            }
-        );
-        assert_eq!(
-            parse_net("tap=sbx1,mac=52:54:00:AB:cd:0e,mtu=1400").unwrap(),
-            NetConfig {
-                tap: "sbx1".into(),
-                mac: Some([0x52, 0x54, 0, 0xab, 0xcd, 0x0e]),
-                mtu: Some(1400)
-            }
-        );
-        assert_eq!(
-            parse_net("mtu=9000,tap=t").unwrap().mtu,
-            Some(9000),
-            "any order"
-        );
-        for (bad, why) in [
-            ("mac=52:54:00:00:00:01", "tap=NAME is required"),
-            ("tap=", "unknown or empty option \"tap=\""),
-            ("tap0", "expected key=value"),
-            ("tap=t,speed=10", "unknown or empty option \"speed=10\""),
-            ("tap=t,mtu=70000", "bad MTU \"70000\""),
-            ("tap=t,mac=52:54:00:00:00", "bad MAC"),
-            ("tap=t,mac=52:54:00:00:00:01:02", "bad MAC"),
-            ("tap=t,mac=5:54:00:00:00:01", "bad MAC"),
-            ("tap=t,mac=zz:54:00:00:00:01", "bad MAC"),
-        ] {
-            let err = parse_net(bad).unwrap_err();
-            assert!(err.starts_with(why), "{bad}: {err}");
-        }
     }
 }

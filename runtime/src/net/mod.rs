@@ -237,38 +237,10 @@ impl Dns {
     }
 }
 
-/// A virtio-net device of the VM: `sandboxvm boot --net tap=..,mac=..,mtu=..`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetDevice {
-    /// The tap the VMM attaches (in the namespace it runs in).
-    pub tap: String,
-    /// The guest interface's MAC (None: the VMM's default).
-    pub mac: Option<[u8; 6]>,
-    /// The guest interface's MTU (None: the default).
-    pub mtu: Option<u16>,
-}
-
-impl NetDevice {
-    /// The `--net` value.
-    pub fn arg(&self) -> String {
-        let mut s = format!("tap={}", self.tap);
-        if let Some(mac) = self.mac {
-            s.push_str(&format!(",mac={}", format_mac(&mac)));
-        }
-        if let Some(mtu) = self.mtu {
-            s.push_str(&format!(",mtu={mtu}"));
-        }
-        s
-    }
-}
-
-/// `aa:bb:cc:dd:ee:ff`.
-pub fn format_mac(mac: &[u8]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
+/// A virtio-net device of the VM: the VMM's own configuration, which
+/// crosses to `sandboxvm boot --net` in its own text form.
+pub use vmm::virtio::format_mac;
+pub use vmm::NetConfig;
 
 /// The network a sandbox's VM gets.
 #[derive(Debug, Default)]
@@ -277,7 +249,7 @@ pub enum Network {
     #[default]
     None,
     /// Existing taps in the runtime's own namespace, not configured.
-    Taps(Vec<NetDevice>),
+    Taps(Vec<NetConfig>),
     /// A pod network namespace, mirrored; torn down with the sandbox.
     Pod(PodNetwork),
 }
@@ -292,7 +264,7 @@ impl Network {
     }
 
     /// The VM's virtio-net devices.
-    pub fn devices(&self) -> Vec<NetDevice> {
+    pub fn devices(&self) -> Vec<NetConfig> {
         match self {
             Network::None => Vec::new(),
             Network::Taps(d) => d.clone(),
@@ -508,11 +480,11 @@ impl PodNetwork {
     }
 
     /// The VM's devices: one per tap, with the veth's MAC and MTU.
-    pub fn devices(&self) -> Vec<NetDevice> {
+    pub fn devices(&self) -> Vec<NetConfig> {
         self.mirrors
             .iter()
             .zip(&self.discovery.interfaces)
-            .map(|(m, i)| NetDevice {
+            .map(|(m, i)| NetConfig {
                 tap: m.tap.clone(),
                 mac: Some(i.mac),
                 mtu: u16::try_from(i.mtu).ok(),

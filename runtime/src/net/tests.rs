@@ -34,22 +34,6 @@ fn resolv_conf_is_read_without_loopback_servers() {
 }
 
 #[test]
-fn device_args_are_what_sandboxvm_boot_takes() {
-    let d = NetDevice {
-        tap: "tap0_sbx".into(),
-        mac: Some([0x02, 0xab, 0, 1, 2, 0xff]),
-        mtu: Some(1400),
-    };
-    assert_eq!(d.arg(), "tap=tap0_sbx,mac=02:ab:00:01:02:ff,mtu=1400");
-    let plain = NetDevice {
-        tap: "t".into(),
-        mac: None,
-        mtu: None,
-    };
-    assert_eq!(plain.arg(), "tap=t");
-}
-
-#[test]
 fn the_specs_netns_path_is_found() {
     let spec = r#"{"ociVersion":"1.0.2","linux":{"namespaces":[
         {"type":"pid"},{"type":"network","path":"/run/netns/cni-1"},{"type":"mount"}]}}"#;
@@ -325,7 +309,7 @@ fn setup_mirrors_veth_and_tap_both_ways_and_teardown_removes_it_all() {
     assert_eq!(pod.taps(), ["tap0_sbx"]);
     let mac = ns.mac("eth0");
     assert_eq!(
-        pod.devices()[0].arg(),
+        pod.devices()[0].to_string(),
         format!("tap=tap0_sbx,mac={mac},mtu=1400")
     );
     assert_ne!(ns.mac("tap0_sbx"), mac, "the tap keeps its own MAC");
