@@ -64,6 +64,10 @@ fn start_agent() -> Agent {
         std::fs::create_dir_all(rootfs.join(d)).unwrap();
     }
     std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    // The spec's hostname is bound over it (by the container, from a file
+    // the agent wrote).
+    std::fs::create_dir_all(rootfs.join("etc")).unwrap();
+    std::fs::write(rootfs.join("etc/hostname"), "image\n").unwrap();
     for l in [
         "sh", "echo", "cat", "id", "sleep", "hostname", "test", "tty", "true", "ls",
     ] {
@@ -212,7 +216,14 @@ fn echo_exit_hostname_id() {
         ("hello\n".into(), 0)
     );
     assert_eq!(a.run("exit7", &spec(&["sh", "-c", "exit 7"], "")).1, 7);
-    assert_eq!(a.run("host", &spec(&["hostname"], "")).0, "sbx-test\n");
+    assert_eq!(
+        a.run(
+            "host",
+            &spec(&["sh", "-c", "hostname; cat /etc/hostname"], "")
+        )
+        .0,
+        "sbx-test\nsbx-test\n"
+    );
     let user = spec(&["id"], "").replace(
         r#""uid": 0, "gid": 0"#,
         r#""uid": 1000, "gid": 1000, "additionalGids": [10]"#,
@@ -358,7 +369,7 @@ fn a_user_namespace_holds_the_init_and_its_execs_and_its_root_is_not_the_hosts()
             "sh",
             "-c",
             "cat /proc/self/uid_map /proc/self/gid_map; id -u; stat -c %u:%g /bin/busybox; \
-             mknod /tmp/n c 1 3 2>/dev/null && echo made-a-node || echo no-node",
+             cat /etc/hostname; mknod /tmp/n c 1 3 2>/dev/null && echo made-a-node || echo no-node",
         ]),
     );
     let out: Vec<String> = out
@@ -373,6 +384,7 @@ fn a_user_namespace_holds_the_init_and_its_execs_and_its_root_is_not_the_hosts()
                 "0 200000 65536".into(),
                 "0".into(),
                 "65534:65534".into(),
+                "sbx-test".into(),
                 "no-node".into()
             ],
             0

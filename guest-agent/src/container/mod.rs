@@ -271,7 +271,12 @@ impl Manager {
                 let _ = cgroup::remove(cg);
             }
         };
+        // Kept until the init is set up (spawn returns): its mounts hold
+        // the files then.
+        let staged = mounts::stage_etc(&cfg, id).map_err(Error::Setup);
         let result = (|| {
+            let staged = staged?;
+            cfg.staged_etc = staged.files.clone();
             let (child_io, io) = make_stdio(cfg.process.terminal)?;
             let (start_rd, start_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
                 .map_err(|e| Error::sys("pipe", e))?;

@@ -311,11 +311,8 @@ pub fn setup_rootfs(cfg: &ContainerConfig) -> Result<()> {
             None,
         )?;
     }
-    if let Some(h) = &cfg.hostname {
-        etc_file(rootfs, Path::new("etc/hostname"), &format!("{h}\n"), false)?;
-    }
-    for (rel, text) in &cfg.etc_files {
-        etc_file(rootfs, rel, text, true)?;
+    for f in &cfg.staged_etc {
+        etc_file(rootfs, f)?;
     }
     setup_dev(rootfs)?;
     for d in &cfg.devices {
@@ -340,17 +337,88 @@ pub fn setup_rootfs(cfg: &ContainerConfig) -> Result<()> {
     Ok(())
 }
 
-/// Shows `text` as the file `rel` of the rootfs without touching the
-/// shared rootfs: a file in the agent's /run bind-mounted over it. Used for
-/// the spec's hostname in /etc/hostname (when the rootfs has one, as Docker
-/// and Kubernetes do) and the pod network's /etc/resolv.conf and
-/// /etc/hosts (`create`: the mount point is made if /etc exists). A
-/// symlink there is left alone.
-fn etc_file(rootfs: &Path, rel: &Path, text: &str, create: bool) -> Result<()> {
-    let target = rootfs.join(rel);
+/// A file shown over the rootfs's own: the spec's hostname in
+/// /etc/hostname (when the rootfs has one, as Docker and Kubernetes do) and
+/// the pod network's /etc/resolv.conf and /etc/hosts (made if missing when
+/// /etc exists). A symlink there is left alone.
+#[derive(Clone, Debug)]
+pub struct EtcFile {
+    /// Relative to the rootfs.
+    pub rel: PathBuf,
+    /// The agent's copy, bound over it.
+    pub source: PathBuf,
+    /// Make the mount point if the rootfs has none.
+    pub create: bool,
+}
+
+/// The container's [`EtcFile`]s, written by the agent before the fork into
+/// a directory of the container's own (a container in a user namespace
+/// cannot write in the guest's /run, only look files up there); removed
+/// when dropped, once the container is set up (its mounts keep the files).
+pub struct StagedEtc {
+    dir: PathBuf,
+    pub files: Vec<EtcFile>,
+}
+
+impl Drop for StagedEtc {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Writes the hostname and `etc_files` of `cfg` for the container `id`
+/// (the directories 0711, the files 0444, whatever the umask).
+pub fn stage_etc(cfg: &ContainerConfig, id: &str) -> Result<StagedEtc> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = Path::new("/run/sandboxvm/etc").join(id);
+    let io = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
+    for d in [Path::new("/run/sandboxvm"), Path::new("/run/sandboxvm/etc")] {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(d)
+            .map_err(|e| io(d, e))?;
+        fs::set_permissions(d, fs::Permissions::from_mode(0o711)).map_err(|e| io(d, e))?;
+    }
+    let _ = fs::remove_dir_all(&dir);
+    fs::DirBuilder::new()
+        .mode(0o711)
+        .create(&dir)
+        .map_err(|e| io(&dir, e))?;
+    let mut staged = StagedEtc {
+        dir: dir.clone(),
+        files: Vec::new(),
+    };
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o711)).map_err(|e| io(&dir, e))?;
+    let hostname = cfg
+        .hostname
+        .as_ref()
+        .map(|h| (PathBuf::from("etc/hostname"), format!("{h}\n"), false));
+    let others = cfg
+        .etc_files
+        .iter()
+        .map(|(r, t)| (r.clone(), t.clone(), true));
+    for (i, (rel, text, create)) in hostname.into_iter().chain(others).enumerate() {
+        let source = dir.join(i.to_string());
+        fs::write(&source, text).map_err(|e| io(&source, e))?;
+        fs::set_permissions(&source, fs::Permissions::from_mode(0o444))
+            .map_err(|e| io(&source, e))?;
+        staged.files.push(EtcFile {
+            rel,
+            source,
+            create,
+        });
+    }
+    Ok(staged)
+}
+
+/// Binds `f` over the rootfs's file, where the rootfs has a plain file (or
+/// none and `f.create`, when its directory exists).
+fn etc_file(rootfs: &Path, f: &EtcFile) -> Result<()> {
+    let target = rootfs.join(&f.rel);
     match std::fs::symlink_metadata(&target) {
         Ok(m) if m.is_file() => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && f.create => {
             let parent_is_dir = target
                 .parent()
                 .is_some_and(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()));
@@ -360,15 +428,7 @@ fn etc_file(rootfs: &Path, rel: &Path, text: &str, create: bool) -> Result<()> {
         }
         _ => return Ok(()),
     }
-    let dir = Path::new("/run/sandboxvm");
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let name = rel.file_name().unwrap_or_default().to_string_lossy();
-    let source = dir.join(format!("{name}-{}", std::process::id()));
-    std::fs::write(&source, text).map_err(|e| format!("{}: {e}", source.display()))?;
-    let r = mnt(Some(&source), &target, None, MsFlags::MS_BIND, None);
-    // The mount keeps the file; the name is not needed any more.
-    let _ = std::fs::remove_file(&source);
-    r
+    mnt(Some(&f.source), &target, None, MsFlags::MS_BIND, None)
 }
 
 fn enter_root(rootfs: &Path) -> Result<()> {

@@ -84,6 +84,9 @@ pub struct ContainerConfig {
     /// Files shown over the rootfs's own (path relative to the rootfs,
     /// content): /etc/resolv.conf and /etc/hosts of the pod network.
     pub etc_files: Vec<(PathBuf, String)>,
+    /// The hostname and `etc_files` as the agent wrote them for the
+    /// container ([`super::mounts::stage_etc`]).
+    pub staged_etc: Vec<super::mounts::EtcFile>,
     /// `hooks.startContainer`, run in the container just before its
     /// program, as the container's user.
     pub start_hooks: Vec<HookConfig>,
@@ -241,6 +244,7 @@ pub fn container_config(spec: &Spec, rootfs: PathBuf) -> Result<ContainerConfig,
         devices,
         process,
         etc_files: Vec::new(),
+        staged_etc: Vec::new(),
         start_hooks: spec
             .hooks()
             .as_ref()
