@@ -184,6 +184,16 @@ impl Agent {
             out.extend_from_slice(&r.data);
         }
     }
+    /// SIGKILL to the init; its status is 137.
+    fn kill9(&self, id: &str) {
+        let k = SignalProcessRequest {
+            container_id: id.into(),
+            signal: 9,
+            ..Default::default()
+        };
+        self.client.signal_process(t(), &k).unwrap();
+        assert_eq!(self.wait(id, ""), 137);
+    }
     /// create + start + full stdout + status + remove.
     fn run(&self, id: &str, spec: &str) -> (String, i32) {
         self.create(id, spec).unwrap();
@@ -307,13 +317,7 @@ fn exec_signal_state() {
         msg(e),
         r#"exec: "nosuch": executable file not found in $PATH"#
     );
-    let k = SignalProcessRequest {
-        container_id: "sl".into(),
-        signal: 9,
-        ..Default::default()
-    };
-    a.client.signal_process(t(), &k).unwrap();
-    assert_eq!(a.wait("sl", ""), 137);
+    a.kill9("sl");
     let st = a.client.state_container(t(), &a.creq("sl")).unwrap();
     assert_eq!((st.status.as_str(), st.exit_status), ("stopped", 137));
     a.remove("sl");
@@ -424,13 +428,7 @@ fn a_user_namespace_holds_the_init_and_its_execs_and_its_root_is_not_the_hosts()
         "100000",
         "the init as the host sees it"
     );
-    let k = SignalProcessRequest {
-        container_id: "userns-exec".into(),
-        signal: 9,
-        ..Default::default()
-    };
-    a.client.signal_process(t(), &k).unwrap();
-    assert_eq!(a.wait("userns-exec", ""), 137);
+    a.kill9("userns-exec");
     a.remove("userns-exec");
     // Maps the kernel refuses (overlapping ranges) fail the create in one
     // line that names them.
