@@ -114,26 +114,6 @@ fn spec_rule(r: &LinuxDeviceCgroup) -> Result<Rule, Error> {
     })
 }
 
-/// What `rules` decide for a request (the program's semantics, in Rust:
-/// the unit tests hold the program to it).
-pub fn decide(rules: &[Rule], kind: u32, major: u32, minor: u32, access: u32) -> bool {
-    for r in rules.iter().rev() {
-        let device = r.kind.is_none_or(|k| k == kind)
-            && r.major.is_none_or(|m| m == major)
-            && r.minor.is_none_or(|m| m == minor);
-        if !device {
-            continue;
-        }
-        if r.allow && access & !r.access == 0 {
-            return true;
-        }
-        if !r.allow && access & r.access != 0 {
-            return false;
-        }
-    }
-    false
-}
-
 /// One eBPF instruction (`struct bpf_insn`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C)]

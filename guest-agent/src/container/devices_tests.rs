@@ -1,5 +1,24 @@
 use super::*;
 
+/// What `rules` decide for a request: the program's semantics, in Rust.
+fn decide(rules: &[Rule], kind: u32, major: u32, minor: u32, access: u32) -> bool {
+    for r in rules.iter().rev() {
+        let device = r.kind.is_none_or(|k| k == kind)
+            && r.major.is_none_or(|m| m == major)
+            && r.minor.is_none_or(|m| m == minor);
+        if !device {
+            continue;
+        }
+        if r.allow && access & !r.access == 0 {
+            return true;
+        }
+        if !r.allow && access & r.access != 0 {
+            return false;
+        }
+    }
+    false
+}
+
 /// Runs a generated program on one request: the few instructions
 /// [`program`] emits, as the kernel's interpreter runs them.
 fn run(p: &[Insn], kind: u32, major: u32, minor: u32, access: u32) -> bool {

@@ -372,7 +372,18 @@ pub fn stage_etc(cfg: &ContainerConfig, id: &str) -> Result<StagedEtc> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let dir = Path::new("/run/sandboxvm/etc").join(id);
     let io = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
-    for d in [Path::new("/run/sandboxvm"), Path::new("/run/sandboxvm/etc")] {
+    // A leftover of an earlier container of this id goes; the guard
+    // removes this one's whatever fails below.
+    let _ = fs::remove_dir_all(&dir);
+    let mut staged = StagedEtc {
+        dir: dir.clone(),
+        files: Vec::new(),
+    };
+    for d in [
+        Path::new("/run/sandboxvm"),
+        Path::new("/run/sandboxvm/etc"),
+        &dir,
+    ] {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o711)
@@ -380,16 +391,6 @@ pub fn stage_etc(cfg: &ContainerConfig, id: &str) -> Result<StagedEtc> {
             .map_err(|e| io(d, e))?;
         fs::set_permissions(d, fs::Permissions::from_mode(0o711)).map_err(|e| io(d, e))?;
     }
-    let _ = fs::remove_dir_all(&dir);
-    fs::DirBuilder::new()
-        .mode(0o711)
-        .create(&dir)
-        .map_err(|e| io(&dir, e))?;
-    let mut staged = StagedEtc {
-        dir: dir.clone(),
-        files: Vec::new(),
-    };
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o711)).map_err(|e| io(&dir, e))?;
     let hostname = cfg
         .hostname
         .as_ref()

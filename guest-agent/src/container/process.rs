@@ -49,7 +49,7 @@ pub struct Spawned {
     pub sync_rd: File,
 }
 
-fn pipe() -> Result<(File, File), Error> {
+pub(super) fn pipe() -> Result<(File, File), Error> {
     let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| Error::sys("pipe", e))?;
     Ok((File::from(r), File::from(w)))
 }

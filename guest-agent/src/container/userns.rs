@@ -85,6 +85,7 @@ fn map_text(what: &str, map: &[LinuxIdMapping]) -> Result<String, Error> {
 /// namespace with `maps` and makes it root there.
 pub fn enter_new(maps: &IdMaps) -> Result<(), String> {
     let me = nix::unistd::getpid();
+    let pipe = || super::process::pipe().map_err(|e| e.to_string());
     let (go_rd, go_wr) = pipe()?;
     let (err_rd, err_wr) = pipe()?;
     // SAFETY: this process is single-threaded (forked from the agent); the
@@ -118,12 +119,6 @@ pub fn enter_new(maps: &IdMaps) -> Result<(), String> {
     setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
         .map_err(|e| format!("become root (uid 0) in the user namespace: {e}"))?;
     Ok(())
-}
-
-fn pipe() -> Result<(File, File), String> {
-    let (r, w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-    Ok((File::from(r), File::from(w)))
 }
 
 /// The map writer (a child in the guest's user namespace): waits for its
