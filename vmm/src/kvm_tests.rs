@@ -132,6 +132,27 @@ fn serial_output_then_i8042_reset_is_a_clean_reboot() {
 }
 
 #[test]
+fn a_new_vcpus_tsc_runs_on_this_host_and_stays_running_after_a_reset_to_the_hosts_rate() {
+    if !have_kvm() {
+        return;
+    }
+    let kvm = kvm_ioctls::Kvm::new().expect("open /dev/kvm");
+    let vm = kvm.create_vm().expect("create a VM");
+    let vcpu = Vcpu::new(&vm, 0).expect("create a vCPU");
+    // A healthy host: nothing to repair.
+    assert_eq!(
+        crate::arch::tsc::ensure_running(vcpu.fd()).unwrap(),
+        crate::arch::tsc::TscCheck::Running
+    );
+    // The repair itself (the host's own rate) keeps a running TSC running.
+    vcpu.fd().set_tsc_khz(0).expect("KVM_SET_TSC_KHZ 0");
+    assert_eq!(
+        crate::arch::tsc::ensure_running(vcpu.fd()).unwrap(),
+        crate::arch::tsc::TscCheck::Running
+    );
+}
+
+#[test]
 fn unclaimed_ports_read_as_all_ones() {
     if !have_kvm() {
         return;

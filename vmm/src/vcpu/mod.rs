@@ -23,6 +23,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 pub use exit::{handle_exit, VcpuAction, VcpuStop};
 
+use crate::arch::tsc::{self, TscCheck};
 use crate::arch::{msr, regs};
 
 /// Errors from creating, configuring or starting a vCPU.
@@ -37,6 +38,9 @@ pub enum Error {
     /// Setting MSRs failed.
     #[error("vCPU {0}: {1}")]
     Msr(u8, msr::Error),
+    /// KVM does not run its TSC.
+    #[error("vCPU {0}: {1}")]
+    Tsc(u8, tsc::Error),
     /// Setting registers failed.
     #[error("vCPU {0}: {1}")]
     Regs(u8, regs::Error),
@@ -137,6 +141,19 @@ impl Vcpu {
         self.expect_state(VcpuState::Created)?;
         let id = self.id;
         self.fd.set_cpuid2(cpuid).map_err(|e| Error::Cpuid(id, e))?;
+        // Before the boot MSRs: their TSC write must meet the right multiplier.
+        if let TscCheck::Repaired { was_khz, now_khz } =
+            tsc::ensure_running(&self.fd).map_err(|e| Error::Tsc(id, e))?
+        {
+            static ONCE: Once = Once::new();
+            ONCE.call_once(|| {
+                log::warn!(
+                    "the host's KVM gave vCPU {id} a TSC that did not advance (its frequency, \
+                     {was_khz} kHz, was taken before the host's final TSC calibration); set to \
+                     the host's {now_khz} kHz: reload the KVM module to fix the host"
+                )
+            });
+        }
         msr::setup(&self.fd).map_err(|e| Error::Msr(id, e))?;
         let mut lapic = self.fd.get_lapic().map_err(|e| Error::Lapic(id, e))?;
         for (offset, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
