@@ -144,6 +144,11 @@ fn a_new_vcpus_tsc_runs_on_this_host_and_stays_running_after_a_reset_to_the_host
         crate::arch::tsc::ensure_running(vcpu.fd()).unwrap(),
         crate::arch::tsc::TscCheck::Running
     );
+    assert_eq!(
+        crate::host::tsc_trouble(),
+        None,
+        "sandboxvm check would warn"
+    );
     // The repair itself (the host's own rate) keeps a running TSC running.
     vcpu.fd().set_tsc_khz(0).expect("KVM_SET_TSC_KHZ 0");
     assert_eq!(
