@@ -116,17 +116,11 @@ pub fn detect() -> HostKvm {
 /// (see [`crate::arch::tsc`]: a frozen one, which the VMM repairs at every
 /// boot); `None` when it runs or no vCPU can be made to look.
 pub fn tsc_trouble() -> Option<String> {
-    use crate::arch::tsc::{ensure_running, TscCheck};
     let kvm = kvm_ioctls::Kvm::new().ok()?;
     let vm = kvm.create_vm().ok()?;
     let vcpu = vm.create_vcpu(0).ok()?;
-    match ensure_running(&vcpu) {
-        Ok(TscCheck::Running) => None,
-        Ok(TscCheck::Repaired { was_khz, now_khz }) => Some(format!(
-            "this host's KVM gives new vCPUs a TSC that does not advance (it took the TSC \
-             frequency, {was_khz} kHz, before the host's final calibration, {now_khz} kHz): \
-             sandboxvm repairs each vCPU, other VMMs' guests stall; reload the KVM module"
-        )),
+    match crate::arch::tsc::ensure_running(&vcpu) {
+        Ok(check) => check.warning(),
         Err(e) => Some(e.to_string()),
     }
 }

@@ -21,7 +21,8 @@ pub enum Error {
     },
 }
 
-const MSR_IA32_TSC: u32 = 0x10;
+/// The time stamp counter (also read by [`super::tsc`]).
+pub(crate) const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
 const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
 const MSR_IA32_SYSENTER_EIP: u32 = 0x176;

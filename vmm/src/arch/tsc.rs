@@ -21,8 +21,11 @@
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::VcpuFd;
 
-/// The TSC's MSR.
-const MSR_IA32_TSC: u32 = 0x10;
+use super::msr::MSR_IA32_TSC;
+
+/// What to do about a host KVM that freezes vCPU TSCs.
+const REMEDY: &str = "reload the KVM module (modprobe -r kvm_amd kvm_intel; modprobe kvm_amd or \
+                      kvm_intel) once the host's TSC calibration is final";
 
 /// Errors from checking a vCPU's TSC.
 #[derive(Debug, thiserror::Error)]
@@ -34,16 +37,14 @@ pub enum Error {
     #[error(
         "the host's KVM gives vCPUs a TSC that does not advance (dmesg: \"user requested TSC \
          rate below hardware speed\") and refused to reset its frequency ({0}): guest timers \
-         would stall; reload the KVM module (modprobe -r kvm_amd kvm_intel; modprobe kvm_amd \
-         or kvm_intel) once the host's TSC calibration is final"
+         would stall; {REMEDY}"
     )]
     Reset(kvm_ioctls::Error),
     /// It stood still, and still does after the reset.
     #[error(
         "the host's KVM gives vCPUs a TSC that does not advance (dmesg: \"user requested TSC \
          rate below hardware speed\"), also at the host's own frequency: guest timers would \
-         stall; reload the KVM module (modprobe -r kvm_amd kvm_intel; modprobe kvm_amd or \
-         kvm_intel) once the host's TSC calibration is final"
+         stall; {REMEDY}"
     )]
     StillFrozen,
 }
@@ -61,6 +62,21 @@ pub enum TscCheck {
         /// The host's, which it has now.
         now_khz: u32,
     },
+}
+
+impl TscCheck {
+    /// What a repair says (the VMM's warning, `sandboxvm check`'s line):
+    /// `None` when nothing was repaired.
+    pub fn warning(&self) -> Option<String> {
+        match *self {
+            TscCheck::Running => None,
+            TscCheck::Repaired { was_khz, now_khz } => Some(format!(
+                "the host's KVM gives new vCPUs a TSC that does not advance (it took the TSC \
+                 frequency, {was_khz} kHz, before the host's final calibration, {now_khz} kHz): \
+                 sandboxvm sets each vCPU to the host's rate, other VMMs' guests stall; {REMEDY}"
+            )),
+        }
+    }
 }
 
 /// Reads the vCPU's TSC as the VMM sees it (the guest's, before offsets of
@@ -112,5 +128,28 @@ mod tests {
         assert!(!moved(0, 0));
         assert!(moved(5, 6));
         assert!(moved(6, 5));
+    }
+
+    #[test]
+    fn only_a_repair_warns_and_the_warning_names_both_rates_and_the_remedy() {
+        assert_eq!(TscCheck::Running.warning(), None);
+        let w = TscCheck::Repaired {
+            was_khz: 2593500,
+            now_khz: 2596107,
+        }
+        .warning()
+        .unwrap();
+        assert!(w.contains("TSC that does not advance"), "{w}");
+        assert!(
+            w.contains("2593500 kHz") && w.contains("2596107 kHz"),
+            "{w}"
+        );
+        assert!(
+            w.ends_with("once the host's TSC calibration is final"),
+            "{w}"
+        );
+        assert!(Error::StillFrozen
+            .to_string()
+            .contains("modprobe -r kvm_amd"));
     }
 }

@@ -23,8 +23,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 pub use exit::{handle_exit, VcpuAction, VcpuStop};
 
-use crate::arch::tsc::{self, TscCheck};
-use crate::arch::{msr, regs};
+use crate::arch::{msr, regs, tsc};
 
 /// Errors from creating, configuring or starting a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -142,17 +141,10 @@ impl Vcpu {
         let id = self.id;
         self.fd.set_cpuid2(cpuid).map_err(|e| Error::Cpuid(id, e))?;
         // Before the boot MSRs: their TSC write must meet the right multiplier.
-        if let TscCheck::Repaired { was_khz, now_khz } =
-            tsc::ensure_running(&self.fd).map_err(|e| Error::Tsc(id, e))?
-        {
+        let check = tsc::ensure_running(&self.fd).map_err(|e| Error::Tsc(id, e))?;
+        if let Some(warning) = check.warning() {
             static ONCE: Once = Once::new();
-            ONCE.call_once(|| {
-                log::warn!(
-                    "the host's KVM gave vCPU {id} a TSC that did not advance (its frequency, \
-                     {was_khz} kHz, was taken before the host's final TSC calibration); set to \
-                     the host's {now_khz} kHz: reload the KVM module to fix the host"
-                )
-            });
+            ONCE.call_once(|| log::warn!("vCPU {id}: {warning}"));
         }
         msr::setup(&self.fd).map_err(|e| Error::Msr(id, e))?;
         let mut lapic = self.fd.get_lapic().map_err(|e| Error::Lapic(id, e))?;
