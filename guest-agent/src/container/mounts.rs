@@ -44,18 +44,47 @@ fn mnt(
     })
 }
 
+/// Makes the mount point `target` where it is missing. Another container
+/// of the pod can share a volume with this one and keep swapping the entry
+/// (a directory, then a dangling symlink, then nothing): an entry that
+/// appears between the check and the creation is looked at again, a
+/// bounded number of times, before its error is the container's.
 fn ensure_target(target: &Path, is_file: bool) -> Result<()> {
+    const RACES: u32 = 50;
+    let mut tries = 0;
+    loop {
+        match make_target(target, is_file) {
+            Err(e) if raced(&e) && tries < RACES => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            r => return r.map_err(|e| format!("create mount point {}: {e}", target.display())),
+        }
+    }
+}
+
+/// An entry in the way: made by someone else since the check, or a
+/// symlink (never followed to make a file elsewhere).
+fn raced(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::AlreadyExists || e.raw_os_error() == Some(libc::ELOOP)
+}
+
+fn make_target(target: &Path, is_file: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     if target.exists() {
         return Ok(());
     }
-    let err = |e: std::io::Error| format!("create mount point {}: {e}", target.display());
     if is_file {
         if let Some(parent) = target.parent() {
-            fs::create_dir_all(parent).map_err(err)?;
+            fs::create_dir_all(parent)?;
         }
-        fs::File::create(target).map_err(err)?;
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(target)?;
     } else {
-        fs::create_dir_all(target).map_err(err)?;
+        fs::create_dir_all(target)?;
     }
     Ok(())
 }
@@ -493,4 +522,58 @@ fn readonly_path(p: &Path) -> Result<()> {
             | MsFlags::MS_NOEXEC,
         None,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("sbx-mounts-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// Another container of the pod keeps a dangling symlink where the
+    /// mount point goes, then removes it: the mount point is made once
+    /// the entry is gone, and the symlink's target never is.
+    #[test]
+    fn a_mount_point_raced_by_a_symlink_is_made_once_the_entry_goes() {
+        let d = scratch("race");
+        for is_file in [false, true] {
+            let target = d.join(format!("sub{is_file}"));
+            let elsewhere = d.join(format!("elsewhere{is_file}"));
+            symlink(&elsewhere, &target).unwrap();
+            let swap = {
+                let target = target.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(20));
+                    fs::remove_file(&target).unwrap();
+                })
+            };
+            ensure_target(&target, is_file).unwrap();
+            swap.join().unwrap();
+            let made = fs::symlink_metadata(&target).unwrap();
+            assert_eq!(made.is_dir(), !is_file);
+            assert!(!elsewhere.exists(), "followed the symlink");
+        }
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A symlink that stays is a clear error, never followed.
+    #[test]
+    fn a_mount_point_that_stays_a_dangling_symlink_is_refused() {
+        let d = scratch("stays");
+        for is_file in [false, true] {
+            let target = d.join(format!("sub{is_file}"));
+            let elsewhere = d.join(format!("elsewhere{is_file}"));
+            symlink(&elsewhere, &target).unwrap();
+            let e = ensure_target(&target, is_file).unwrap_err();
+            assert!(e.starts_with("create mount point "), "{e}");
+            assert!(!elsewhere.exists(), "followed the symlink");
+        }
+        fs::remove_dir_all(&d).unwrap();
+    }
 }
