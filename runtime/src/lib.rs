@@ -30,3 +30,4 @@ pub mod sockets;
 pub mod timeouts;
 pub mod tty;
 pub mod vm_size;
+pub mod vmm_args;

@@ -259,39 +259,23 @@ impl Sandbox {
         if opts.verbose > 0 {
             cmd.arg(format!("-{}", "v".repeat(opts.verbose.into())));
         }
-        cmd.arg("boot")
-            .arg("--kernel")
-            .arg(&opts.kernel)
-            .arg("--initrd")
-            .arg(&opts.initrd)
-            .arg("--cpus")
-            .arg(opts.vcpus.to_string())
-            .arg("--max-cpus")
-            .arg(size.max_vcpus.to_string())
-            .arg("--memory")
-            .arg(memory_mib.to_string())
-            .arg("--hotplug-memory")
-            .arg(size.hotplug_mib.to_string())
-            .arg("--console-log")
-            .arg(console_log_in(&opts.dir))
-            .arg("--vsock")
-            .arg(vsock_path_in(&opts.dir))
-            .arg("--fs")
-            .arg(
-                vmm::FsConfig {
-                    socket: fs_sock.clone(),
-                    tag: ROOTFS_TAG.into(),
-                }
-                .to_string(),
-            )
-            .arg("--cmdline")
-            .arg(format!("quiet {}", opts.cmdline))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log("vmm.log")?);
-        for dev in sandbox.network.devices() {
-            cmd.arg("--net").arg(dev.to_string());
-        }
+        let mut vm = vmm::VmmConfig::new(&opts.kernel);
+        vm.boot.initrd = Some(opts.initrd.clone());
+        vm.boot.cmdline = format!("quiet {}", opts.cmdline);
+        vm.vcpus = opts.vcpus;
+        vm.max_vcpus = size.max_vcpus;
+        vm.memory_mib = memory_mib;
+        vm.hotplug_mib = size.hotplug_mib;
+        vm.console = vmm::Console::File(console_log_in(&opts.dir));
+        vm.vsock = Some(vmm::VsockConfig {
+            uds: vsock_path_in(&opts.dir),
+        });
+        vm.fs = vec![vmm::FsConfig {
+            socket: fs_sock.clone(),
+            tag: ROOTFS_TAG.into(),
+        }];
+        vm.net = sandbox.network.devices();
+        let mut args = crate::vmm_args::BootArgs::from_config(&vm);
         // vmm.confine = false or SANDBOXVM_VMM_CONFINE=off: the VMM without
         // its jail, own user and seccomp filters, for measuring what they
         // cost (ci/bench-run).
@@ -307,8 +291,14 @@ impl Sandbox {
             );
             cmd.env("SANDBOXVM_VMM_SECCOMP", "off");
         } else {
-            cmd.arg("--jail").arg(&vmm_dir).args(["--user", "auto"]);
+            args.jail = Some(vmm_dir.clone());
+            args.user = Some(vmm::confine::User::Auto);
         }
+        cmd.arg("boot")
+            .args(args.to_argv())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log("vmm.log")?);
         pdeathsig(&mut cmd);
         if let Some(cgroup) = &sandbox.cgroup {
             cgroup.join_on_exec(&mut cmd)?;

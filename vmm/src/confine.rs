@@ -183,6 +183,16 @@ impl User {
     }
 }
 
+/// As [`User`]'s `FromStr` reads it: `auto` or `UID:GID`.
+impl std::fmt::Display for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            User::Auto => f.write_str("auto"),
+            User::Ids { uid, gid } => write!(f, "{uid}:{gid}"),
+        }
+    }
+}
+
 impl std::str::FromStr for User {
     type Err = String;
 
