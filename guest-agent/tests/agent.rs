@@ -489,3 +489,38 @@ fn the_device_filter_lets_through_what_the_rules_allow_and_nothing_else() {
         .unwrap_err());
     assert!(e.contains("linux.resources.devices: access"), "{e}");
 }
+
+/// `linux.rootfsPropagation` is the container root's own: shared shows in
+/// its mountinfo (a bind below / then shows in a bind of /), unbindable
+/// refuses a bind of /, and without it the root is private.
+#[test]
+fn the_rootfs_propagation_is_the_container_roots() {
+    need_root!();
+    let a = start_agent();
+    let probe = [
+        "sh",
+        "-c",
+        r#"busybox awk '$5 == "/" { print ($0 ~ / shared:/) ? "shared" : "not-shared" }' /proc/self/mountinfo;
+           busybox mount --bind / /tmp 2>/dev/null && echo bound || echo refused"#,
+    ];
+    let with = |p: &str| {
+        spec(&probe, "").replace(
+            r#""maskedPaths""#,
+            &format!(r#""rootfsPropagation": "{p}", "maskedPaths""#),
+        )
+    };
+    assert_eq!(
+        a.run("shared", &with("rshared")),
+        ("shared\nbound\n".into(), 0)
+    );
+    assert_eq!(
+        a.run("unbindable", &with("unbindable")),
+        ("not-shared\nrefused\n".into(), 0)
+    );
+    assert_eq!(
+        a.run("private", &spec(&probe, "")),
+        ("not-shared\nbound\n".into(), 0)
+    );
+    let e = msg(a.create("bad", &with("sideways")).unwrap_err());
+    assert!(e.contains("linux.rootfsPropagation \"sideways\""), "{e}");
+}

@@ -48,6 +48,10 @@ pub fn parse(options: &[String]) -> (MsFlags, MsFlags, String) {
     let mut propagation = MsFlags::empty();
     let mut data = Vec::new();
     for o in options {
+        if let Some(p) = propagation_of(o) {
+            propagation = p;
+            continue;
+        }
         let (set, clear) = match o.as_str() {
             "defaults" => (MsFlags::empty(), MsFlags::empty()),
             "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
@@ -72,21 +76,6 @@ pub fn parse(options: &[String]) -> (MsFlags, MsFlags, String) {
             "norelatime" => (MsFlags::empty(), MsFlags::MS_RELATIME),
             "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
             "nostrictatime" => (MsFlags::empty(), MsFlags::MS_STRICTATIME),
-            "private" | "rprivate" | "slave" | "rslave" | "shared" | "rshared" | "unbindable"
-            | "runbindable" => {
-                let p = match o.trim_start_matches('r') {
-                    "private" => MsFlags::MS_PRIVATE,
-                    "slave" => MsFlags::MS_SLAVE,
-                    "shared" => MsFlags::MS_SHARED,
-                    _ => MsFlags::MS_UNBINDABLE,
-                };
-                propagation = p | if o.starts_with('r') {
-                    MsFlags::MS_REC
-                } else {
-                    MsFlags::empty()
-                };
-                continue;
-            }
             other => {
                 data.push(other.to_string());
                 continue;
@@ -95,6 +84,24 @@ pub fn parse(options: &[String]) -> (MsFlags, MsFlags, String) {
         flags = (flags | set) & !clear;
     }
     (flags, propagation, data.join(","))
+}
+
+/// The propagation flags of a mount option or `linux.rootfsPropagation`
+/// value (`private`, `rslave`, `shared`, `runbindable`...); `None` for
+/// anything else.
+pub fn propagation_of(name: &str) -> Option<MsFlags> {
+    let (rec, base) = match name.strip_prefix('r') {
+        Some(base) if !base.is_empty() => (MsFlags::MS_REC, base),
+        _ => (MsFlags::empty(), name),
+    };
+    let p = match base {
+        "private" => MsFlags::MS_PRIVATE,
+        "slave" => MsFlags::MS_SLAVE,
+        "shared" => MsFlags::MS_SHARED,
+        "unbindable" => MsFlags::MS_UNBINDABLE,
+        _ => return None,
+    };
+    Some(p | rec)
 }
 
 #[cfg(test)]
@@ -124,5 +131,16 @@ mod tests {
         assert_eq!(d, "index=off,lowerdir=/a:/b,upperdir=/u,workdir=/w");
         let (f, _, _) = o(&["ro", "rw"]);
         assert_eq!(f, MsFlags::empty());
+        assert_eq!(
+            o(&["runbindable"]).1,
+            MsFlags::MS_UNBINDABLE | MsFlags::MS_REC
+        );
+        assert_eq!(o(&["slave"]).1, MsFlags::MS_SLAVE);
+        assert_eq!(
+            o(&["shared", "rshared"]).1,
+            MsFlags::MS_SHARED | MsFlags::MS_REC
+        );
+        assert_eq!(propagation_of("r"), None);
+        assert_eq!(propagation_of("readonly"), None);
     }
 }

@@ -348,6 +348,13 @@ pub fn setup_rootfs(cfg: &ContainerConfig) -> Result<()> {
         make_device(rootfs, d)?;
     }
     enter_root(rootfs)?;
+    // On the root once it is one (before, a shared root would join the
+    // peer group of the mount it was bound from); private is what it is
+    // already.
+    let p = cfg.root_propagation;
+    if !p.is_empty() && !p.contains(MsFlags::MS_PRIVATE) {
+        mnt(None, Path::new("/"), None, p, None)?;
+    }
     for p in &cfg.masked_paths {
         mask_path(p)?;
     }

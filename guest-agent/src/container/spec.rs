@@ -64,6 +64,9 @@ pub struct MountConfig {
 pub struct ContainerConfig {
     pub rootfs: PathBuf,
     pub readonly_root: bool,
+    /// `linux.rootfsPropagation`, applied to the container's / once it is
+    /// its root (empty: private, as the agent makes every mount first).
+    pub root_propagation: MsFlags,
     pub hostname: Option<String>,
     /// Namespaces to create.
     pub new_ns: CloneFlags,
@@ -226,8 +229,17 @@ pub fn container_config(spec: &Spec, rootfs: PathBuf) -> Result<ContainerConfig,
     for m in spec.mounts().iter().flatten() {
         mounts.push(mount_config(m)?);
     }
+    let root_propagation = match spec.linux().as_ref().and_then(|l| l.rootfs_propagation().as_deref()) {
+        None | Some("") => MsFlags::empty(),
+        Some(p) => protocol::mount_options::propagation_of(p).ok_or_else(|| {
+            Error::InvalidSpec(format!(
+                "linux.rootfsPropagation {p:?}: expected shared, slave, private or unbindable (r... for recursive)"
+            ))
+        })?,
+    };
     Ok(ContainerConfig {
         rootfs,
+        root_propagation,
         readonly_root: spec
             .root()
             .as_ref()
@@ -504,5 +516,35 @@ mod tests {
         ] {
             assert!(sysctl_path(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// `linux.rootfsPropagation` becomes the flags applied to the
+    /// container's root; a value that is none is refused by name.
+    #[test]
+    fn the_rootfs_propagation_is_read_or_refused() {
+        let config = |p: Option<&str>| {
+            let mut spec: Spec = serde_json::from_value(serde_json::json!({
+                "ociVersion": "1.2.0",
+                "process": {"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+                "root": {"path": "rootfs"},
+                "linux": {"rootfsPropagation": p}
+            }))
+            .unwrap();
+            if p.is_none() {
+                spec.set_linux(None);
+            }
+            container_config(&spec, "/r".into())
+        };
+        assert_eq!(config(None).unwrap().root_propagation, MsFlags::empty());
+        assert_eq!(
+            config(Some("rshared")).unwrap().root_propagation,
+            MsFlags::MS_SHARED | MsFlags::MS_REC
+        );
+        assert_eq!(
+            config(Some("unbindable")).unwrap().root_propagation,
+            MsFlags::MS_UNBINDABLE
+        );
+        let e = config(Some("bogus")).unwrap_err().to_string();
+        assert!(e.contains("linux.rootfsPropagation \"bogus\""), "{e}");
     }
 }
