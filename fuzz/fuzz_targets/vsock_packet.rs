@@ -164,17 +164,23 @@ fuzz_target!(|data: &[u8]| {
         head_addr.is_some_and(|a| mem.read_slice(&mut got_raw, GuestAddress(a)).is_ok());
 
     let mut q = VirtqQueues::new(&mem, &mut rxq, &mut txq, None);
-    if let Some(pkt) = q.pop_tx() {
+    let mut decoded = 0;
+    q.pop_tx(&mut |got, data| {
+        decoded += 1;
         assert!(head_readable, "a header decoded from outside guest memory");
-        let want = decode(&got_raw);
-        assert_eq!(pkt.hdr, want, "decoded header");
-        assert_eq!(pkt.data.len(), pkt.hdr.len as usize, "payload length");
-        assert!(pkt.data.len() <= MAX_PKT_DATA, "oversized payload accepted");
-    }
-    assert!(q.pop_tx().is_none(), "one chain, one packet");
+        assert_eq!(*got, decode(&got_raw), "decoded header");
+        let len = data.map_or(0, |d| d.len());
+        assert_eq!(len, got.len as usize, "payload length");
+        assert!(len <= MAX_PKT_DATA, "oversized payload accepted");
+        if let Some(d) = data {
+            let mut bytes = vec![0u8; len];
+            assert_eq!(d.copy_to(&mut bytes[..]), len, "payload readable");
+        }
+    });
+    assert!(decoded <= 1);
+    assert!(!q.pop_tx(&mut |_, _| panic!("one chain, one packet")));
 
     // Push a packet made of the rest of the input back to the guest.
-    let cap = q.rx_capacity();
     let out_len = inp.u16() as usize;
     let out_data = inp.bytes(out_len).to_vec();
     let out = Packet {
@@ -184,23 +190,36 @@ fuzz_target!(|data: &[u8]| {
         },
         data: out_data,
     };
-    if let Some(cap) = cap {
-        assert_eq!(q.rx_capacity(), Some(cap), "rx_capacity consumed a buffer");
-        if out.data.len() <= cap {
-            q.push_rx(&out);
-            drop(q);
-            if rx_shape & 0x40 != 0 {
-                // The payload may have landed anywhere, the used ring too.
-                return;
-            }
-            let (id, len) = used_entry(&mem, &rxq, 0).unwrap();
-            assert_eq!(id, 0);
-            assert!(len == 0 || len as usize == HDR_LEN + out.data.len());
-            if len != 0 {
-                let mut back = [0u8; HDR_LEN];
-                mem.read_slice(&mut back, GuestAddress(rx_hdr_at)).unwrap();
-                assert_eq!(decode(&back), out.hdr, "rx header round trip");
-            }
-        }
+    let mut cap = None;
+    let declined = q.push_rx(&mut |room| {
+        cap = Some(room.len());
+        None
+    });
+    assert_eq!(declined.is_some(), cap.is_some());
+    let Some(cap) = cap else {
+        return;
+    };
+    let filled = q.push_rx(&mut |room| {
+        assert_eq!(Some(room.len()), Some(cap), "declining consumed a buffer");
+        (out.data.len() <= cap).then(|| {
+            room.copy_from(&out.data[..]);
+            out.hdr
+        })
+    });
+    if filled != Some(true) {
+        return;
+    }
+    drop(q);
+    if rx_shape & 0x40 != 0 {
+        // The payload may have landed anywhere, the used ring too.
+        return;
+    }
+    let (id, len) = used_entry(&mem, &rxq, 0).unwrap();
+    assert_eq!(id, 0);
+    assert!(len == 0 || len as usize == HDR_LEN + out.data.len());
+    if len != 0 {
+        let mut back = [0u8; HDR_LEN];
+        mem.read_slice(&mut back, GuestAddress(rx_hdr_at)).unwrap();
+        assert_eq!(decode(&back), out.hdr, "rx header round trip");
     }
 });

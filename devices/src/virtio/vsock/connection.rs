@@ -4,11 +4,14 @@
 //! 1.x 5.10.6.3): it never sends the guest more than the guest's credit
 //! (`buf_alloc - (rx_cnt - fwd_cnt)`), and it advertises a buffer of
 //! [`CONN_BUF_ALLOC`] bytes that holds what the guest sent and the host
-//! socket has not taken yet. Host → guest data is read from the (nonblocking)
-//! socket only when a packet can carry it, so nothing is buffered that way.
+//! socket has not taken yet. Guest → host data is sent from the guest's
+//! buffer and copied only for what the socket does not take at once; host
+//! → guest data is read from the (nonblocking) socket straight into the
+//! guest's rx buffer, only when a packet can carry it, so nothing is
+//! buffered that way.
 
 use std::collections::VecDeque;
-use std::io::{self, Read};
+use std::io;
 use std::net::Shutdown;
 use std::num::Wrapping;
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -16,7 +19,7 @@ use std::os::unix::net::UnixStream;
 
 use log::debug;
 
-use super::packet::{op, Header, Packet, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
+use super::packet::{op, Header, Payload, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 
 /// The receive buffer we advertise per connection.
 pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
@@ -232,9 +235,10 @@ impl Connection {
         }
     }
 
-    /// A packet from the guest for this connection.
-    pub fn guest_packet(&mut self, pkt: Packet) {
-        let hdr = pkt.hdr;
+    /// A packet from the guest for this connection, its payload (RW) in
+    /// the guest's buffer.
+    pub fn guest_packet(&mut self, hdr: &Header, data: Option<&Payload<'_>>) {
+        let hdr = *hdr;
         if self.state == State::Closed {
             return;
         }
@@ -246,7 +250,8 @@ impl Connection {
                 self.flush_tx();
             }
             op::RW if self.state == State::Established && self.peer_shut & SHUTDOWN_SEND == 0 => {
-                if self.tx_buf.len() + pkt.data.len() > CONN_BUF_ALLOC as usize {
+                let len = data.map_or(0, |d| d.len());
+                if self.tx_buf.len() + len > CONN_BUF_ALLOC as usize {
                     debug!(
                         "vsock: guest overran its credit on port {}",
                         self.local_port
@@ -254,7 +259,9 @@ impl Connection {
                     self.reset();
                     return;
                 }
-                self.tx_buf.extend(pkt.data.iter());
+                if let Some(data) = data {
+                    self.take_guest_data(data);
+                }
                 self.flush_tx();
             }
             op::CREDIT_UPDATE => {}
@@ -272,6 +279,42 @@ impl Connection {
                 debug!("vsock: unexpected op {} in state {:?}", hdr.op, self.state);
                 self.reset();
             }
+        }
+    }
+
+    /// Sends `data` (an RW payload in the guest's buffer) to the host
+    /// socket straight from guest memory when nothing is waiting before
+    /// it; what the socket does not take now is copied into `tx_buf`.
+    fn take_guest_data(&mut self, data: &Payload<'_>) {
+        let mut sent = 0;
+        if self.preface.is_empty() && self.tx_buf.is_empty() {
+            while sent < data.len() {
+                let guard = data.ptr_guard();
+                // SAFETY: `guard` points at `data.len()` bytes of mapped
+                // guest memory that stay mapped while it lives, and `sent`
+                // is below that length: the rest is readable for the call.
+                // Only the kernel reads it (the guest may change it
+                // meanwhile: its own data; no Rust reference is made).
+                let r = unsafe {
+                    send_raw_nosignal(&self.stream, guard.as_ptr().add(sent), data.len() - sent)
+                };
+                match r {
+                    Ok(n) => {
+                        sent += n;
+                        self.fwd_cnt += n as u32;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return self.reset(),
+                }
+            }
+        }
+        if sent < data.len() {
+            let mut rest = vec![0u8; data.len() - sent];
+            if let Ok(tail) = data.offset(sent) {
+                tail.copy_to(&mut rest[..]);
+            }
+            self.tx_buf.extend(rest.iter());
         }
     }
 
@@ -337,74 +380,82 @@ impl Connection {
         }
     }
 
-    /// The next packet for the guest, whose rx buffer holds `capacity`
-    /// bytes of payload; `None` if there is nothing to send.
-    pub fn next_rx(&mut self, capacity: usize) -> Option<Packet> {
+    /// The next packet for the guest, whose rx buffer has `buf` for its
+    /// payload (written there); `None` if there is nothing to send.
+    pub fn next_rx(&mut self, buf: &Payload<'_>) -> Option<Header> {
         if self.send_rst {
             self.send_rst = false;
-            return Some(Packet::control(self.header(op::RST)));
+            return Some(self.header(op::RST));
         }
         if self.state == State::Closed {
             return None;
         }
         if self.send_request {
             self.send_request = false;
-            return Some(Packet::control(self.header(op::REQUEST)));
+            return Some(self.header(op::REQUEST));
         }
         if self.send_response {
             self.send_response = false;
-            return Some(Packet::control(self.header(op::RESPONSE)));
+            return Some(self.header(op::RESPONSE));
         }
         if self.can_send_data() {
-            let n = capacity.min(self.peer_credit() as usize).min(MAX_PKT_DATA);
+            let n = buf.len().min(self.peer_credit() as usize).min(MAX_PKT_DATA);
             if n > 0 {
-                if let Some(pkt) = self.read_host(n) {
-                    return Some(pkt);
+                if let Some(hdr) = self.read_host(buf, n) {
+                    return Some(hdr);
                 }
             }
         }
         if self.state == State::Closed {
-            return self.next_rx(capacity); // a read error queued an RST
+            return self.next_rx(buf); // a read error queued an RST
         }
         if self.send_shutdown {
             self.send_shutdown = false;
             let mut hdr = self.header(op::SHUTDOWN);
             hdr.flags = SHUTDOWN_SEND;
             self.check_both_closed();
-            return Some(Packet::control(hdr));
+            return Some(hdr);
         }
         if self.send_credit_update {
             self.send_credit_update = false;
-            return Some(Packet::control(self.header(op::CREDIT_UPDATE)));
+            return Some(self.header(op::CREDIT_UPDATE));
         }
         None
     }
 
-    /// Reads up to `n` bytes from the host socket into an RW packet.
-    fn read_host(&mut self, n: usize) -> Option<Packet> {
-        let mut data = vec![0u8; n];
+    /// Reads up to `n` bytes (at most `buf.len()`) from the host socket
+    /// straight into `buf`; the RW header for them.
+    fn read_host(&mut self, buf: &Payload<'_>, n: usize) -> Option<Header> {
+        let n = n.min(buf.len());
         loop {
-            match self.stream.read(&mut data) {
-                Ok(0) => {
+            let guard = buf.ptr_guard_mut();
+            // SAFETY: `guard` points at `buf.len()` bytes of mapped guest
+            // memory (at least `n`) that stay mapped while it lives; the
+            // kernel writes at most `n` of them, and the fd is owned by
+            // `self.stream`.
+            let got = unsafe { libc::read(self.stream.as_raw_fd(), guard.as_ptr().cast(), n) };
+            if got >= 0 {
+                let len = got as usize;
+                if len == 0 {
                     self.host_readable = false;
                     self.host_eof = true;
                     self.send_shutdown = true;
                     return None;
                 }
-                Ok(len) => {
-                    data.truncate(len);
-                    self.rx_cnt += len as u32;
-                    self.send_credit_update = false; // the header carries fwd_cnt
-                    let mut hdr = self.header(op::RW);
-                    hdr.len = len as u32;
-                    return Some(Packet { hdr, data });
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.rx_cnt += len as u32;
+                self.send_credit_update = false; // the header carries fwd_cnt
+                let mut hdr = self.header(op::RW);
+                hdr.len = len as u32;
+                return Some(hdr);
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => {
                     self.host_readable = false;
                     return None;
                 }
-                Err(e) => {
+                _ => {
                     debug!(
                         "vsock: reading host socket of port {}: {e}",
                         self.local_port
@@ -420,16 +471,19 @@ impl Connection {
 /// `send(2)` with `MSG_NOSIGNAL`: a host peer that went away gives `EPIPE`,
 /// never a `SIGPIPE` (whatever the process's signal disposition).
 fn send_nosignal(stream: &UnixStream, buf: &[u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the whole
-    // call, and the fd is owned by `stream`, which outlives the call.
-    let n = unsafe {
-        libc::send(
-            stream.as_raw_fd(),
-            buf.as_ptr().cast(),
-            buf.len(),
-            libc::MSG_NOSIGNAL,
-        )
-    };
+    // SAFETY: `buf` is readable for its length for the whole call.
+    unsafe { send_raw_nosignal(stream, buf.as_ptr(), buf.len()) }
+}
+
+/// [`send_nosignal`] of `len` bytes at `ptr` (guest memory, read by the
+/// kernel alone).
+///
+/// # Safety
+/// `ptr` must be valid for reads of `len` bytes for the whole call.
+unsafe fn send_raw_nosignal(stream: &UnixStream, ptr: *const u8, len: usize) -> io::Result<usize> {
+    // SAFETY: `ptr` is readable for `len` bytes (the caller's contract), and
+    // the fd is owned by `stream`, which outlives the call.
+    let n = unsafe { libc::send(stream.as_raw_fd(), ptr.cast(), len, libc::MSG_NOSIGNAL) };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {

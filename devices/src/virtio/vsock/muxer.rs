@@ -26,7 +26,7 @@ use log::debug;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::connection::Connection;
-use super::packet::{op, Header, Packet, HOST_CID, TYPE_STREAM};
+use super::packet::{op, Header, Payload, HOST_CID, TYPE_STREAM};
 
 /// Local ports for host-initiated connections start here.
 pub const LOCAL_PORT_BASE: u32 = 1 << 30;
@@ -58,16 +58,19 @@ pub enum Error {
     Epoll(io::Error),
 }
 
-/// The guest's side: its tx and rx queues.
+/// The guest's side: its tx and rx queues. Payloads stay in the guest's
+/// buffers: the muxer sends from them and reads into them.
 pub trait GuestQueues {
-    /// The next packet the guest sent, if any.
-    fn pop_tx(&mut self) -> Option<Packet>;
-    /// The payload capacity of the next rx buffer; `None` if the guest
-    /// has none.
-    fn rx_capacity(&mut self) -> Option<usize>;
-    /// Puts `pkt` into the next rx buffer (`pkt.data` fits in
-    /// [`Self::rx_capacity`]).
-    fn push_rx(&mut self, pkt: &Packet);
+    /// Hands the guest's next packet to `f` (its header, and its payload
+    /// in the guest's buffer when it has one), then gives the buffer back
+    /// to the guest; `false` when the guest sent nothing more.
+    fn pop_tx(&mut self, f: &mut dyn FnMut(&Header, Option<&Payload<'_>>)) -> bool;
+    /// Offers the payload room of the guest's next rx buffer to `f`, which
+    /// writes a payload at its start and returns the packet's header
+    /// (`len`: the bytes it wrote), or `None` to leave the buffer for
+    /// later. `None` when the guest has no rx buffer, else whether `f`
+    /// filled it.
+    fn push_rx(&mut self, f: &mut dyn FnMut(&Payload<'_>) -> Option<Header>) -> Option<bool>;
     /// Interrupts the guest if buffers were used.
     fn notify(&mut self);
 }
@@ -104,7 +107,7 @@ pub struct Muxer {
     /// Connections with a packet for the guest, served round-robin.
     rxq: VecDeque<ConnKey>,
     /// RSTs for packets that match no connection.
-    orphan_rsts: VecDeque<Packet>,
+    orphan_rsts: VecDeque<Header>,
 }
 
 impl Muxer {
@@ -189,16 +192,14 @@ impl Muxer {
     /// Does all pending work: the guest's packets, host socket events,
     /// then the rx queue; interrupts the guest if buffers were used.
     pub fn process<Q: GuestQueues>(&mut self, queues: &mut Q) {
-        while let Some(pkt) = queues.pop_tx() {
-            self.guest_packet(pkt);
-        }
+        while queues.pop_tx(&mut |hdr, data| self.guest_packet(hdr, data)) {}
         self.host_events();
         self.fill_rx(queues);
         queues.notify();
     }
 
-    fn guest_packet(&mut self, pkt: Packet) {
-        let hdr = pkt.hdr;
+    fn guest_packet(&mut self, hdr: &Header, data: Option<&Payload<'_>>) {
+        let hdr = *hdr;
         if hdr.src_cid != self.guest_cid || hdr.dst_cid != HOST_CID {
             warn!(
                 "vsock: dropped packet {} -> {} (guest is {})",
@@ -214,7 +215,7 @@ impl Muxer {
             return;
         }
         if let Some(conn) = self.conns.get_mut(&key) {
-            conn.guest_packet(pkt);
+            conn.guest_packet(&hdr, data);
             self.update(key);
         } else if hdr.op == op::REQUEST && self.full() {
             warn!("vsock: the guest has {MAX_CONNECTIONS} connections; refusing more");
@@ -246,7 +247,7 @@ impl Muxer {
     /// Queues a reset answering `hdr`, unless [`MAX_ORPHAN_RSTS`] wait already.
     fn queue_rst(&mut self, hdr: &Header) {
         if self.orphan_rsts.len() < MAX_ORPHAN_RSTS {
-            self.orphan_rsts.push_back(Packet::reply_to(hdr, op::RST));
+            self.orphan_rsts.push_back(Header::reply_to(hdr, op::RST));
         } else {
             warn!("vsock: {MAX_ORPHAN_RSTS} resets wait for rx buffers; dropping more");
         }
@@ -437,33 +438,34 @@ impl Muxer {
         }
     }
 
-    /// Fills rx buffers: one packet per connection per turn.
+    /// Fills rx buffers: pending resets first, then one packet per
+    /// connection per turn, until the guest has no buffer or no
+    /// connection has anything to send.
     fn fill_rx<Q: GuestQueues>(&mut self, queues: &mut Q) {
-        let mut misses = 0;
-        while let Some(capacity) = queues.rx_capacity() {
-            if let Some(pkt) = self.orphan_rsts.pop_front() {
-                queues.push_rx(&pkt);
-                continue;
-            }
-            if misses > self.rxq.len() {
-                break;
-            }
-            let Some(key) = self.rxq.pop_front() else {
-                break;
-            };
+        while queues.push_rx(&mut |buf| self.next_rx(buf)) == Some(true) {}
+    }
+
+    /// The next packet for the guest, its payload written into `buf`.
+    fn next_rx(&mut self, buf: &Payload<'_>) -> Option<Header> {
+        if let Some(rst) = self.orphan_rsts.pop_front() {
+            return Some(rst);
+        }
+        // Each queued connection gets one try: one with nothing to send
+        // after all (a host read that found nothing) is dropped from the
+        // queue until its socket wakes it again.
+        for _ in 0..self.rxq.len() {
+            let key = self.rxq.pop_front()?;
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
             };
             conn.in_rxq = false;
-            match conn.next_rx(capacity) {
-                Some(pkt) => {
-                    misses = 0;
-                    queues.push_rx(&pkt);
-                }
-                None => misses += 1,
-            }
+            let hdr = conn.next_rx(buf);
             self.update(key);
+            if hdr.is_some() {
+                return hdr;
+            }
         }
+        None
     }
 }
 

@@ -1,5 +1,6 @@
-//! vsock packets as the muxer sees them: a decoded header and the payload,
-//! copied out of (or into) guest memory by a [`super::GuestQueues`].
+//! vsock packets as the muxer sees them: a decoded header, and the payload
+//! where it lies in guest memory ([`Payload`]): the host socket is written
+//! from it and read into it, with no copy in between.
 
 /// The host's CID.
 pub const HOST_CID: u64 = 2;
@@ -54,27 +55,15 @@ pub struct Header {
     pub fwd_cnt: u32,
 }
 
-/// A packet: header and payload (`hdr.len == data.len()`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Packet {
-    /// The header.
-    pub hdr: Header,
-    /// The payload (RW packets only).
-    pub data: Vec<u8>,
-}
+/// A payload where it lies: in guest memory (in tests, a buffer). The
+/// guest may change it at any time, so only volatile copies and system
+/// calls touch it, never a Rust reference.
+pub type Payload<'a> = vm_memory::VolatileSlice<'a, ()>;
 
-impl Packet {
-    /// A packet with no payload.
-    pub fn control(hdr: Header) -> Self {
-        Packet {
-            hdr: Header { len: 0, ..hdr },
-            data: Vec::new(),
-        }
-    }
-
-    /// The reply to `pkt` with the addresses swapped and `op`.
-    pub fn reply_to(pkt: &Header, op: u16) -> Self {
-        Packet::control(Header {
+impl Header {
+    /// The reply to `pkt` with the addresses swapped and `op`, no payload.
+    pub fn reply_to(pkt: &Header, op: u16) -> Header {
+        Header {
             src_cid: pkt.dst_cid,
             dst_cid: pkt.src_cid,
             src_port: pkt.dst_port,
@@ -82,6 +71,16 @@ impl Packet {
             type_: TYPE_STREAM,
             op,
             ..Header::default()
-        })
+        }
     }
+}
+
+/// A packet with its payload in a buffer of its own (`hdr.len ==
+/// data.len()`): what tests and fuzzers play the guest with.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Packet {
+    /// The header.
+    pub hdr: Header,
+    /// The payload (RW packets only).
+    pub data: Vec<u8>,
 }

@@ -14,7 +14,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::connection::MAX_PKT_DATA;
 use super::muxer::{GuestQueues, Muxer};
-use super::packet::{Header, Packet};
+use super::packet::{Header, Payload};
 use crate::virtio::worker::{EpollCtl, EventHandler, EventSet};
 use crate::virtio::{ActiveQueue, VirtioInterrupt};
 
@@ -57,7 +57,13 @@ impl<'a> VirtqQueues<'a> {
         }
     }
 
-    fn read_tx(&mut self) -> Option<Result<Packet, Error>> {
+    /// Decodes the guest's next tx packet and hands it to `f` (its payload
+    /// in guest memory); the chain goes back to the guest afterwards,
+    /// whether it held a packet or garbage.
+    fn read_tx(
+        &mut self,
+        f: &mut dyn FnMut(&Header, Option<&Payload<'_>>),
+    ) -> Option<Result<(), Error>> {
         let mut chain = self.tx.pop_descriptor_chain(self.mem)?;
         let head = chain.head_index();
         let result = VsockPacket::from_tx_virtq_chain(self.mem, &mut chain, MAX_PKT_DATA as u32)
@@ -75,13 +81,17 @@ impl<'a> VirtqQueues<'a> {
                     buf_alloc: pkt.buf_alloc(),
                     fwd_cnt: pkt.fwd_cnt(),
                 };
-                let mut data = vec![0u8; pkt.len() as usize];
-                if let Some(slice) = pkt.data_slice() {
-                    slice
-                        .read_slice(&mut data, 0)
-                        .map_err(|e| Error::Memory(e.to_string()))?;
-                }
-                Ok(Packet { hdr, data })
+                let data = match (pkt.data_slice(), hdr.len) {
+                    (_, 0) => None,
+                    (Some(slice), len) => Some(
+                        slice
+                            .subslice(0, len as usize)
+                            .map_err(|e| Error::Memory(e.to_string()))?,
+                    ),
+                    (None, _) => return Err(Error::Memory("payload without a buffer".into())),
+                };
+                f(&hdr, data.as_ref());
+                Ok(())
             });
         if let Err(e) = self.tx.add_used(self.mem, head, 0) {
             error!("vsock: tx add_used: {e}");
@@ -90,81 +100,83 @@ impl<'a> VirtqQueues<'a> {
         Some(result)
     }
 
-    fn write_rx(&mut self, pkt: &Packet) -> Result<u32, Error> {
-        let mut chain = self
-            .rx
-            .pop_descriptor_chain(self.mem)
-            .ok_or_else(|| Error::Memory("no rx buffer".into()))?;
-        let head = chain.head_index();
-        let result = (|| {
-            let mut v = VsockPacket::from_rx_virtq_chain(self.mem, &mut chain, u32::MAX)
-                .map_err(Error::Packet)?;
+    /// Offers the next usable rx chain's payload room to `f` and writes the
+    /// header it returns; the chain is used only then. Unusable chains are
+    /// given back empty on the way.
+    fn write_rx(
+        &mut self,
+        f: &mut dyn FnMut(&Payload<'_>) -> Option<Header>,
+    ) -> Option<Result<bool, Error>> {
+        loop {
+            let mut chain = self.rx.pop_descriptor_chain(self.mem)?;
+            let head = chain.head_index();
+            let mut v = match VsockPacket::from_rx_virtq_chain(self.mem, &mut chain, u32::MAX) {
+                Ok(v) => v,
+                Err(e) => {
+                    warn!("vsock: unusable rx buffer: {e}");
+                    self.used_rx(head, 0);
+                    continue;
+                }
+            };
+            let mut none = [0u8; 0];
+            let empty = Payload::from(&mut none[..]);
+            let room = v.data_slice().copied().unwrap_or(empty);
+            let Some(h) = f(&room) else {
+                self.rx.go_to_previous_position();
+                return Some(Ok(false));
+            };
             let mem_err = |e: vm_memory::VolatileMemoryError| Error::Memory(e.to_string());
-            v.header_slice()
+            let result = v
+                .header_slice()
                 .write_slice(&[0u8; PKT_HEADER_SIZE], 0)
-                .map_err(mem_err)?;
-            let h = &pkt.hdr;
-            v.set_src_cid(h.src_cid)
-                .set_dst_cid(h.dst_cid)
-                .set_src_port(h.src_port)
-                .set_dst_port(h.dst_port)
-                .set_type(h.type_)
-                .set_op(h.op)
-                .set_flags(h.flags)
-                .set_buf_alloc(h.buf_alloc)
-                .set_fwd_cnt(h.fwd_cnt)
-                .set_len(pkt.data.len() as u32);
-            if !pkt.data.is_empty() {
-                let slice = v
-                    .data_slice()
-                    .ok_or_else(|| Error::Memory("rx buffer without room for data".into()))?;
-                slice.write_slice(&pkt.data, 0).map_err(mem_err)?;
-            }
-            Ok((PKT_HEADER_SIZE + pkt.data.len()) as u32)
-        })();
-        let len = *result.as_ref().unwrap_or(&0);
+                .map_err(mem_err)
+                .map(|()| {
+                    v.set_src_cid(h.src_cid)
+                        .set_dst_cid(h.dst_cid)
+                        .set_src_port(h.src_port)
+                        .set_dst_port(h.dst_port)
+                        .set_type(h.type_)
+                        .set_op(h.op)
+                        .set_flags(h.flags)
+                        .set_buf_alloc(h.buf_alloc)
+                        .set_fwd_cnt(h.fwd_cnt)
+                        .set_len(h.len);
+                });
+            let len = match result {
+                Ok(()) => PKT_HEADER_SIZE as u32 + h.len,
+                Err(_) => 0,
+            };
+            self.used_rx(head, len);
+            return Some(result.map(|()| true));
+        }
+    }
+
+    fn used_rx(&mut self, head: u16, len: u32) {
         if let Err(e) = self.rx.add_used(self.mem, head, len) {
             error!("vsock: rx add_used: {e}");
         }
         self.rx_used = true;
-        result
     }
 }
 
 impl GuestQueues for VirtqQueues<'_> {
-    fn pop_tx(&mut self) -> Option<Packet> {
+    fn pop_tx(&mut self, f: &mut dyn FnMut(&Header, Option<&Payload<'_>>)) -> bool {
         loop {
-            match self.read_tx()? {
-                Ok(pkt) => return Some(pkt),
-                Err(e) => warn!("vsock: tx: {e}"),
+            match self.read_tx(f) {
+                None => return false,
+                Some(Ok(())) => return true,
+                Some(Err(e)) => warn!("vsock: tx: {e}"),
             }
         }
     }
 
-    fn rx_capacity(&mut self) -> Option<usize> {
-        loop {
-            let mut chain = self.rx.pop_descriptor_chain(self.mem)?;
-            let head = chain.head_index();
-            match VsockPacket::from_rx_virtq_chain(self.mem, &mut chain, u32::MAX) {
-                Ok(pkt) => {
-                    let cap = pkt.data_slice().map_or(0, |s| s.len());
-                    self.rx.go_to_previous_position();
-                    return Some(cap);
-                }
-                Err(e) => {
-                    warn!("vsock: unusable rx buffer: {e}");
-                    if let Err(e) = self.rx.add_used(self.mem, head, 0) {
-                        error!("vsock: rx add_used: {e}");
-                    }
-                    self.rx_used = true;
-                }
+    fn push_rx(&mut self, f: &mut dyn FnMut(&Payload<'_>) -> Option<Header>) -> Option<bool> {
+        match self.write_rx(f)? {
+            Ok(filled) => Some(filled),
+            Err(e) => {
+                warn!("vsock: rx: {e}");
+                Some(true)
             }
-        }
-    }
-
-    fn push_rx(&mut self, pkt: &Packet) {
-        if let Err(e) = self.write_rx(pkt) {
-            warn!("vsock: rx: {e}");
         }
     }
 
@@ -262,6 +274,7 @@ mod tests {
     use vm_memory::{Address, GuestAddress};
 
     use super::*;
+    use crate::virtio::vsock::packet::Packet;
 
     fn header_bytes(h: &Header) -> Vec<u8> {
         let mut b = Vec::new();
@@ -320,13 +333,34 @@ mod tests {
         let irq = VirtioInterrupt::new(vmm_sys_util::eventfd::EventFd::new(0).unwrap());
         let mut q = VirtqQueues::new(&mem, &mut rx, &mut tx, Some(&irq));
 
-        let pkt = q.pop_tx().unwrap();
-        assert_eq!(pkt.hdr, hdr);
-        assert_eq!(pkt.data, b"hello");
-        assert!(q.pop_tx().is_none());
+        let mut got = Vec::new();
+        assert!(q.pop_tx(&mut |h, data| {
+            let mut bytes = vec![0u8; data.map_or(0, |d| d.len())];
+            if let Some(d) = data {
+                d.copy_to(&mut bytes[..]);
+            }
+            got.push(Packet {
+                hdr: *h,
+                data: bytes,
+            });
+        }));
+        assert_eq!(
+            got,
+            [Packet {
+                hdr,
+                data: b"hello".to_vec()
+            }]
+        );
+        assert!(!q.pop_tx(&mut |_, _| panic!("one chain, one packet")));
 
-        assert_eq!(q.rx_capacity(), Some(4096));
-        assert_eq!(q.rx_capacity(), Some(4096)); // peeking does not consume
+        // Declining a buffer leaves it to the next call.
+        for _ in 0..2 {
+            let declined = q.push_rx(&mut |room| {
+                assert_eq!(room.len(), 4096);
+                None
+            });
+            assert_eq!(declined, Some(false));
+        }
         let out = Packet {
             hdr: Header {
                 src_cid: 2,
@@ -338,8 +372,12 @@ mod tests {
             },
             data: b"abc".to_vec(),
         };
-        q.push_rx(&out);
-        assert_eq!(q.rx_capacity(), None);
+        let filled = q.push_rx(&mut |room| {
+            room.copy_from(&out.data[..]);
+            Some(out.hdr)
+        });
+        assert_eq!(filled, Some(true));
+        assert_eq!(q.push_rx(&mut |_| panic!("no buffer left")), None);
         q.notify();
         assert_eq!(irq.status(), crate::virtio::INT_VRING);
 
