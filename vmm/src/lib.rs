@@ -172,9 +172,17 @@ impl Vmm {
                 arch::mptable::MAX_CPUS
             )));
         }
+        // How long each part of the build took, for the "VM ready" line.
+        let mut phases: Vec<(&str, u128)> = Vec::new();
+        let mut since = Instant::now();
+        let mut phase = |name| {
+            phases.push((name, since.elapsed().as_millis()));
+            since = Instant::now();
+        };
         let ram = memory::create(config.memory_mib, config.hotplug_mib)?;
         let kvm = Kvm::new().map_err(vm::Error::OpenKvm)?;
         let vm = vm::create(&kvm, &ram.memory, all_vcpus)?;
+        phase("memory and VM");
 
         let events_err = |e: std::io::Error| Error::Events(e.to_string());
         let power_off_evt = EventFd::new(EFD_NONBLOCK).map_err(events_err)?;
@@ -234,13 +242,16 @@ impl Vmm {
         let base_cpuid = arch::cpuid::supported(&kvm)?;
         let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
         let mut vcpus = Vec::with_capacity(usize::from(all_vcpus));
+        phase("devices");
         match payload {
             Payload::Kernel(boot) => {
                 let kernel = boot::load_kernel(&ram.memory, &boot.kernel)?;
+                phase("kernel");
                 let initrd = match &boot.initrd {
                     Some(path) => Some(boot::load_initrd(&ram.memory, ram.size, &kernel, path)?),
                     None => None,
                 };
+                phase("initrd");
                 let cmdline = boot::build_cmdline(
                     &format!("{} {device_cmdline}", config::DEFAULT_CMDLINE),
                     &boot.cmdline,
@@ -265,9 +276,12 @@ impl Vmm {
                 vcpus.push(vcpu);
             }
         }
+        phase("vCPUs");
+        let phases: Vec<String> = phases.iter().map(|(n, ms)| format!("{n} {ms}")).collect();
         log::info!(
-            "VM ready in {} ms: {} vCPU(s) of {all_vcpus}, {} MiB + {} MiB to add{}",
+            "VM ready in {} ms ({} ms): {} vCPU(s) of {all_vcpus}, {} MiB + {} MiB to add{}",
             created.elapsed().as_millis(),
+            phases.join(", "),
             config.vcpus,
             config.memory_mib,
             config.hotplug_mib,
