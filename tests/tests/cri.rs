@@ -514,6 +514,13 @@ try_nc() { for i in $(seq 100); do busybox nc -w 5 "$@" </dev/null && return 0; 
 step by_ip try_nc $IP 8080
 step nat_rules iptables -t nat -S
 step by_host_port try_nc 10.88.7.1 18080
+# Pod network stats as the kubelet gets them (cAdvisor from the pod's
+# processes, the VMM among them; containerd's PodSandboxStats from the
+# pod's network namespace): the pod namespace's eth0, which carries what
+# the guest's eth0 does, beside the guest's own counters.
+NS=$(ls /var/run/netns | grep '^cni-' | head -n1)
+step net_host sh -c "cat /proc/\$(pgrep -f ' boot --kernel' | head -n1)/net/dev | grep ' eth0:'; ip -n $NS -s -o link show eth0"
+step net_guest $CC exec "$C" -- sh -c 'cat /sys/class/net/eth0/statistics/rx_bytes /sys/class/net/eth0/statistics/tx_bytes'
 step rules_during sh -c 'iptables -t nat -S | grep -c 18080'
 step stop $CC stop "$C" --timeout 1
 step remove $CC remove "$C"
@@ -548,6 +555,36 @@ step left leftovers
     assert!(
         ok(&r, "rules_during").parse::<u32>().unwrap_or(0) > 0,
         "portmap's DNAT rules"
+    );
+    // /proc/net/dev of the VMM (what cAdvisor reads for the pod): eth0's
+    // received and sent bytes, the guest's traffic; the guest's own
+    // counters agree within ARP and the like.
+    let host = ok(&r, "net_host");
+    let dev: Vec<u64> = host
+        .lines()
+        .next()
+        .and_then(|l| l.split_once("eth0:"))
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(dev.len() >= 9, "no eth0 in the VMM's /proc/net/dev: {host}");
+    let (host_rx, host_tx) = (dev[0], dev[8]);
+    let guest: Vec<u64> = ok(&r, "net_guest")
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    assert_eq!(guest.len(), 2, "{}", r.tail());
+    let (guest_rx, guest_tx) = (guest[0], guest[1]);
+    assert!(host_rx > 0 && host_tx > 0, "{host}");
+    // The pod's eth0 receives what goes to the guest and sends what the
+    // guest sends.
+    let close = |a: u64, b: u64| a.max(b) - a.min(b) <= a.max(b) / 2 + 4096;
+    assert!(
+        close(host_rx, guest_rx) && close(host_tx, guest_tx),
+        "pod eth0 rx/tx {host_rx}/{host_tx}, guest eth0 rx/tx {guest_rx}/{guest_tx}"
     );
     // CNI DEL on StopPodSandbox: the rules and the address are gone.
     assert_eq!(ok(&r, "rules_after"), "0", "{}", r.tail());
