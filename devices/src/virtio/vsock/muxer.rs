@@ -450,9 +450,9 @@ impl Muxer {
         if let Some(rst) = self.orphan_rsts.pop_front() {
             return Some(rst);
         }
-        // Each queued connection gets one try: one with nothing to send
-        // after all (a host read that found nothing) is dropped from the
-        // queue until its socket wakes it again.
+        // Each queued connection gets one try per call: one with nothing
+        // to send after all (a host read that found nothing) goes back in
+        // the queue only if `update` finds it has something still.
         for _ in 0..self.rxq.len() {
             let key = self.rxq.pop_front()?;
             let Some(conn) = self.conns.get_mut(&key) else {
