@@ -7,3 +7,4 @@ pub mod network;
 pub mod reaper;
 pub mod resize;
 pub mod server;
+pub mod template;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use guest_agent::container::Manager;
-use guest_agent::{init, reaper, server};
+use guest_agent::{init, reaper, server, template};
 
 const USAGE: &str = "usage: sandboxvm-agent [--listen ADDR] [--cgroup-root DIR] [-v]\n  \
 ADDR: vsock://-1:1024 (default) or unix:///path.sock";
@@ -66,6 +66,11 @@ fn main() {
             log::LevelFilter::Info
         };
         init::init_logging(false, level);
+    }
+    if pid1 && template::is_template() {
+        if let Err(e) = template::await_restore() {
+            init::power_off(&format!("sandboxvm-agent: {e:#}"));
+        }
     }
     if let Err(e) = run(pid1, args) {
         let msg = format!("sandboxvm-agent: {e:#}");

@@ -58,6 +58,7 @@ pub use generated::{agent, agent_ttrpc};
 
 pub mod guest_features;
 pub mod mount_options;
+pub mod template;
 
 pub use ttrpc;
 

@@ -37,7 +37,7 @@ pub enum Error {
 /// Install location of the guest kernel and initramfs.
 pub const SHARE_DIR: &str = "/usr/share/sandboxvm";
 
-fn cache_dir() -> PathBuf {
+pub fn cache_dir() -> PathBuf {
     if let Some(c) = std::env::var_os("SANDBOXVM_CACHE") {
         return PathBuf::from(c);
     }

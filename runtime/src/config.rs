@@ -178,11 +178,18 @@ pub struct Vmm {
     /// The VMM in its own jail, as its own user, under seccomp filters.
     /// `false` is for measuring what that costs, never for production.
     pub confine: bool,
+    /// Sandboxes restored from a template of their kind of VM (built on
+    /// first use) instead of booting their kernel: `false` boots every one
+    /// cold.
+    pub template: bool,
 }
 
 impl Default for Vmm {
     fn default() -> Vmm {
-        Vmm { confine: true }
+        Vmm {
+            confine: true,
+            template: true,
+        }
     }
 }
 

@@ -27,6 +27,7 @@ pub mod sandbox_options;
 pub mod share;
 pub mod signals;
 pub mod sockets;
+pub mod template;
 pub mod timeouts;
 pub mod tty;
 pub mod vm_size;

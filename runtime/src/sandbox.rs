@@ -255,26 +255,20 @@ impl Sandbox {
                 source,
             })?,
         };
-        let mut cmd = Command::new(exe);
+        let mut cmd = Command::new(&exe);
         if opts.verbose > 0 {
             cmd.arg(format!("-{}", "v".repeat(opts.verbose.into())));
         }
-        let mut vm = vmm::VmmConfig::new(&opts.kernel);
-        vm.boot.initrd = Some(opts.initrd.clone());
-        vm.boot.cmdline = format!("quiet {}", opts.cmdline);
-        vm.vcpus = opts.vcpus;
-        vm.max_vcpus = size.max_vcpus;
-        vm.memory_mib = memory_mib;
-        vm.hotplug_mib = size.hotplug_mib;
-        vm.console = vmm::Console::File(console_log_in(&opts.dir));
-        vm.vsock = Some(vmm::VsockConfig {
-            uds: vsock_path_in(&opts.dir),
-        });
-        vm.fs = vec![vmm::FsConfig {
-            socket: fs_sock.clone(),
-            tag: ROOTFS_TAG.into(),
-        }];
-        vm.net = sandbox.network.devices();
+        let mut vm = vmm_config(opts, memory_mib, size, sandbox.network.devices());
+        if opts.template {
+            vm.restore = match crate::template::Store::open() {
+                Ok(store) => store.ensure(&vm, &exe, opts.verbose),
+                Err(e) => {
+                    log::warn!("booting cold: {e}");
+                    None
+                }
+            };
+        }
         let mut args = crate::vmm_args::BootArgs::from_config(&vm);
         // vmm.confine = false or SANDBOXVM_VMM_CONFINE=off: the VMM without
         // its jail, own user and seccomp filters, for measuring what they
@@ -577,6 +571,33 @@ fn fit_memory(wanted_mib: u64, limit: Option<u64>, cgroup: &Path) -> Result<u64,
         return Ok(fit);
     }
     Ok(wanted_mib)
+}
+
+/// The VM of a sandbox started with `opts`, `memory_mib` and `size` (see
+/// [`Sandbox::launch`]), with the network devices `net`.
+pub fn vmm_config(
+    opts: &Options,
+    memory_mib: u64,
+    size: crate::vm_size::VmSize,
+    net: Vec<vmm::NetConfig>,
+) -> vmm::VmmConfig {
+    let mut vm = vmm::VmmConfig::new(&opts.kernel);
+    vm.boot.initrd = Some(opts.initrd.clone());
+    vm.boot.cmdline = format!("quiet {}", opts.cmdline);
+    vm.vcpus = opts.vcpus;
+    vm.max_vcpus = size.max_vcpus;
+    vm.memory_mib = memory_mib;
+    vm.hotplug_mib = size.hotplug_mib;
+    vm.console = vmm::Console::File(console_log_in(&opts.dir));
+    vm.vsock = Some(vmm::VsockConfig {
+        uds: vsock_path_in(&opts.dir),
+    });
+    vm.fs = vec![vmm::FsConfig {
+        socket: virtiofsd_socket_in(&opts.dir),
+        tag: ROOTFS_TAG.into(),
+    }];
+    vm.net = net;
+    vm
 }
 
 /// The part of the state directory `dir` that the VMM reaches once jailed

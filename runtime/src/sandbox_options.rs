@@ -39,6 +39,9 @@ pub struct Options {
     /// The VMM jailed, as its own user, under seccomp (see
     /// [`crate::config::Vmm::confine`]).
     pub confine: bool,
+    /// Restored from a template ([`crate::template`]) rather than booted
+    /// cold: the configuration's `vmm.template`, unless `--no-template`.
+    pub template: bool,
     /// Extra kernel command line.
     pub cmdline: String,
     /// Log level passed to the VMM (`-v` count).
@@ -64,6 +67,8 @@ pub struct Overrides {
     pub memory_mib: Option<u64>,
     /// `-v` count, passed on to the VMM.
     pub verbose: u8,
+    /// `--no-template`.
+    pub no_template: bool,
 }
 
 impl Options {
@@ -86,6 +91,34 @@ impl Options {
                 bundle.annotations(),
             )
             .map_err(Error::Config)?;
+        let mut opts = Options::sized(config, dir, id, size, flags)?;
+        opts.shared_dir = bundle.rootfs.clone();
+        opts.cgroup = bundle.host_cgroup(id)?;
+        Ok(opts)
+    }
+
+    /// How to start a sandbox of the configuration's default size (a
+    /// bundle without resources), `flags` over it: what `sandboxvm template
+    /// build` prepares for.
+    pub fn for_defaults(
+        config: &crate::config::Config,
+        flags: &Overrides,
+    ) -> Result<Options, Error> {
+        let empty = std::collections::HashMap::new();
+        let size = config.size(None, None, &empty).map_err(Error::Config)?;
+        let id = "template"
+            .parse::<crate::oci::ContainerId>()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        Options::sized(config, PathBuf::new(), &id, size, flags)
+    }
+
+    fn sized(
+        config: &crate::config::Config,
+        dir: PathBuf,
+        id: &crate::oci::ContainerId,
+        size: crate::config::Size,
+        flags: &Overrides,
+    ) -> Result<Options, Error> {
         let vcpus = flags.vcpus.unwrap_or(size.vcpus);
         let memory_mib = flags.memory_mib.unwrap_or(size.memory_mib);
         Ok(Options {
@@ -103,15 +136,16 @@ impl Options {
             max_vcpus: config.guest.max_vcpus,
             memory_mib,
             max_memory_mib: config.guest.max_memory_mib,
-            shared_dir: bundle.rootfs.clone(),
+            shared_dir: PathBuf::new(),
             virtiofsd: crate::artefacts::virtiofsd(config.virtiofsd.path.as_deref())?,
             virtiofsd_cache: config.virtiofsd.cache,
             virtiofsd_threads: config.virtiofsd.thread_pool_size,
             confine: config.vmm.confine,
+            template: config.vmm.template && !flags.no_template,
             cmdline: size.kernel_params,
             verbose: flags.verbose,
             vmm_exe: None,
-            cgroup: bundle.host_cgroup(id)?,
+            cgroup: None,
         })
     }
 }

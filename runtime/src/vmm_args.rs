@@ -64,6 +64,16 @@ pub struct BootArgs {
     /// and MTU. Repeatable: eth0, eth1, ... in order.
     #[arg(long, value_name = "tap=NAME[,mac=MAC][,mtu=N]")]
     pub net: Vec<NetConfig>,
+    /// Build a template in DIR (existing, empty) instead of running a VM:
+    /// boot with the device slots on the command line but nothing behind
+    /// them, save the VM once the guest agent says it is ready, and end.
+    #[arg(long, value_name = "DIR", conflicts_with = "restore")]
+    pub template_out: Option<PathBuf>,
+    /// Restore from the template in DIR instead of booting the kernel; a
+    /// template that does not fit this VM or does not check out is removed
+    /// and the VM boots cold.
+    #[arg(long, value_name = "DIR")]
+    pub restore: Option<PathBuf>,
     /// Once the VM is built, run in a mount namespace whose root holds only
     /// DIR (the part of the sandbox's state the VMM needs: the console log,
     /// the vsock sockets, virtiofsd's socket), at its usual path.
@@ -90,6 +100,8 @@ impl BootArgs {
         config.vsock = self.vsock.clone().map(|uds| VsockConfig { uds });
         config.fs = self.fs.clone();
         config.net = self.net.clone();
+        config.template_out = self.template_out.clone();
+        config.restore = self.restore.clone();
         config.console = match (&self.console_log, self.no_console) {
             (Some(path), _) => Console::File(path.clone()),
             (None, true) => Console::Sink,
@@ -118,6 +130,8 @@ impl BootArgs {
             vsock: config.vsock.as_ref().map(|v| v.uds.clone()),
             fs: config.fs.clone(),
             net: config.net.clone(),
+            template_out: config.template_out.clone(),
+            restore: config.restore.clone(),
             jail: None,
             user: None,
         }
@@ -152,6 +166,12 @@ impl BootArgs {
         }
         for net in &self.net {
             flag("net", net.to_string().into());
+        }
+        if let Some(dir) = &self.template_out {
+            flag("template-out", dir.clone().into());
+        }
+        if let Some(dir) = &self.restore {
+            flag("restore", dir.clone().into());
         }
         if let Some(jail) = &self.jail {
             flag("jail", jail.clone().into());
@@ -217,6 +237,12 @@ mod tests {
             let back = read_back(&args);
             assert_eq!(back, args);
             assert_eq!(back.config(), config);
+        }
+        for (out, restore) in [(Some("/t/new"), None), (None, Some("/t/key"))] {
+            config.template_out = out.map(PathBuf::from);
+            config.restore = restore.map(PathBuf::from);
+            let args = BootArgs::from_config(&config);
+            assert_eq!(read_back(&args).config(), config);
         }
         let args = BootArgs::from_config(&VmmConfig::new("/k/vmlinux"));
         assert_eq!(read_back(&args).config(), VmmConfig::new("/k/vmlinux"));

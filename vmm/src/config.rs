@@ -62,6 +62,14 @@ pub struct VmmConfig {
     pub fs: Vec<FsConfig>,
     /// virtio-net devices, in guest order (eth0 first).
     pub net: Vec<NetConfig>,
+    /// Build a template in this (existing, empty) directory: boot with the
+    /// device slots on the command line but nothing behind them, save the
+    /// VM once the guest agent says it is ready, and end.
+    pub template_out: Option<PathBuf>,
+    /// Restore from the template in this directory instead of booting; a
+    /// template that does not fit this VM or does not check out is removed
+    /// and the VM boots cold.
+    pub restore: Option<PathBuf>,
 }
 
 impl VmmConfig {
@@ -82,6 +90,8 @@ impl VmmConfig {
             vsock: None,
             fs: Vec::new(),
             net: Vec::new(),
+            template_out: None,
+            restore: None,
         }
     }
 }

@@ -223,16 +223,17 @@ pub fn give_dir(dir: &Path, user: User) -> io::Result<()> {
 
 /// Confines the calling thread (and the threads it starts later): no new
 /// privileges, no capabilities in any set, no core dumps (they would hold
-/// guest memory), at most [`NOFILE`] files and [`FSIZE`] bytes a file; with
-/// `user`, that user (no supplementary groups) and at most [`NPROC`] tasks.
-pub fn apply(user: Option<User>) -> io::Result<()> {
+/// guest memory), at most [`NOFILE`] files and `max_file` bytes a file
+/// ([`FSIZE`], or a template's memory); with `user`, that user (no
+/// supplementary groups) and at most [`NPROC`] tasks.
+pub fn apply(user: Option<User>, max_file: u64) -> io::Result<()> {
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(io::Error::last_os_error());
     }
     set_limit(libc::RLIMIT_CORE, 0)?;
     set_limit(libc::RLIMIT_NOFILE, NOFILE)?;
-    set_limit(libc::RLIMIT_FSIZE, FSIZE)?;
+    set_limit(libc::RLIMIT_FSIZE, max_file)?;
     // The bounding set first (dropping from it needs CAP_SETPCAP, which
     // goes with the rest below); a process without privileges has nothing
     // to drop.
@@ -312,7 +313,7 @@ mod tests {
         if std::env::var_os("SANDBOXVM_TEST_CONFINE_CHILD").is_none() {
             return;
         }
-        apply(None).unwrap();
+        apply(None, FSIZE).unwrap();
         // A thread started afterwards, as the vCPUs are.
         let status = std::thread::spawn(|| std::fs::read_to_string("/proc/thread-self/status"))
             .join()
@@ -367,7 +368,7 @@ mod tests {
         let before = std::fs::File::open("/etc/hostname").unwrap();
         jail(&dir).unwrap();
         give_dir(&dir, User::Auto).unwrap();
-        apply(Some(User::Auto)).unwrap();
+        apply(Some(User::Auto), FSIZE).unwrap();
         let mut seen = String::new();
         seen += &format!(
             "state={:?}\n",

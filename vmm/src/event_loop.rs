@@ -20,6 +20,8 @@ pub enum Ending {
     PowerOff,
     /// A vCPU stopped on its own.
     VcpuStopped,
+    /// A template guest's agent is ready to be saved.
+    TemplateReady,
 }
 
 /// The events that end the VM, each with the [`Ending`] it means.

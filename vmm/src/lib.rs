@@ -15,6 +15,7 @@ pub mod host;
 pub mod layout;
 pub mod memory;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
@@ -23,6 +24,7 @@ pub mod vm;
 mod kvm_tests;
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
@@ -76,6 +78,9 @@ pub enum Error {
     /// A virtio device.
     #[error(transparent)]
     Virtio(#[from] virtio::Error),
+    /// Saving or restoring a template.
+    #[error(transparent)]
+    Template(#[from] snapshot::Error),
     /// Placing a device on a bus.
     #[error("cannot place a device: {0}")]
     Bus(#[from] devices::BusError),
@@ -113,19 +118,26 @@ pub enum GuestExit {
     Reboot,
     /// The guest powered off.
     PowerOff,
+    /// The guest was saved as a template (of this many bytes of memory).
+    Saved(u64),
 }
 
 /// A VM ready to run.
 pub struct Vmm {
     // Field order is drop order: vCPUs and the VM go before the memory they map.
     vcpus: Vec<Vcpu>,
-    _vm: VmFd,
-    _kvm: Kvm,
-    _ram: memory::GuestRam,
+    vm: VmFd,
+    kvm: Kvm,
+    ram: memory::GuestRam,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
+    serial: Arc<Mutex<Serial>>,
     reset_evt: EventFd,
     power_off_evt: EventFd,
+    /// Signalled when a template guest's agent is ready to be saved.
+    template_ready: EventFd,
+    /// Where to save the template, and what it fits.
+    template_out: Option<(PathBuf, snapshot::Fit)>,
     console: ConsoleEvents,
     created: Instant,
 }
@@ -172,6 +184,11 @@ impl Vmm {
                 arch::mptable::MAX_CPUS
             )));
         }
+        if config.template_out.is_some() && config.restore.is_some() {
+            return Err(Error::Config(
+                "a VM cannot both build and restore a template".into(),
+            ));
+        }
         // How long each part of the build took, for the "VM ready" line.
         let mut phases: Vec<(&str, u128)> = Vec::new();
         let mut since = Instant::now();
@@ -179,14 +196,88 @@ impl Vmm {
             phases.push((name, since.elapsed().as_millis()));
             since = Instant::now();
         };
-        let ram = memory::create(config.memory_mib, config.hotplug_mib)?;
         let kvm = Kvm::new().map_err(vm::Error::OpenKvm)?;
-        let vm = vm::create(&kvm, &ram.memory, all_vcpus)?;
-        phase("memory and VM");
+        // A template guest and its restored copies have the template word
+        // on their command line; a cold boot has not.
+        let cmdline = full_cmdline(config, all_vcpus, config.template_out.is_some())?;
+        let fit = snapshot::Fit {
+            vcpus: (config.vcpus, all_vcpus),
+            memory: (config.memory_mib << 20, config.hotplug_mib << 20),
+            cmdline: full_cmdline(config, all_vcpus, true)?
+                .as_cstring()
+                .map_err(|e| boot::Error::Cmdline(e.to_string()))?
+                .to_string_lossy()
+                .into_owned(),
+        };
+        let base_cpuid = arch::cpuid::supported(&kvm)?;
+        let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+        let cpuid = |id| arch::cpuid::for_vcpu(&base_cpuid, id, all_vcpus, tsc_deadline);
+        let restored = config.restore.as_deref().and_then(|dir| {
+            match restore(config, &kvm, dir, &fit, &cpuid) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    log::warn!("booting cold: {e}");
+                    discard_template(dir);
+                    None
+                }
+            }
+        });
+        let from_template = restored.is_some();
+        let (ram, vm, vcpus, serial_state) = match restored {
+            Some(r) => {
+                phase("template");
+                r
+            }
+            None => {
+                let ram = memory::create(config.memory_mib, config.hotplug_mib)?;
+                let vm = vm::create(&kvm, &ram.memory, all_vcpus)?;
+                phase("memory and VM");
+                let mut vcpus = Vec::with_capacity(usize::from(all_vcpus));
+                match payload {
+                    Payload::Kernel(boot) => {
+                        let kernel = boot::load_kernel(&ram.memory, &boot.kernel)?;
+                        phase("kernel");
+                        let initrd = match &boot.initrd {
+                            Some(path) => {
+                                Some(boot::load_initrd(&ram.memory, ram.size, &kernel, path)?)
+                            }
+                            None => None,
+                        };
+                        phase("initrd");
+                        boot::write_boot_params(&ram.memory, ram.size, &kernel, &cmdline, initrd)?;
+                        arch::mptable::setup(&ram.memory, all_vcpus)?;
+                        log::debug!(
+                            "kernel entry {:?}, command line {:?}",
+                            kernel.entry,
+                            fit.cmdline
+                        );
+                        for id in 0..all_vcpus {
+                            let mut vcpu = Vcpu::new(&vm, id)?;
+                            vcpu.configure(&ram.memory, &cpuid(id), kernel.entry)?;
+                            vcpus.push(vcpu);
+                        }
+                    }
+                    #[cfg(test)]
+                    Payload::RealMode(code) => {
+                        let vcpu = kvm_tests::real_mode_vcpu(&vm, &ram.memory, &base_cpuid, code)?;
+                        vcpus.push(vcpu);
+                    }
+                }
+                phase("vCPUs");
+                (ram, vm, vcpus, None)
+            }
+        };
 
         let events_err = |e: std::io::Error| Error::Events(e.to_string());
         let power_off_evt = EventFd::new(EFD_NONBLOCK).map_err(events_err)?;
-        let console_events = ConsoleEvents::new(power_off_evt.try_clone().map_err(events_err)?);
+        let mut console_events = ConsoleEvents::new(power_off_evt.try_clone().map_err(events_err)?);
+        let template_ready = EventFd::new(EFD_NONBLOCK).map_err(events_err)?;
+        if config.template_out.is_some() {
+            console_events = console_events.signal_on_line(
+                protocol::template::READY,
+                template_ready.try_clone().map_err(events_err)?,
+            );
+        }
         let console: Box<dyn Write + Send> = match &config.console {
             Console::Stdout => Box::new(std::io::stdout()),
             Console::Sink => Box::new(std::io::sink()),
@@ -202,86 +293,55 @@ impl Vmm {
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(events_err)?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(|e| Error::Events(format!("serial irqfd: {e}")))?;
-        let serial = Serial::new(
-            EventFdTrigger::new(serial_irq),
-            Box::new(ConsoleWatch::new(console, console_events.clone())),
-        );
+        let console = Box::new(ConsoleWatch::new(console, console_events.clone()));
+        let serial = match &serial_state {
+            Some(state) => {
+                let mut serial =
+                    Serial::from_state(&state.into(), EventFdTrigger::new(serial_irq), console)
+                        .map_err(|e| Error::Events(format!("serial state: {e}")))?;
+                // The agent of a restored guest waits for this line.
+                let line = restore_line().line();
+                if serial.enqueue_input(line.as_bytes()) != line.len() {
+                    return Err(Error::Events("the UART refused the restore line".into()));
+                }
+                serial
+            }
+            None => Serial::new(EventFdTrigger::new(serial_irq), console),
+        };
+        let serial = Arc::new(Mutex::new(serial));
         let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(events_err)?;
         let i8042 = I8042::new(EventFdTrigger::new(
             reset_evt.try_clone().map_err(events_err)?,
         ));
         let mut mmio = Bus::new();
-        let mut attacher = virtio::Attacher::new(&vm, &ram.memory, &mut mmio);
-        if let Some(vsock) = &config.vsock {
-            attacher.vsock(vsock)?;
+        // A template guest boots with empty device slots: its agent binds
+        // the devices of each restored copy.
+        if config.template_out.is_none() {
+            let mut attacher = virtio::Attacher::new(&vm, &ram.memory, &mut mmio);
+            if let Some(vsock) = &config.vsock {
+                attacher.vsock(vsock)?;
+            }
+            for fs in &config.fs {
+                attacher.fs(fs)?;
+            }
+            for net in &config.net {
+                attacher.net(net)?;
+            }
         }
-        for fs in &config.fs {
-            attacher.fs(fs)?;
-        }
-        for net in &config.net {
-            attacher.net(net)?;
-        }
-        let mut device_cmdline = attacher.cmdline;
-        if all_vcpus > config.vcpus {
-            // The others stay offline until the guest brings them up
-            // through sysfs.
-            device_cmdline.push(format!("maxcpus={}", config.vcpus));
-        }
-        if let Some((addr, len)) = ram.hotplug {
-            device_cmdline.push(format!(
-                "{}={:#x}:{len:#x}",
-                protocol::HOTPLUG_PARAM,
-                addr.0
-            ));
-        }
-        let device_cmdline = device_cmdline.join(" ");
         let mut pio = Bus::new();
-        pio.insert(Arc::new(Mutex::new(serial)), SERIAL_PORT, 8)?;
+        pio.insert(serial.clone(), SERIAL_PORT, 8)?;
         pio.insert(Arc::new(Mutex::new(i8042)), I8042_PORT, 5)?;
-
-        let base_cpuid = arch::cpuid::supported(&kvm)?;
-        let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
-        let mut vcpus = Vec::with_capacity(usize::from(all_vcpus));
         phase("devices");
-        match payload {
-            Payload::Kernel(boot) => {
-                let kernel = boot::load_kernel(&ram.memory, &boot.kernel)?;
-                phase("kernel");
-                let initrd = match &boot.initrd {
-                    Some(path) => Some(boot::load_initrd(&ram.memory, ram.size, &kernel, path)?),
-                    None => None,
-                };
-                phase("initrd");
-                let cmdline = boot::build_cmdline(
-                    &format!("{} {device_cmdline}", config::DEFAULT_CMDLINE),
-                    &boot.cmdline,
-                )?;
-                boot::write_boot_params(&ram.memory, ram.size, &kernel, &cmdline, initrd)?;
-                arch::mptable::setup(&ram.memory, all_vcpus)?;
-                log::debug!(
-                    "kernel entry {:?}, command line {:?}",
-                    kernel.entry,
-                    cmdline.as_cstring()
-                );
-                for id in 0..all_vcpus {
-                    let mut vcpu = Vcpu::new(&vm, id)?;
-                    let cpuid = arch::cpuid::for_vcpu(&base_cpuid, id, all_vcpus, tsc_deadline);
-                    vcpu.configure(&ram.memory, &cpuid, kernel.entry)?;
-                    vcpus.push(vcpu);
-                }
-            }
-            #[cfg(test)]
-            Payload::RealMode(code) => {
-                let vcpu = kvm_tests::real_mode_vcpu(&vm, &ram.memory, &base_cpuid, code)?;
-                vcpus.push(vcpu);
-            }
-        }
-        phase("vCPUs");
         let phases: Vec<String> = phases.iter().map(|(n, ms)| format!("{n} {ms}")).collect();
         log::info!(
-            "VM ready in {} ms ({} ms): {} vCPU(s) of {all_vcpus}, {} MiB + {} MiB to add{}",
+            "VM ready in {} ms ({} ms){}: {} vCPU(s) of {all_vcpus}, {} MiB + {} MiB to add{}",
             created.elapsed().as_millis(),
             phases.join(", "),
+            if from_template {
+                " from a template"
+            } else {
+                ""
+            },
             config.vcpus,
             config.memory_mib,
             config.hotplug_mib,
@@ -292,13 +352,16 @@ impl Vmm {
         );
         Ok(Vmm {
             vcpus,
-            _vm: vm,
-            _kvm: kvm,
-            _ram: ram,
+            vm,
+            kvm,
+            ram,
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
+            serial,
             reset_evt,
             power_off_evt,
+            template_ready,
+            template_out: config.template_out.clone().map(|dir| (dir, fit)),
             console: console_events,
             created,
         })
@@ -338,13 +401,18 @@ impl Vmm {
                     vcpu_evt.try_clone().map_err(events_err)?,
                     Ending::VcpuStopped,
                 ),
+                (
+                    self.template_ready.try_clone().map_err(events_err)?,
+                    Ending::TemplateReady,
+                ),
             ])
         })();
         control.request_stop();
-        for handle in &mut handles {
-            handle.stop();
-        }
+        let stopped: Vec<Option<Vcpu>> = handles.iter_mut().map(|h| h.stop()).collect();
         let ending = result?;
+        if let (Ending::TemplateReady, Some((dir, fit))) = (ending, self.template_out.take()) {
+            return self.save_template(&dir, fit, stopped);
+        }
         let stops: Vec<(u8, VcpuStop)> = report_rx.try_iter().collect();
         log::info!(
             "guest ran {} ms ({} ms since VMM start)",
@@ -352,6 +420,129 @@ impl Vmm {
             self.created.elapsed().as_millis()
         );
         outcome(self.console.panic_message(), ending, &stops)
+    }
+}
+
+/// The kernel command line: the VMM's defaults, the device slots, the
+/// offline vCPUs and hot-pluggable memory, the template word if `template`,
+/// then the caller's.
+fn full_cmdline(
+    config: &VmmConfig,
+    all_vcpus: u8,
+    template: bool,
+) -> Result<linux_loader::cmdline::Cmdline, Error> {
+    let slots = usize::from(config.vsock.is_some()) + config.fs.len() + config.net.len();
+    let mut parts = vec![config::DEFAULT_CMDLINE.to_string()];
+    parts.extend(virtio::slot_cmdline(slots)?);
+    if all_vcpus > config.vcpus {
+        // The others stay offline until the guest brings them up through
+        // sysfs.
+        parts.push(format!("maxcpus={}", config.vcpus));
+    }
+    if config.hotplug_mib > 0 {
+        parts.push(format!(
+            "{}={:#x}:{:#x}",
+            protocol::HOTPLUG_PARAM,
+            layout::hotplug_base(config.memory_mib << 20),
+            config.hotplug_mib << 20
+        ));
+    }
+    if template {
+        parts.push(protocol::template::PARAM.to_string());
+    }
+    Ok(boot::build_cmdline(&parts.join(" "), &config.boot.cmdline)?)
+}
+
+/// What [`Vmm::build`] makes before the devices: memory, the VM, its
+/// vCPUs, and the UART's saved state when restored.
+type Core = (
+    memory::GuestRam,
+    VmFd,
+    Vec<Vcpu>,
+    Option<snapshot::SerialSnapshot>,
+);
+
+/// Restores the template in `dir`, which must fit the VM (`fit`) and check
+/// out.
+fn restore(
+    config: &VmmConfig,
+    kvm: &Kvm,
+    dir: &Path,
+    fit: &snapshot::Fit,
+    cpuid: &impl Fn(u8) -> kvm_bindings::CpuId,
+) -> Result<Core, Error> {
+    let manifest = snapshot::load(dir, fit)?;
+    let ram = memory::create(config.memory_mib, config.hotplug_mib)?;
+    snapshot::load_memory(&ram, &dir.join(snapshot::MEMORY), &manifest)?;
+    let vm = vm::create(kvm, &ram.memory, fit.vcpus.1)?;
+    snapshot::restore_vm(&vm, &manifest.state)?;
+    let mut vcpus = Vec::with_capacity(manifest.state.vcpus.len());
+    for (id, saved) in (0..).zip(&manifest.state.vcpus) {
+        let mut vcpu = Vcpu::new(&vm, id)?;
+        vcpu.restore(&cpuid(id), saved)?;
+        vcpus.push(vcpu);
+    }
+    Ok((ram, vm, vcpus, Some(manifest.state.serial)))
+}
+
+/// Removes a template that did not fit or check out, so that the next VM
+/// that wants one builds it again (renamed first: a VM restoring from it
+/// keeps its open files).
+fn discard_template(dir: &Path) {
+    let mut gone = dir.as_os_str().to_owned();
+    gone.push(format!(".bad.{}", std::process::id()));
+    let gone = PathBuf::from(gone);
+    match std::fs::rename(dir, &gone).and_then(|()| std::fs::remove_dir_all(&gone)) {
+        Ok(()) => log::warn!("template {} removed", dir.display()),
+        Err(e) => log::warn!("cannot remove template {}: {e}", dir.display()),
+    }
+}
+
+/// What a restored guest is told: fresh host randomness and the time.
+fn restore_line() -> protocol::template::Restore {
+    let mut entropy = [0u8; protocol::template::ENTROPY_BYTES];
+    // SAFETY: getrandom writes at most `entropy.len()` bytes into it.
+    let n = unsafe { libc::getrandom(entropy.as_mut_ptr().cast(), entropy.len(), 0) };
+    assert_eq!(
+        n,
+        entropy.len() as isize,
+        "getrandom of 22 bytes cannot fail"
+    );
+    let time_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    protocol::template::Restore { entropy, time_us }
+}
+
+impl Vmm {
+    /// Saves the stopped VM as a template in `dir`.
+    fn save_template(
+        &self,
+        dir: &Path,
+        fit: snapshot::Fit,
+        stopped: Vec<Option<Vcpu>>,
+    ) -> Result<GuestExit, Error> {
+        let started = Instant::now();
+        let msr_list = snapshot::msr_list(&self.kvm)?;
+        let mut vcpus = Vec::with_capacity(stopped.len());
+        for vcpu in stopped {
+            let mut vcpu = vcpu.ok_or(Error::Config("a vCPU thread panicked".into()))?;
+            vcpus.push(vcpu.save(&msr_list)?);
+        }
+        let serial = self
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state()
+            .into();
+        let state = snapshot::save_vm(&self.vm, serial, vcpus)?;
+        let bytes = snapshot::save(dir, fit, &self.ram, state)?;
+        log::info!(
+            "template saved in {} ms: {} MiB of memory",
+            started.elapsed().as_millis(),
+            bytes >> 20
+        );
+        Ok(GuestExit::Saved(bytes))
     }
 }
 

@@ -219,7 +219,7 @@ mod tests {
         if std::env::var_os("SANDBOXVM_TEST_SECCOMP_CHILD").is_none() {
             return;
         }
-        crate::confine::apply(None).unwrap();
+        crate::confine::apply(None, crate::confine::FSIZE).unwrap();
         enable().unwrap();
         // A worker-like thread may not open files.
         let t = std::thread::spawn(|| {
@@ -238,7 +238,7 @@ mod tests {
         if std::env::var_os("SANDBOXVM_TEST_SECCOMP_FORK").is_none() {
             return;
         }
-        crate::confine::apply(None).unwrap();
+        crate::confine::apply(None, crate::confine::FSIZE).unwrap();
         enable().unwrap();
         // Threads still come (clone3 fails, glibc falls back to clone).
         std::thread::spawn(|| eprintln!("a thread ran"))

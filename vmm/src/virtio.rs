@@ -185,6 +185,25 @@ pub enum Error {
     Bus(#[from] devices::BusError),
 }
 
+/// Where the device in slot `index` (0 for the first attached) is: its
+/// MMIO window's base and its IRQ.
+pub fn slot(index: u32) -> Result<(u64, u32), Error> {
+    let irq = FIRST_IRQ + index;
+    if irq > LAST_IRQ {
+        return Err(Error::TooMany);
+    }
+    Ok((MMIO_BASE + u64::from(index) * mmio::MMIO_LEN, irq))
+}
+
+/// The `virtio_mmio.device=` entries of `count` slots: what the guest is
+/// told whether or not a device is attached behind each yet (a template
+/// guest boots with the slots empty).
+pub fn slot_cmdline(count: usize) -> Result<Vec<String>, Error> {
+    (0..u32::try_from(count).map_err(|_| Error::TooMany)?)
+        .map(|i| slot(i).map(|(base, irq)| mmio::cmdline_entry(base, irq)))
+        .collect()
+}
+
 /// Places virtio devices one after another.
 pub struct Attacher<'a> {
     vm: &'a VmFd,
@@ -237,11 +256,7 @@ impl<'a> Attacher<'a> {
     }
 
     fn attach(&mut self, name: &'static str, device: Box<dyn VirtioDevice>) -> Result<(), Error> {
-        let irq = FIRST_IRQ + self.next;
-        if irq > LAST_IRQ {
-            return Err(Error::TooMany);
-        }
-        let base = MMIO_BASE + u64::from(self.next) * mmio::MMIO_LEN;
+        let (base, irq) = slot(self.next)?;
         let events = |what, source| Error::Events {
             device: name,
             what,

@@ -34,6 +34,7 @@ struct State {
 pub struct ConsoleEvents {
     state: Arc<Mutex<State>>,
     power_off: Arc<EventFd>,
+    marker: Option<(&'static str, Arc<EventFd>)>,
 }
 
 impl ConsoleEvents {
@@ -42,7 +43,16 @@ impl ConsoleEvents {
         ConsoleEvents {
             state: Arc::default(),
             power_off: Arc::new(power_off),
+            marker: None,
         }
+    }
+
+    /// Also signals `evt` on the first line that contains `marker`. Only
+    /// for a guest that is trusted (a template's own kernel and agent): the
+    /// console of any other guest is the workload's to write.
+    pub fn signal_on_line(mut self, marker: &'static str, evt: EventFd) -> Self {
+        self.marker = Some((marker, Arc::new(evt)));
+        self
     }
 
     /// The kernel's panic line, if the guest panicked (before any power-off).
@@ -64,6 +74,13 @@ impl ConsoleEvents {
         if state.powered_off {
             // After a power-off, init's exit panics the kernel: not a failure.
             return;
+        }
+        if let Some((marker, evt)) = &self.marker {
+            if line.contains(marker) {
+                if let Err(e) = evt.write(1) {
+                    log::error!("cannot signal the console line {marker:?}: {e}");
+                }
+            }
         }
         if let Some(at) = line.find(PANIC_PREFIX) {
             state
@@ -155,6 +172,24 @@ mod tests {
         );
         assert!(!events.powered_off());
         assert!(power_off.read().is_err(), "no power-off signalled");
+    }
+
+    #[test]
+    fn a_marker_line_is_signalled_only_when_asked_for() {
+        let (events, _) = events();
+        let ready = EventFd::new(EFD_NONBLOCK).unwrap();
+        let watched = events
+            .clone()
+            .signal_on_line("agent: ready", ready.try_clone().unwrap());
+        let mut w = ConsoleWatch::new(io::sink(), watched);
+        w.write_all(b"not yet\r\n[ 1.0] agent: rea").unwrap();
+        assert!(ready.read().is_err(), "no whole line yet");
+        w.write_all(b"dy\r\n").unwrap();
+        assert_eq!(ready.read().unwrap(), 1);
+        // Without asking, the same line signals nothing.
+        let mut plain = ConsoleWatch::new(io::sink(), events);
+        plain.write_all(b"agent: ready\n").unwrap();
+        assert!(ready.read().is_err());
     }
 
     #[test]

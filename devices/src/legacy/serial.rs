@@ -18,6 +18,23 @@ impl Serial {
         }
     }
 
+    /// A UART with the registers (and unread input) of `state`, as a
+    /// template saved them.
+    pub fn from_state(
+        state: &vm_superio::serial::SerialState,
+        irq: EventFdTrigger,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, String> {
+        vm_superio::Serial::from_state(state, irq, vm_superio::serial::NoEvents, out)
+            .map(|inner| Serial { inner })
+            .map_err(|e| format!("{e:?}"))
+    }
+
+    /// The registers and unread input.
+    pub fn state(&self) -> vm_superio::serial::SerialState {
+        self.inner.state()
+    }
+
     /// Queues bytes for the guest to read; returns how many fit in the FIFO.
     pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
         let room = self.inner.fifo_capacity().min(input.len());

@@ -29,16 +29,30 @@ impl Boot {
                     .with_context(|| format!("cannot give {} to the VMM's user", dir.display()))?;
             }
         }
-        vmm::confine::apply(args.user).context("cannot confine the VMM")?;
+        // A template's memory file is as long as the guest's memory (sparse).
+        let max_file = match &args.template_out {
+            Some(_) => vmm::confine::FSIZE.max((args.memory + args.hotplug_memory) << 20),
+            None => vmm::confine::FSIZE,
+        };
+        vmm::confine::apply(args.user, max_file).context("cannot confine the VMM")?;
+        let mut seccomp = true;
         // SANDBOXVM_VMM_SECCOMP=off: a debugging aid (strace of the VMM).
-        if std::env::var("SANDBOXVM_VMM_SECCOMP").as_deref() == Ok("off") {
+        if args.template_out.is_some() {
+            // It writes the template once the guest is saved; its guest is
+            // sandboxvm's own kernel and agent, with no device and no
+            // workload.
+            log::info!("building a template: no seccomp filters");
+            seccomp = false;
+        } else if std::env::var("SANDBOXVM_VMM_SECCOMP").as_deref() == Ok("off") {
             log::warn!("the VMM's seccomp filters are off (SANDBOXVM_VMM_SECCOMP=off)");
+            seccomp = false;
         } else {
             vmm::seccomp::enable().context("cannot confine the VMM")?;
         }
         log::info!(
-            "VMM confined in {} us (no capabilities, no_new_privs, limits, seccomp{})",
+            "VMM confined in {} us (no capabilities, no_new_privs, limits{}{})",
             confining.elapsed().as_micros(),
+            if seccomp { ", seccomp" } else { "" },
             match args.user {
                 Some(u) => format!(", uid {}", u.ids().0),
                 None => String::new(),
@@ -50,6 +64,7 @@ impl Boot {
             match exit {
                 GuestExit::Reboot => "rebooted",
                 GuestExit::PowerOff => "powered off",
+                GuestExit::Saved(_) => "saved as a template",
             }
         );
         Ok(0)

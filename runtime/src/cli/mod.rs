@@ -20,6 +20,7 @@ mod run;
 mod spec;
 mod start;
 mod state;
+mod template;
 mod update;
 
 use std::ffi::OsString;
@@ -151,6 +152,8 @@ pub enum Command {
     /// List containers.
     #[command(alias = "ls")]
     List(list::List),
+    /// List, build or remove the templates sandboxes are restored from.
+    Template(template::Template),
     /// Print a container's resource usage (--stats once, else periodically).
     Events(events::Events),
     /// Update a container's resource limits (its cgroup in the guest).
@@ -190,6 +193,7 @@ impl Command {
             Command::Ps(c) => c.run(g),
             Command::List(c) => c.run(g),
             Command::Events(c) => c.run(g),
+            Command::Template(c) => c.run(g),
             Command::Update(c) => c.run(g),
             Command::Pause(c) => c.run(g),
             Command::Resume(c) => c.run(g),

@@ -47,6 +47,11 @@ pub struct Run {
     /// the configuration's timeouts.boot_secs, or 60; times the scale).
     #[arg(long)]
     pub boot_timeout: Option<u64>,
+    /// Boot the kernel cold instead of restoring the VM from a template
+    /// (templates are built on first use and kept under the cache
+    /// directory; see `sandboxvm template`).
+    #[arg(long)]
+    pub no_template: bool,
     /// The container's network: `none` (loopback only), `host-netns` (the
     /// network namespace named in the spec, e.g. made by CNI: its
     /// interfaces, addresses, routes and MTU mirrored into the VM through
@@ -163,6 +168,7 @@ impl Run {
             vcpus: self.cpus,
             memory_mib: self.memory,
             verbose,
+            no_template: self.no_template,
         };
         let opts = Options::for_bundle(
             config,

@@ -59,6 +59,9 @@ pub enum Error {
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
+    /// A template's state was refused.
+    #[error("cannot restore vCPU {0}: {1}")]
+    Restore(u8, crate::snapshot::Error),
     /// The thread could not be spawned.
     #[error("cannot start the thread of vCPU {0}: {1}")]
     Spawn(u8, std::io::Error),
@@ -176,6 +179,27 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Configures the vCPU as a template saved it: CPUID and the platform
+    /// as for a boot, then every register, MSR and event of `saved`.
+    pub fn restore(
+        &mut self,
+        cpuid: &CpuId,
+        saved: &crate::snapshot::VcpuSnapshot,
+    ) -> Result<(), Error> {
+        self.configure_platform(cpuid)?;
+        crate::snapshot::restore_vcpu(&self.fd, saved).map_err(|e| Error::Restore(self.id, e))?;
+        self.state = VcpuState::Configured;
+        Ok(())
+    }
+
+    /// Saves a stopped vCPU's state (see [`crate::snapshot::save_vcpu`]).
+    pub fn save(
+        &mut self,
+        msr_list: &[u32],
+    ) -> Result<crate::snapshot::VcpuSnapshot, crate::snapshot::Error> {
+        crate::snapshot::save_vcpu(&mut self.fd, msr_list)
+    }
+
     /// Marks a vCPU whose registers a test set by hand as ready to run.
     #[cfg(test)]
     pub(crate) fn mark_configured(&mut self) {
@@ -210,10 +234,12 @@ impl Vcpu {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
-                let stop = self.run(&pio, &mmio, &control);
+                let mut vcpu = self;
+                let stop = vcpu.run(&pio, &mmio, &control);
                 log::debug!("vCPU {id} stopped: {stop}");
                 let _ = report.send((id, stop));
                 let _ = wake.write(1);
+                vcpu
             })
             .map_err(|e| Error::Spawn(id, e))?;
         Ok(VcpuHandle {
@@ -223,7 +249,7 @@ impl Vcpu {
     }
 
     /// The run loop: enter the guest, handle the exit, until something stops it.
-    fn run(mut self, pio: &Bus, mmio: &Bus, control: &VcpuControl) -> VcpuStop {
+    fn run(&mut self, pio: &Bus, mmio: &Bus, control: &VcpuControl) -> VcpuStop {
         loop {
             if control.stop_requested() {
                 return VcpuStop::Requested;
@@ -247,24 +273,28 @@ impl Vcpu {
 /// A running vCPU thread.
 pub struct VcpuHandle {
     id: u8,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Vcpu>>,
 }
 
 impl VcpuHandle {
     /// Stops the thread (the caller has called [`VcpuControl::request_stop`])
-    /// and waits for it, kicking it out of KVM_RUN until it is gone.
-    pub fn stop(&mut self) {
-        let Some(thread) = self.thread.take() else {
-            return;
-        };
+    /// and waits for it, kicking it out of KVM_RUN until it is gone. The
+    /// vCPU comes back (to be saved in a template), unless its thread
+    /// panicked.
+    pub fn stop(&mut self) -> Option<Vcpu> {
+        let thread = self.thread.take()?;
         while !thread.is_finished() {
             if let Err(e) = thread.kill(kick_signal()) {
                 log::debug!("cannot kick vCPU {}: {e}", self.id);
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        if thread.join().is_err() {
-            log::error!("vCPU {} thread panicked", self.id);
+        match thread.join() {
+            Ok(vcpu) => Some(vcpu),
+            Err(_) => {
+                log::error!("vCPU {} thread panicked", self.id);
+                None
+            }
         }
     }
 }
