@@ -262,7 +262,14 @@ impl Sandbox {
         let mut vm = vmm_config(opts, memory_mib, size, sandbox.network.devices());
         if opts.template {
             vm.restore = match crate::template::Store::open() {
-                Ok(store) => store.ensure(&vm, &exe, opts.verbose),
+                Ok(store) => store.ensure(
+                    &vm,
+                    &crate::template::Builder {
+                        exe: &exe,
+                        verbose: opts.verbose,
+                        limit: opts.template_limit,
+                    },
+                ),
                 Err(e) => {
                     log::warn!("booting cold: {e}");
                     None

@@ -90,6 +90,7 @@ impl Sandbox {
         let (served, filled) = fill(sandbox.dir())?;
         let opts = Options {
             shared_dir: served,
+            template_limit: timeouts.boot,
             ..opts.clone()
         };
         let guest_net = match network {

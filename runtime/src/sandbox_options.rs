@@ -42,6 +42,9 @@ pub struct Options {
     /// Restored from a template ([`crate::template`]) rather than booted
     /// cold: the configuration's `vmm.template`, unless `--no-template`.
     pub template: bool,
+    /// How long building a template may take (the boot time-out: the
+    /// build is a cold boot to the agent).
+    pub template_limit: std::time::Duration,
     /// Extra kernel command line.
     pub cmdline: String,
     /// Log level passed to the VMM (`-v` count).
@@ -142,6 +145,7 @@ impl Options {
             virtiofsd_threads: config.virtiofsd.thread_pool_size,
             confine: config.vmm.confine,
             template: config.vmm.template && !flags.no_template,
+            template_limit: crate::timeouts::Timeouts::default().boot,
             cmdline: size.kernel_params,
             verbose: flags.verbose,
             vmm_exe: None,

@@ -25,9 +25,6 @@ use vmm::VmmConfig;
 
 use crate::vmm_args::BootArgs;
 
-/// How long a template build may take (a cold boot to the agent, then the
-/// save) before it is given up and the sandbox boots cold.
-const BUILD_LIMIT: Duration = Duration::from_secs(120);
 /// What the runtime writes beside the VMM's files: what the template is of.
 const INFO: &str = "info.json";
 
@@ -78,6 +75,18 @@ pub struct Info {
     /// Bytes of guest memory saved (on disk, the rest is holes).
     #[serde(default)]
     pub bytes: u64,
+}
+
+/// How a template is built: by `exe boot --template-out` (with `verbose`
+/// `-v`s), given up after `limit` (a cold boot to the agent, then the save).
+#[derive(Clone, Copy)]
+pub struct Builder<'a> {
+    /// The `sandboxvm` executable.
+    pub exe: &'a Path,
+    /// `-v` count.
+    pub verbose: u8,
+    /// How long the build may take.
+    pub limit: Duration,
 }
 
 /// The store.
@@ -161,8 +170,8 @@ impl Store {
     /// The template for `config` (booted by `exe`), built now if there is
     /// none; `None` (and a warning) when it cannot be built: the sandbox
     /// boots cold.
-    pub fn ensure(&self, config: &VmmConfig, exe: &Path, verbose: u8) -> Option<PathBuf> {
-        match self.get_or_build(config, exe, verbose) {
+    pub fn ensure(&self, config: &VmmConfig, with: &Builder<'_>) -> Option<PathBuf> {
+        match self.get_or_build(config, with) {
             Ok(dir) => Some(dir),
             Err(e) => {
                 log::warn!("booting cold: {e}");
@@ -172,13 +181,8 @@ impl Store {
     }
 
     /// As [`Store::ensure`], with the error of a failed build.
-    pub fn get_or_build(
-        &self,
-        config: &VmmConfig,
-        exe: &Path,
-        verbose: u8,
-    ) -> Result<PathBuf, Error> {
-        let text = key_text(config, exe);
+    pub fn get_or_build(&self, config: &VmmConfig, with: &Builder<'_>) -> Result<PathBuf, Error> {
+        let text = key_text(config, with.exe);
         let key = format!("{:016x}", fnv(&text));
         let dir = self.dir.join(&key);
         let lock_path = self.dir.join(format!("{key}.lock"));
@@ -202,12 +206,15 @@ impl Store {
         }
         if dir.join(vmm::snapshot::MANIFEST).exists() {
             if std::fs::read_to_string(dir.join("key.txt")).is_ok_and(|t| t == text) {
+                log::info!("restoring the VM from template {key}");
                 return Ok(dir);
             }
             log::warn!("template {key} is of another configuration: building it again");
             let _ = std::fs::remove_dir_all(&dir);
         }
-        self.build(config, exe, verbose, &key, &text)?;
+        self.build(config, with, &key, &text)?;
+        self.prune();
+        log::info!("restoring the VM from template {key}");
         Ok(dir)
     }
 
@@ -216,8 +223,7 @@ impl Store {
     fn build(
         &self,
         config: &VmmConfig,
-        exe: &Path,
-        verbose: u8,
+        with: &Builder<'_>,
         key: &str,
         text: &str,
     ) -> Result<(), Error> {
@@ -225,7 +231,7 @@ impl Store {
         let tmp = self.dir.join(format!("{key}.tmp.{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         crate::private::create_dir(&tmp).map_err(io(&tmp))?;
-        let result = self.build_in(config, exe, verbose, &tmp, text, started);
+        let result = self.build_in(config, with, &tmp, text, started);
         match result {
             Ok(()) => {
                 let dir = self.dir.join(key);
@@ -247,8 +253,7 @@ impl Store {
     fn build_in(
         &self,
         config: &VmmConfig,
-        exe: &Path,
-        verbose: u8,
+        with: &Builder<'_>,
         tmp: &Path,
         text: &str,
         started: Instant,
@@ -269,6 +274,11 @@ impl Store {
         }
         let log_path = tmp.join("vmm.log");
         let log = File::create(&log_path).map_err(io(&log_path))?;
+        let Builder {
+            exe,
+            verbose,
+            limit,
+        } = *with;
         let mut cmd = Command::new(exe);
         if verbose > 0 {
             cmd.arg(format!("-{}", "v".repeat(verbose.into())));
@@ -283,12 +293,12 @@ impl Store {
             if let Some(status) = child.try_wait().map_err(io(exe))? {
                 break status;
             }
-            if started.elapsed() > BUILD_LIMIT {
+            if started.elapsed() > limit {
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(Error::Build(format!(
                     "not saved within {} s",
-                    BUILD_LIMIT.as_secs()
+                    limit.as_secs()
                 )));
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -324,6 +334,34 @@ impl Store {
             let _ = std::fs::remove_file(tmp.join(name));
         }
         Ok(())
+    }
+
+    /// Removes the templates that can never be used again: their kernel or
+    /// initramfs is not the file at its path any more.
+    fn prune(&self) {
+        let Ok(all) = self.list() else { return };
+        for t in all {
+            let dir = self.dir.join(&t.key);
+            let Ok(text) = std::fs::read_to_string(dir.join("key.txt")) else {
+                continue;
+            };
+            let field = |name: &str| {
+                text.split(' ')
+                    .find_map(|w| w.strip_prefix(name))
+                    .map(str::to_string)
+            };
+            let stale = field("kernel=") != Some(identity(&t.kernel))
+                || t.initrd
+                    .as_deref()
+                    .is_some_and(|i| field("initrd=") != Some(identity(i)));
+            if stale && std::fs::remove_dir_all(&dir).is_ok() {
+                let _ = std::fs::remove_file(self.dir.join(format!("{}.lock", t.key)));
+                log::info!(
+                    "template {} removed: its kernel or initramfs changed",
+                    t.key
+                );
+            }
+        }
     }
 
     /// Every whole template, oldest first.

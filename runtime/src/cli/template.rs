@@ -100,7 +100,13 @@ impl Template {
                 );
                 let vm = sandboxvm::sandbox::vmm_config(&opts, opts.memory_mib, size, Vec::new());
                 let exe = std::env::current_exe().context("this executable")?;
-                let dir = store.get_or_build(&vm, &exe, g.verbose)?;
+                let limit = sandboxvm::timeouts::Timeouts::configured(&config.timeouts)?.boot;
+                let with = sandboxvm::template::Builder {
+                    exe: &exe,
+                    verbose: g.verbose,
+                    limit,
+                };
+                let dir = store.get_or_build(&vm, &with)?;
                 println!("{}", dir.display());
                 Ok(0)
             }
