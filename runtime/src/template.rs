@@ -15,6 +15,7 @@
 //! build goes into `KEY.tmp.PID` and is renamed into place whole.
 
 use std::fs::File;
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -120,6 +121,11 @@ fn fnv(text: &str) -> u64 {
     })
 }
 
+/// A template's key: its key text's hash.
+fn key_of(text: &str) -> String {
+    format!("{:016x}", fnv(text))
+}
+
 /// The text a template's key hashes: everything a template depends on.
 pub fn key_text(config: &VmmConfig, exe: &Path) -> String {
     let release = nix::sys::utsname::uname()
@@ -170,11 +176,31 @@ impl Store {
     /// The template for `config` (booted by `exe`), built now if there is
     /// none; `None` (and a warning) when it cannot be built: the sandbox
     /// boots cold.
+    ///
+    /// A build that failed is not tried again for the same key (a guest
+    /// that never gets ready would cost every sandbox a boot time-out):
+    /// `KEY.failed` holds why, until `template rm --all` or a new key.
     pub fn ensure(&self, config: &VmmConfig, with: &Builder<'_>) -> Option<PathBuf> {
+        let key = key_of(&key_text(config, with.exe));
+        let failed = self.dir.join(format!("{key}.failed"));
+        if let Ok(why) = std::fs::read_to_string(&failed) {
+            log::info!("booting cold: template {key} did not build before: {why}");
+            return None;
+        }
         match self.get_or_build(config, with) {
             Ok(dir) => Some(dir),
             Err(e) => {
-                log::warn!("booting cold: {e}");
+                // Shown with -v: the sandbox still boots, cold.
+                log::info!("booting cold: {e}");
+                if let Error::Build(why) = &e {
+                    let _ = File::options()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .mode(0o600)
+                        .open(&failed)
+                        .and_then(|mut f| f.write_all(why.as_bytes()));
+                }
                 None
             }
         }
@@ -183,7 +209,7 @@ impl Store {
     /// As [`Store::ensure`], with the error of a failed build.
     pub fn get_or_build(&self, config: &VmmConfig, with: &Builder<'_>) -> Result<PathBuf, Error> {
         let text = key_text(config, with.exe);
-        let key = format!("{:016x}", fnv(&text));
+        let key = key_of(&text);
         let dir = self.dir.join(&key);
         let lock_path = self.dir.join(format!("{key}.lock"));
         let lock = File::options()
@@ -213,6 +239,7 @@ impl Store {
             let _ = std::fs::remove_dir_all(&dir);
         }
         self.build(config, with, &key, &text)?;
+        let _ = std::fs::remove_file(self.dir.join(format!("{key}.failed")));
         self.prune();
         log::info!("restoring the VM from template {key}");
         Ok(dir)
@@ -328,7 +355,13 @@ impl Store {
             ("key.txt", text.to_string()),
         ] {
             let path = tmp.join(name);
-            std::fs::write(&path, body).map_err(io(&path))?;
+            File::options()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|mut f| f.write_all(body.as_bytes()))
+                .map_err(io(&path))?;
         }
         for name in ["console.log", "vmm.log"] {
             let _ = std::fs::remove_file(tmp.join(name));
@@ -397,7 +430,18 @@ impl Store {
                 }
                 vec![k.to_string()]
             }
-            None => self.list()?.into_iter().map(|i| i.key).collect(),
+            None => {
+                // Failed builds are forgotten too: the next use tries again.
+                for entry in std::fs::read_dir(&self.dir)
+                    .map_err(io(&self.dir))?
+                    .flatten()
+                {
+                    if entry.file_name().to_string_lossy().ends_with(".failed") {
+                        let _ = std::fs::remove_file(entry.path());
+                    }
+                }
+                self.list()?.into_iter().map(|i| i.key).collect()
+            }
         };
         for k in &keys {
             let dir = self.dir.join(k);

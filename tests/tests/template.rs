@@ -54,7 +54,8 @@ fn templates(r: &EngineRun) -> Vec<String> {
 fn a_restored_sandbox_runs_as_a_cold_one_and_no_two_share_a_random_pool_or_boot_id() {
     let r = script(
         "tpl-restore",
-        "run cold --no-template\nrun first\nrun second\nrun third",
+        "umask 0\nrun cold --no-template\nrun first\nrun second\nrun third\n\
+         stat -c '%a %n' $CACHE/templates $CACHE/templates/* $CACHE/templates/*/* >perms",
     );
     let all: Vec<(String, String)> = ["cold", "first", "second", "third"]
         .iter()
@@ -78,6 +79,13 @@ fn a_restored_sandbox_runs_as_a_cold_one_and_no_two_share_a_random_pool_or_boot_
     }
     for n in ["second", "third"] {
         assert!(!err(n).contains(" built in "), "built again: {}", err(n));
+    }
+    // Private whatever the umask: directories 0700, files 0600.
+    let perms = r.read("perms");
+    assert!(perms.lines().count() >= 5, "{perms}");
+    for line in perms.lines() {
+        let mode = line.split(' ').next().unwrap();
+        assert!(mode == "700" || mode == "600", "{line}\n{perms}");
     }
     // A VM that cannot restore removes its template: it is still there.
     assert_eq!(templates(&r).len(), 1, "{}", r.read("list"));

@@ -223,48 +223,16 @@ impl Vmm {
             }
         });
         let from_template = restored.is_some();
-        let (ram, vm, vcpus, serial_state) = match restored {
-            Some(r) => {
+        let (ram, vm, restored, serial_state) = match restored {
+            Some((ram, vm, vcpus, serial)) => {
                 phase("template");
-                r
+                (ram, vm, Some(vcpus), serial)
             }
             None => {
                 let ram = memory::create(config.memory_mib, config.hotplug_mib)?;
                 let vm = vm::create(&kvm, &ram.memory, all_vcpus)?;
                 phase("memory and VM");
-                let mut vcpus = Vec::with_capacity(usize::from(all_vcpus));
-                match payload {
-                    Payload::Kernel(boot) => {
-                        let kernel = boot::load_kernel(&ram.memory, &boot.kernel)?;
-                        phase("kernel");
-                        let initrd = match &boot.initrd {
-                            Some(path) => {
-                                Some(boot::load_initrd(&ram.memory, ram.size, &kernel, path)?)
-                            }
-                            None => None,
-                        };
-                        phase("initrd");
-                        boot::write_boot_params(&ram.memory, ram.size, &kernel, &cmdline, initrd)?;
-                        arch::mptable::setup(&ram.memory, all_vcpus)?;
-                        log::debug!(
-                            "kernel entry {:?}, command line {:?}",
-                            kernel.entry,
-                            fit.cmdline
-                        );
-                        for id in 0..all_vcpus {
-                            let mut vcpu = Vcpu::new(&vm, id)?;
-                            vcpu.configure(&ram.memory, &cpuid(id), kernel.entry)?;
-                            vcpus.push(vcpu);
-                        }
-                    }
-                    #[cfg(test)]
-                    Payload::RealMode(code) => {
-                        let vcpu = kvm_tests::real_mode_vcpu(&vm, &ram.memory, &base_cpuid, code)?;
-                        vcpus.push(vcpu);
-                    }
-                }
-                phase("vCPUs");
-                (ram, vm, vcpus, None)
+                (ram, vm, None, None)
             }
         };
 
@@ -332,6 +300,44 @@ impl Vmm {
         pio.insert(serial.clone(), SERIAL_PORT, 8)?;
         pio.insert(Arc::new(Mutex::new(i8042)), I8042_PORT, 5)?;
         phase("devices");
+        let vcpus = match restored {
+            Some(vcpus) => vcpus,
+            None => {
+                let mut vcpus = Vec::with_capacity(usize::from(all_vcpus));
+                match payload {
+                    Payload::Kernel(boot) => {
+                        let kernel = boot::load_kernel(&ram.memory, &boot.kernel)?;
+                        phase("kernel");
+                        let initrd = match &boot.initrd {
+                            Some(path) => {
+                                Some(boot::load_initrd(&ram.memory, ram.size, &kernel, path)?)
+                            }
+                            None => None,
+                        };
+                        phase("initrd");
+                        boot::write_boot_params(&ram.memory, ram.size, &kernel, &cmdline, initrd)?;
+                        arch::mptable::setup(&ram.memory, all_vcpus)?;
+                        log::debug!(
+                            "kernel entry {:?}, command line {:?}",
+                            kernel.entry,
+                            cmdline.as_cstring().ok()
+                        );
+                        for id in 0..all_vcpus {
+                            let mut vcpu = Vcpu::new(&vm, id)?;
+                            vcpu.configure(&ram.memory, &cpuid(id), kernel.entry)?;
+                            vcpus.push(vcpu);
+                        }
+                    }
+                    #[cfg(test)]
+                    Payload::RealMode(code) => {
+                        let vcpu = kvm_tests::real_mode_vcpu(&vm, &ram.memory, &base_cpuid, code)?;
+                        vcpus.push(vcpu);
+                    }
+                }
+                phase("vCPUs");
+                vcpus
+            }
+        };
         let phases: Vec<String> = phases.iter().map(|(n, ms)| format!("{n} {ms}")).collect();
         log::info!(
             "VM ready in {} ms ({} ms){}: {} vCPU(s) of {all_vcpus}, {} MiB + {} MiB to add{}",
