@@ -477,9 +477,12 @@ fn restore(
     fit: &snapshot::Fit,
     cpuid: &impl Fn(u8) -> kvm_bindings::CpuId,
 ) -> Result<Core, Error> {
+    let t = Instant::now();
     let manifest = snapshot::load(dir, fit)?;
+    let t_manifest = t.elapsed().as_millis();
     let ram = memory::create(config.memory_mib, config.hotplug_mib)?;
     snapshot::load_memory(&ram, &dir.join(snapshot::MEMORY), &manifest)?;
+    let t_memory = t.elapsed().as_millis();
     let vm = vm::create(kvm, &ram.memory, fit.vcpus.1)?;
     snapshot::restore_vm(&vm, &manifest.state)?;
     let mut vcpus = Vec::with_capacity(manifest.state.vcpus.len());
@@ -488,6 +491,12 @@ fn restore(
         vcpu.restore(&cpuid(id), saved)?;
         vcpus.push(vcpu);
     }
+    log::debug!(
+        "template restored: manifest {t_manifest} ms, memory {} ms ({} MiB), VM and vCPUs {} ms",
+        t_memory - t_manifest,
+        manifest.memory_bytes >> 20,
+        t.elapsed().as_millis() - t_memory
+    );
     Ok((ram, vm, vcpus, Some(manifest.state.serial)))
 }
 

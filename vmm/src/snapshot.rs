@@ -51,6 +51,9 @@ pub enum Error {
     /// A KVM ioctl failed.
     #[error("{0}: {1}")]
     Kvm(&'static str, kvm_ioctls::Error),
+    /// Saved MSRs were refused.
+    #[error(transparent)]
+    Msr(#[from] crate::arch::msr::Error),
     /// A template file.
     #[error("{}: {source}", path.display())]
     Io {
@@ -262,23 +265,7 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuSnapshot) -> Result<(), Error> {
     fd.set_debug_regs(&s.debugregs)
         .map_err(k("set debug registers"))?;
     fd.set_lapic(&s.lapic).map_err(k("set LAPIC"))?;
-    let entries: Vec<kvm_msr_entry> = s
-        .msrs
-        .iter()
-        .map(|&(index, data)| kvm_msr_entry {
-            index,
-            data,
-            ..Default::default()
-        })
-        .collect();
-    for chunk in entries.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
-        let msrs = Msrs::from_entries(chunk).expect("a chunk fits a kvm_msrs");
-        let set = fd.set_msrs(&msrs).map_err(k("set MSRs"))?;
-        if set != chunk.len() {
-            return Err(Error::Kvm("set MSRs", kvm_ioctls::Error::new(libc::EINVAL)))
-                .inspect_err(|_| log::warn!("MSR {:#x} refused", chunk[set].index));
-        }
-    }
+    crate::arch::msr::set(fd, &s.msrs)?;
     fd.set_vcpu_events(&s.events)
         .map_err(k("set vCPU events"))?;
     Ok(())

@@ -7,10 +7,10 @@ use kvm_ioctls::VcpuFd;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The KVM_SET_MSRS ioctl failed.
-    #[error("cannot set boot MSRs: {0}")]
+    #[error("cannot set MSRs: {0}")]
     Kvm(kvm_ioctls::Error),
     /// KVM accepted only some of them.
-    #[error("KVM accepted {set} of {wanted} boot MSRs (rejected {rejected:#x})")]
+    #[error("KVM accepted {set} of {wanted} MSRs (rejected {rejected:#x})")]
     Partial {
         /// How many were set.
         set: usize,
@@ -57,23 +57,30 @@ pub fn boot_msrs() -> Vec<(u32, u64)> {
 
 /// Sets [`boot_msrs`] on `vcpu`; every one must be accepted.
 pub fn setup(vcpu: &VcpuFd) -> Result<(), Error> {
-    let wanted = boot_msrs();
-    let entries: Vec<kvm_msr_entry> = wanted
-        .iter()
-        .map(|&(index, data)| kvm_msr_entry {
-            index,
-            data,
-            ..Default::default()
-        })
-        .collect();
-    let msrs = Msrs::from_entries(&entries).expect("boot MSR list fits a kvm_msrs");
-    let set = vcpu.set_msrs(&msrs).map_err(Error::Kvm)?;
-    if set != wanted.len() {
-        return Err(Error::Partial {
-            set,
-            wanted: wanted.len(),
-            rejected: wanted[set].0,
-        });
+    set(vcpu, &boot_msrs())
+}
+
+/// Sets every `(index, value)` of `msrs` on `vcpu` (as many calls as
+/// KVM's limit per call needs); every one must be accepted.
+pub fn set(vcpu: &VcpuFd, msrs: &[(u32, u64)]) -> Result<(), Error> {
+    for wanted in msrs.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
+        let entries: Vec<kvm_msr_entry> = wanted
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let list = Msrs::from_entries(&entries).expect("a chunk fits a kvm_msrs");
+        let set = vcpu.set_msrs(&list).map_err(Error::Kvm)?;
+        if set != wanted.len() {
+            return Err(Error::Partial {
+                set,
+                wanted: wanted.len(),
+                rejected: wanted[set].0,
+            });
+        }
     }
     Ok(())
 }
