@@ -191,9 +191,15 @@ pub struct Manifest {
 pub fn checksum(mut sum: u64, offset: u64, data: &[u8]) -> u64 {
     const K: u64 = 0x9e37_79b9_7f4a_7c15;
     sum = (sum ^ offset).wrapping_mul(K).rotate_left(29);
-    for chunk in data.chunks(8) {
+    let words = data.chunks_exact(8);
+    let tail = words.remainder();
+    for word in words {
+        let word = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+        sum = (sum ^ word).wrapping_mul(K).rotate_left(31);
+    }
+    if !tail.is_empty() {
         let mut word = [0u8; 8];
-        word[..chunk.len()].copy_from_slice(chunk);
+        word[..tail.len()].copy_from_slice(tail);
         sum = (sum ^ u64::from_le_bytes(word))
             .wrapping_mul(K)
             .rotate_left(31);
