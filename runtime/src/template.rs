@@ -121,6 +121,13 @@ fn fnv(text: &str) -> u64 {
     })
 }
 
+/// Whether `path` was last written over an hour ago.
+fn hour_old(path: &Path) -> bool {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t.elapsed().is_ok_and(|e| e > Duration::from_secs(3600)))
+}
+
 /// A template's key: its key text's hash.
 fn key_of(text: &str) -> String {
     format!("{:016x}", fnv(text))
@@ -177,13 +184,17 @@ impl Store {
     /// none; `None` (and a warning) when it cannot be built: the sandbox
     /// boots cold.
     ///
-    /// A build that failed is not tried again for the same key (a guest
-    /// that never gets ready would cost every sandbox a boot time-out):
-    /// `KEY.failed` holds why, until `template rm --all` or a new key.
+    /// A build that failed is not tried again for the same key within the
+    /// hour (a guest that never gets ready would cost every sandbox a boot
+    /// time-out): `KEY.failed` holds why, until then, `template rm --all`
+    /// or a new key.
     pub fn ensure(&self, config: &VmmConfig, with: &Builder<'_>) -> Option<PathBuf> {
         let key = key_of(&key_text(config, with.exe));
         let failed = self.dir.join(format!("{key}.failed"));
-        if let Ok(why) = std::fs::read_to_string(&failed) {
+        if let Some(why) = std::fs::read_to_string(&failed)
+            .ok()
+            .filter(|_| !hour_old(&failed))
+        {
             log::info!("booting cold: template {key} did not build before: {why}");
             return None;
         }
@@ -370,8 +381,22 @@ impl Store {
     }
 
     /// Removes the templates that can never be used again: their kernel or
-    /// initramfs is not the file at its path any more.
+    /// initramfs is not the file at its path any more. Also the lock files
+    /// of keys without a template and the failed-build marks, once an hour
+    /// old (a failed build is tried again after that).
     fn prune(&self) {
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let orphan_lock = name
+                    .strip_suffix(".lock")
+                    .is_some_and(|key| !self.dir.join(key).exists());
+                if (orphan_lock || name.ends_with(".failed")) && hour_old(&path) {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
         let Ok(all) = self.list() else { return };
         for t in all {
             let dir = self.dir.join(&t.key);
