@@ -181,8 +181,33 @@ fn mount_share(tag: &str) -> Result<PathBuf, Error> {
             None::<&str>,
         )
         .map_err(|e| Error::sys(&format!("mount virtio-fs share {tag:?}"), e))?;
+        widen_read_ahead(&dir);
     }
     Ok(dir)
+}
+
+/// Read-ahead of a FUSE mount, KiB: what a virtiofsd request carries at
+/// most (1 MiB). The kernel's default, 128 KiB, makes a sequential read
+/// eight times as many round trips to virtiofsd as it needs.
+const SHARE_READ_AHEAD_KB: u32 = 1024;
+
+/// Raises the read-ahead of the file system mounted on `dir` (its
+/// backing device's `read_ahead_kb`); only a speed-up, so a failure is
+/// logged, not returned.
+fn widen_read_ahead(dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let result = std::fs::metadata(dir).and_then(|m| {
+        let dev = m.dev();
+        let path = format!(
+            "/sys/class/bdi/{}:{}/read_ahead_kb",
+            libc::major(dev),
+            libc::minor(dev)
+        );
+        std::fs::write(path, SHARE_READ_AHEAD_KB.to_string())
+    });
+    if let Err(e) = result {
+        log::debug!("read-ahead of {} not raised: {e}", dir.display());
+    }
 }
 
 impl Manager {
