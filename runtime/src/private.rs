@@ -14,6 +14,8 @@ use std::path::Path;
 pub const DIR_MODE: u32 = 0o700;
 /// Mode of sockets.
 pub const SOCKET_MODE: u32 = 0o600;
+/// Mode of files.
+pub const FILE_MODE: u32 = 0o600;
 
 /// Creates directory `path` (its parent must exist) with mode 0700; fails
 /// if it exists.
@@ -39,6 +41,20 @@ pub fn create_dir_all(path: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
         r => r,
     }
+}
+
+/// Writes `data` to the file `path` (created or truncated), readable and
+/// writable by its owner only: a new file is made 0600 whatever the umask.
+pub fn write_file(path: &Path, data: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(FILE_MODE)
+        .open(path)?
+        .write_all(data)
 }
 
 /// Restricts the socket at `path` to its owner (mode 0600).

@@ -15,7 +15,6 @@
 //! build goes into `KEY.tmp.PID` and is renamed into place whole.
 
 use std::fs::File;
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -189,7 +188,8 @@ impl Store {
     /// time-out): `KEY.failed` holds why, until then, `template rm --all`
     /// or a new key.
     pub fn ensure(&self, config: &VmmConfig, with: &Builder<'_>) -> Option<PathBuf> {
-        let key = key_of(&key_text(config, with.exe));
+        let text = key_text(config, with.exe);
+        let key = key_of(&text);
         let failed = self.dir.join(format!("{key}.failed"));
         if let Some(why) = std::fs::read_to_string(&failed)
             .ok()
@@ -198,19 +198,13 @@ impl Store {
             log::info!("booting cold: template {key} did not build before: {why}");
             return None;
         }
-        match self.get_or_build(config, with) {
+        match self.lookup(config, with, &text, &key) {
             Ok(dir) => Some(dir),
             Err(e) => {
                 // Shown with -v: the sandbox still boots, cold.
                 log::info!("booting cold: {e}");
                 if let Error::Build(why) = &e {
-                    let _ = File::options()
-                        .write(true)
-                        .create(true)
-                        .truncate(true)
-                        .mode(0o600)
-                        .open(&failed)
-                        .and_then(|mut f| f.write_all(why.as_bytes()));
+                    let _ = crate::private::write_file(&failed, why.as_bytes());
                 }
                 None
             }
@@ -220,8 +214,18 @@ impl Store {
     /// As [`Store::ensure`], with the error of a failed build.
     pub fn get_or_build(&self, config: &VmmConfig, with: &Builder<'_>) -> Result<PathBuf, Error> {
         let text = key_text(config, with.exe);
-        let key = key_of(&text);
-        let dir = self.dir.join(&key);
+        self.lookup(config, with, &text, &key_of(&text))
+    }
+
+    /// The template of key text `text` (hashed: `key`), built if missing.
+    fn lookup(
+        &self,
+        config: &VmmConfig,
+        with: &Builder<'_>,
+        text: &str,
+        key: &str,
+    ) -> Result<PathBuf, Error> {
+        let dir = self.dir.join(key);
         let lock_path = self.dir.join(format!("{key}.lock"));
         let lock = File::options()
             .create(true)
@@ -249,7 +253,7 @@ impl Store {
             log::warn!("template {key} is of another configuration: building it again");
             let _ = std::fs::remove_dir_all(&dir);
         }
-        self.build(config, with, &key, &text)?;
+        self.build(config, with, key, text)?;
         let _ = std::fs::remove_file(self.dir.join(format!("{key}.failed")));
         self.prune();
         log::info!("restoring the VM from template {key}");
@@ -366,13 +370,7 @@ impl Store {
             ("key.txt", text.to_string()),
         ] {
             let path = tmp.join(name);
-            File::options()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .and_then(|mut f| f.write_all(body.as_bytes()))
-                .map_err(io(&path))?;
+            crate::private::write_file(&path, body.as_bytes()).map_err(io(&path))?;
         }
         for name in ["console.log", "vmm.log"] {
             let _ = std::fs::remove_file(tmp.join(name));

@@ -226,7 +226,7 @@ impl Vmm {
         let (ram, vm, restored, serial_state) = match restored {
             Some((ram, vm, vcpus, serial)) => {
                 phase("template");
-                (ram, vm, Some(vcpus), serial)
+                (ram, vm, Some(vcpus), Some(serial))
             }
             None => {
                 let ram = memory::create(config.memory_mib, config.hotplug_mib)?;
@@ -459,14 +459,9 @@ fn full_cmdline(
     Ok(boot::build_cmdline(&parts.join(" "), &config.boot.cmdline)?)
 }
 
-/// What [`Vmm::build`] makes before the devices: memory, the VM, its
-/// vCPUs, and the UART's saved state when restored.
-type Core = (
-    memory::GuestRam,
-    VmFd,
-    Vec<Vcpu>,
-    Option<snapshot::SerialSnapshot>,
-);
+/// What a restore makes before the devices: memory, the VM, its vCPUs
+/// and the UART's saved state.
+type Core = (memory::GuestRam, VmFd, Vec<Vcpu>, snapshot::SerialSnapshot);
 
 /// Restores the template in `dir`, which must fit the VM (`fit`) and check
 /// out.
@@ -497,7 +492,7 @@ fn restore(
         manifest.memory_bytes >> 20,
         t.elapsed().as_millis() - t_memory
     );
-    Ok((ram, vm, vcpus, Some(manifest.state.serial)))
+    Ok((ram, vm, vcpus, manifest.state.serial))
 }
 
 /// Removes a template that did not fit or check out, so that the next VM

@@ -210,8 +210,6 @@ pub struct Attacher<'a> {
     mem: &'a GuestMemoryMmap,
     mmio: &'a mut Bus,
     next: u32,
-    /// `virtio_mmio.device=` entries for the command line.
-    pub cmdline: Vec<String>,
 }
 
 impl<'a> Attacher<'a> {
@@ -222,8 +220,13 @@ impl<'a> Attacher<'a> {
             mem,
             mmio,
             next: 0,
-            cmdline: Vec::new(),
         }
+    }
+
+    /// How many devices are attached: they hold the first slots, whose
+    /// command-line entries [`slot_cmdline`] gives.
+    pub fn attached(&self) -> usize {
+        self.next as usize
     }
 
     /// Attaches the vsock device.
@@ -276,7 +279,6 @@ impl<'a> Attacher<'a> {
         }
         self.mmio
             .insert(Arc::new(Mutex::new(transport)), base, mmio::MMIO_LEN)?;
-        self.cmdline.push(mmio::cmdline_entry(base, irq));
         log::debug!("{name} at {base:#x}, IRQ {irq}");
         self.next += 1;
         Ok(())
@@ -408,8 +410,9 @@ mod tests {
                     .starts_with("virtio-net: cannot attach to tap sbxvmm0: "),
                 "{err}"
             );
+            assert_eq!(attacher.attached(), 2, "a refused device takes no slot");
             assert_eq!(
-                attacher.cmdline,
+                slot_cmdline(attacher.attached()).unwrap(),
                 [
                     "virtio_mmio.device=4K@0xd0000000:5",
                     "virtio_mmio.device=4K@0xd0001000:6"
