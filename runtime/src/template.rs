@@ -28,6 +28,10 @@ use crate::vmm_args::BootArgs;
 /// What the runtime writes beside the VMM's files: what the template is of.
 const INFO: &str = "info.json";
 
+/// The most templates the store keeps (about 40 MB of disk each for a
+/// 256 MiB guest); older ones go when a new one is built.
+pub const KEEP: usize = 16;
+
 /// Errors of the template store.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -60,6 +64,9 @@ pub struct Info {
     /// The key (its directory's name).
     #[serde(default)]
     pub key: String,
+    /// The `sandboxvm` executable that built it (older templates: none).
+    #[serde(default)]
+    pub exe: Option<PathBuf>,
     /// The kernel and initramfs it booted.
     pub kernel: PathBuf,
     /// The initramfs.
@@ -355,6 +362,7 @@ impl Store {
             .unwrap_or(0);
         let info = Info {
             key: String::new(),
+            exe: Some(exe.to_path_buf()),
             kernel: config.boot.kernel.clone(),
             initrd: config.boot.initrd.clone(),
             vcpus: (config.vcpus, config.max_vcpus),
@@ -378,10 +386,12 @@ impl Store {
         Ok(())
     }
 
-    /// Removes the templates that can never be used again: their kernel or
-    /// initramfs is not the file at its path any more. Also the lock files
-    /// of keys without a template and the failed-build marks, once an hour
-    /// old (a failed build is tried again after that).
+    /// Removes the templates that can never be used again: their
+    /// executable, kernel or initramfs is not the file at its path any more
+    /// (each rebuild of `sandboxvm` would otherwise leave one behind), and
+    /// the oldest beyond [`KEEP`]. Also the lock files of keys without a
+    /// template and the failed-build marks, once an hour old (a failed build
+    /// is tried again after that).
     fn prune(&self) {
         if let Ok(entries) = std::fs::read_dir(&self.dir) {
             for entry in entries.flatten() {
@@ -396,6 +406,7 @@ impl Store {
             }
         }
         let Ok(all) = self.list() else { return };
+        let mut kept = Vec::new();
         for t in all {
             let dir = self.dir.join(&t.key);
             let Ok(text) = std::fs::read_to_string(dir.join("key.txt")) else {
@@ -406,17 +417,29 @@ impl Store {
                     .find_map(|w| w.strip_prefix(name))
                     .map(str::to_string)
             };
-            let stale = field("kernel=") != Some(identity(&t.kernel))
-                || t.initrd
-                    .as_deref()
-                    .is_some_and(|i| field("initrd=") != Some(identity(i)));
-            if stale && std::fs::remove_dir_all(&dir).is_ok() {
-                let _ = std::fs::remove_file(self.dir.join(format!("{}.lock", t.key)));
-                log::info!(
-                    "template {} removed: its kernel or initramfs changed",
-                    t.key
-                );
+            let changed = |name: &str, path: Option<&Path>| {
+                path.is_some_and(|p| field(name) != Some(identity(p)))
+            };
+            if changed("exe=", t.exe.as_deref())
+                || changed("kernel=", Some(&t.kernel))
+                || changed("initrd=", t.initrd.as_deref())
+            {
+                self.remove_one(&t.key, "its executable, kernel or initramfs changed");
+            } else {
+                kept.push(t.key);
             }
+        }
+        // `list` is oldest first.
+        for key in &kept[..kept.len().saturating_sub(KEEP)] {
+            self.remove_one(key, &format!("the store keeps the newest {KEEP}"));
+        }
+    }
+
+    /// Removes template `key` as `prune` does, saying why.
+    fn remove_one(&self, key: &str, why: &str) {
+        if std::fs::remove_dir_all(self.dir.join(key)).is_ok() {
+            let _ = std::fs::remove_file(self.dir.join(format!("{key}.lock")));
+            log::info!("template {key} removed: {why}");
         }
     }
 
@@ -514,6 +537,54 @@ mod tests {
         assert_eq!(store.remove(None).unwrap(), 0);
         let mode = std::fs::metadata(&dir).unwrap().mode() & 0o777;
         assert_eq!(mode, 0o700);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Writes a fake template `n` (info and key text, as a build leaves
+    /// them) of `exe` and `kernel`, built at time `n`.
+    fn fake(store: &Store, n: u64, exe: &Path, kernel: &Path) -> String {
+        let config = VmmConfig::new(kernel);
+        let text = format!("{} n={n}", key_text(&config, exe));
+        let key = key_of(&text);
+        let dir = store.dir().join(&key);
+        std::fs::create_dir_all(&dir).unwrap();
+        let info = Info {
+            key: String::new(),
+            exe: Some(exe.to_path_buf()),
+            kernel: kernel.to_path_buf(),
+            initrd: None,
+            vcpus: (1, 1),
+            memory_mib: (256, 0),
+            built: n,
+            build_ms: 1,
+            bytes: 0,
+        };
+        std::fs::write(dir.join(INFO), serde_json::to_string(&info).unwrap()).unwrap();
+        std::fs::write(dir.join("key.txt"), text).unwrap();
+        key
+    }
+
+    #[test]
+    fn templates_of_a_rebuilt_executable_and_the_oldest_beyond_the_cap_are_pruned() {
+        let dir = std::env::temp_dir().join(format!("sbx-tplprune-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::at(dir.join("store")).unwrap();
+        let (exe, kernel) = (dir.join("sandboxvm"), dir.join("vmlinux"));
+        std::fs::write(&exe, "build one").unwrap();
+        std::fs::write(&kernel, "kernel").unwrap();
+        let old = fake(&store, 0, &exe, &kernel);
+        store.prune();
+        assert_eq!(store.list().unwrap().len(), 1, "nothing changed: kept");
+        // `cargo build` writes a new executable at the same path.
+        std::thread::sleep(Duration::from_millis(10));
+        std::fs::write(&exe, "build two").unwrap();
+        let keys: Vec<String> = (1..=KEEP as u64 + 2)
+            .map(|n| fake(&store, n, &exe, &kernel))
+            .collect();
+        store.prune();
+        let left: Vec<String> = store.list().unwrap().into_iter().map(|i| i.key).collect();
+        assert!(!left.contains(&old), "the old executable's template stays");
+        assert_eq!(left, keys[2..], "the newest {KEEP} are kept, oldest first");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
