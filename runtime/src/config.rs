@@ -182,6 +182,10 @@ pub struct Vmm {
     /// first use) instead of booting their kernel: `false` boots every one
     /// cold.
     pub template: bool,
+    /// Guests hand the memory they free back to the host (a virtio-balloon
+    /// device with free page reporting): an idle sandbox costs what its
+    /// guest uses now, not the most it ever touched.
+    pub free_page_reporting: bool,
 }
 
 impl Default for Vmm {
@@ -189,6 +193,7 @@ impl Default for Vmm {
         Vmm {
             confine: true,
             template: true,
+            free_page_reporting: true,
         }
     }
 }

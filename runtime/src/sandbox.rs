@@ -604,6 +604,7 @@ pub fn vmm_config(
         tag: ROOTFS_TAG.into(),
     }];
     vm.net = net;
+    vm.free_page_reporting = opts.free_page_reporting;
     vm
 }
 

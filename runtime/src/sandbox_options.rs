@@ -42,6 +42,8 @@ pub struct Options {
     /// Restored from a template ([`crate::template`]) rather than booted
     /// cold: the configuration's `vmm.template`, unless `--no-template`.
     pub template: bool,
+    /// Guests give freed memory back ([`crate::config::Vmm::free_page_reporting`]).
+    pub free_page_reporting: bool,
     /// How long building a template may take (the boot time-out: the
     /// build is a cold boot to the agent).
     pub template_limit: std::time::Duration,
@@ -145,6 +147,7 @@ impl Options {
             virtiofsd_threads: config.virtiofsd.thread_pool_size,
             confine: config.vmm.confine,
             template: config.vmm.template && !flags.no_template,
+            free_page_reporting: config.vmm.free_page_reporting,
             template_limit: crate::timeouts::Timeouts::default().boot,
             cmdline: size.kernel_params,
             verbose: flags.verbose,

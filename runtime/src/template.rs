@@ -145,7 +145,7 @@ pub fn key_text(config: &VmmConfig, exe: &Path) -> String {
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
     format!(
-        "format={} exe={} kernel={} initrd={} vcpus={}/{} memory={}+{} slots={}/{}/{} pvm={} \
+        "format={} exe={} kernel={} initrd={} vcpus={}/{} memory={}+{} slots={}/{}/{}/{} pvm={} \
          host={release} cmdline={}",
         vmm::snapshot::FORMAT,
         identity(exe),
@@ -162,6 +162,7 @@ pub fn key_text(config: &VmmConfig, exe: &Path) -> String {
         u8::from(config.vsock.is_some()),
         config.fs.len(),
         config.net.len(),
+        u8::from(config.free_page_reporting),
         config.pvm_guest,
         config.boot.cmdline,
     )

@@ -64,6 +64,10 @@ pub struct BootArgs {
     /// and MTU. Repeatable: eth0, eth1, ... in order.
     #[arg(long, value_name = "tap=NAME[,mac=MAC][,mtu=N]")]
     pub net: Vec<NetConfig>,
+    /// Add a virtio-balloon device for free page reporting (after the other
+    /// devices): the guest gives the memory it frees back to the host.
+    #[arg(long)]
+    pub free_page_reporting: bool,
     /// Build a template in DIR (existing, empty) instead of running a VM:
     /// boot with the device slots on the command line but nothing behind
     /// them, save the VM once the guest agent says it is ready, and end.
@@ -100,6 +104,7 @@ impl BootArgs {
         config.vsock = self.vsock.clone().map(|uds| VsockConfig { uds });
         config.fs = self.fs.clone();
         config.net = self.net.clone();
+        config.free_page_reporting = self.free_page_reporting;
         config.template_out = self.template_out.clone();
         config.restore = self.restore.clone();
         config.console = match (&self.console_log, self.no_console) {
@@ -130,6 +135,7 @@ impl BootArgs {
             vsock: config.vsock.as_ref().map(|v| v.uds.clone()),
             fs: config.fs.clone(),
             net: config.net.clone(),
+            free_page_reporting: config.free_page_reporting,
             template_out: config.template_out.clone(),
             restore: config.restore.clone(),
             jail: None,
@@ -185,6 +191,9 @@ impl BootArgs {
         if self.pvm_guest {
             argv.push("--pvm-guest".into());
         }
+        if self.free_page_reporting {
+            argv.push("--free-page-reporting".into());
+        }
         argv
     }
 }
@@ -217,6 +226,7 @@ mod tests {
         config.memory_mib = 384;
         config.hotplug_mib = 1024;
         config.pvm_guest = true;
+        config.free_page_reporting = true;
         config.vsock = Some(VsockConfig {
             uds: "/s/vsock.sock".into(),
         });

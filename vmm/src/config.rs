@@ -62,6 +62,9 @@ pub struct VmmConfig {
     pub fs: Vec<FsConfig>,
     /// virtio-net devices, in guest order (eth0 first).
     pub net: Vec<NetConfig>,
+    /// A virtio-balloon device for free page reporting, after the others:
+    /// the guest hands the host back the memory it frees.
+    pub free_page_reporting: bool,
     /// Build a template in this (existing, empty) directory: boot with the
     /// device slots on the command line but nothing behind them, save the
     /// VM once the guest agent says it is ready, and end.
@@ -73,6 +76,15 @@ pub struct VmmConfig {
 }
 
 impl VmmConfig {
+    /// The virtio-mmio slots its devices take (vsock, shares, networks,
+    /// balloon, in that order).
+    pub fn slots(&self) -> usize {
+        usize::from(self.vsock.is_some())
+            + self.fs.len()
+            + self.net.len()
+            + usize::from(self.free_page_reporting)
+    }
+
     /// A configuration with defaults: 1 vCPU, 256 MiB, console on stdout.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         VmmConfig {
@@ -90,6 +102,7 @@ impl VmmConfig {
             vsock: None,
             fs: Vec::new(),
             net: Vec::new(),
+            free_page_reporting: false,
             template_out: None,
             restore: None,
         }

@@ -295,6 +295,9 @@ impl Vmm {
             for net in &config.net {
                 attacher.net(net)?;
             }
+            if config.free_page_reporting {
+                attacher.balloon()?;
+            }
         }
         let mut pio = Bus::new();
         pio.insert(serial.clone(), SERIAL_PORT, 8)?;
@@ -437,9 +440,8 @@ fn full_cmdline(
     all_vcpus: u8,
     template: bool,
 ) -> Result<linux_loader::cmdline::Cmdline, Error> {
-    let slots = usize::from(config.vsock.is_some()) + config.fs.len() + config.net.len();
     let mut parts = vec![config::DEFAULT_CMDLINE.to_string()];
-    parts.extend(virtio::slot_cmdline(slots)?);
+    parts.extend(virtio::slot_cmdline(config.slots())?);
     if all_vcpus > config.vcpus {
         // The others stay offline until the guest brings them up through
         // sysfs.

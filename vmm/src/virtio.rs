@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use devices::virtio::balloon::Balloon;
 use devices::virtio::fs::VhostUserFs;
 use devices::virtio::mmio::{self, MmioTransport};
 use devices::virtio::net::Net;
@@ -256,6 +257,11 @@ impl<'a> Attacher<'a> {
             source,
         })?;
         self.attach("virtio-net", Box::new(dev))
+    }
+
+    /// Attaches a virtio-balloon device for free page reporting.
+    pub fn balloon(&mut self) -> Result<(), Error> {
+        self.attach("virtio-balloon", Box::new(Balloon::new()))
     }
 
     fn attach(&mut self, name: &'static str, device: Box<dyn VirtioDevice>) -> Result<(), Error> {

@@ -8,6 +8,7 @@
 //! on the QueueNotify register), plus a [`VirtioInterrupt`] to signal used
 //! buffers.
 
+pub mod balloon;
 pub mod fs;
 pub mod mmio;
 pub mod net;
@@ -33,6 +34,8 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub mod device_type {
     /// Network card.
     pub const NET: u32 = 1;
+    /// Memory balloon (here: free page reporting).
+    pub const BALLOON: u32 = 5;
     /// Socket device (vsock).
     pub const VSOCK: u32 = 19;
     /// File system (virtio-fs).
