@@ -11,6 +11,7 @@
 use std::sync::{Arc, Mutex};
 
 use devices::bus::SharedDevice;
+use devices::virtio::common::DeviceCommon;
 use devices::virtio::mmio::{reg, status, MmioTransport, MAGIC_VALUE, MMIO_LEN, MMIO_VERSION};
 use devices::virtio::{
     read_config_bytes, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
@@ -25,8 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 const BASE: u64 = 0xd000_0000;
 
 struct FakeDevice {
-    sizes: Vec<u16>,
-    features: u64,
+    common: DeviceCommon,
     config: Vec<u8>,
     activate_ok: bool,
     resettable: bool,
@@ -37,14 +37,18 @@ impl VirtioDevice for FakeDevice {
     fn device_type(&self) -> u32 {
         26
     }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.sizes
+    fn common(&self) -> &DeviceCommon {
+        &self.common
     }
-    fn features(&self) -> u64 {
-        self.features
+    fn common_mut(&mut self) -> &mut DeviceCommon {
+        &mut self.common
     }
     fn ack_features(&mut self, features: u64) {
-        assert_eq!(features & !self.features, 0, "acked features never offered");
+        assert_eq!(
+            features & !self.common.features(),
+            0,
+            "acked features never offered"
+        );
         assert_ne!(features & VIRTIO_F_VERSION_1, 0, "acked without VERSION_1");
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -69,7 +73,7 @@ impl VirtioDevice for FakeDevice {
         let mut active = self.active.lock().unwrap();
         assert!(!*active, "activated twice without a reset");
         assert!(
-            queues.len() <= self.sizes.len(),
+            queues.len() <= self.common.queue_sizes().len(),
             "more queues than the device has"
         );
         for q in &queues {
@@ -77,7 +81,7 @@ impl VirtioDevice for FakeDevice {
             assert!(q.queue.is_valid(&mem), "an invalid queue was handed over");
             assert!(q.queue.ready());
         }
-        if !self.activate_ok || queues.len() != self.sizes.len() {
+        if !self.activate_ok || queues.len() != self.common.queue_sizes().len() {
             return Err(ActivateError::Backend("refused".into()));
         }
         *active = true;
@@ -146,8 +150,7 @@ fuzz_target!(|data: &[u8]| {
         let config_len = usize::from(inp.u8() % 64);
         let config = inp.bytes(config_len).to_vec();
         Box::new(FakeDevice {
-            sizes,
-            features,
+            common: DeviceCommon::new(features, sizes),
             config,
             activate_ok: kind & 4 == 0,
             resettable: kind & 8 == 0,

@@ -23,7 +23,8 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::virtio::worker::{self, EpollCtl, EventHandler, EventSet, WorkerHandle};
+use crate::virtio::common::DeviceCommon;
+use crate::virtio::worker::{EpollCtl, EventHandler, EventSet};
 use crate::virtio::{
     device_type, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
@@ -43,11 +44,9 @@ const PAGE: u64 = 4096;
 
 /// The virtio-balloon device.
 pub struct Balloon {
-    acked_features: u64,
-    queue_sizes: [u16; QUEUES],
+    common: DeviceCommon,
     /// `actual`: the pages the driver says it gave up (config space).
     actual: u32,
-    worker: Option<WorkerHandle>,
 }
 
 impl Default for Balloon {
@@ -60,28 +59,9 @@ impl Balloon {
     /// A device that offers free page reporting.
     pub fn new() -> Self {
         Balloon {
-            acked_features: 0,
-            queue_sizes: [QUEUE_SIZE; QUEUES],
+            common: DeviceCommon::new(VIRTIO_F_VERSION_1 | F_REPORTING, vec![QUEUE_SIZE; QUEUES]),
             actual: 0,
-            worker: None,
         }
-    }
-
-    /// Whether the worker thread is running.
-    pub fn is_running(&self) -> bool {
-        self.worker.as_ref().is_some_and(|w| !w.is_finished())
-    }
-
-    fn stop_worker(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
-    }
-}
-
-impl Drop for Balloon {
-    fn drop(&mut self) {
-        self.stop_worker();
     }
 }
 
@@ -90,16 +70,12 @@ impl VirtioDevice for Balloon {
         device_type::BALLOON
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
+    fn common(&self) -> &DeviceCommon {
+        &self.common
     }
 
-    fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | F_REPORTING
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.features();
+    fn common_mut(&mut self) -> &mut DeviceCommon {
+        &mut self.common
     }
 
     /// `num_pages` (always 0) then `actual`.
@@ -121,30 +97,22 @@ impl VirtioDevice for Balloon {
         interrupt: Arc<VirtioInterrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        if self.acked_features & F_REPORTING == 0 {
+        if self.common.acked_features() & F_REPORTING == 0 {
             // A driver without reporting sets up two queues and never
             // reports: nothing to serve.
             return Ok(());
         }
-        let got = queues.len();
-        let queues: [ActiveQueue; QUEUES] = queues
-            .try_into()
-            .map_err(|_| ActivateError::Queues { want: QUEUES, got })?;
-        self.stop_worker();
+        let queues = self.common.queues::<QUEUES>(queues)?;
         let handler = Handler {
             mem,
             interrupt,
             queues,
         };
-        let worker = worker::spawn("balloon", handler)
-            .map_err(|e| ActivateError::Backend(format!("balloon worker: {e}")))?;
-        self.worker = Some(worker);
-        Ok(())
+        self.common.start_worker("balloon", handler)
     }
 
     fn reset(&mut self) -> bool {
-        self.stop_worker();
-        self.acked_features = 0;
+        self.common.reset();
         self.actual = 0;
         true
     }

@@ -23,7 +23,10 @@ fn offers_reporting_and_keeps_actual_in_config_space() {
     assert_eq!(dev.features(), VIRTIO_F_VERSION_1 | F_REPORTING);
     assert_eq!(dev.queue_max_sizes(), &[QUEUE_SIZE; 3]);
     dev.ack_features(VIRTIO_F_VERSION_1 | F_REPORTING | 1 << 1);
-    assert_eq!(dev.acked_features, VIRTIO_F_VERSION_1 | F_REPORTING);
+    assert_eq!(
+        dev.common().acked_features(),
+        VIRTIO_F_VERSION_1 | F_REPORTING
+    );
     dev.write_config(4, &7u32.to_le_bytes());
     let mut c = [0xffu8; 8];
     dev.read_config(0, &mut c);
@@ -59,7 +62,7 @@ fn rig<'a>(mem: &'a GuestMemoryMmap) -> (Rig, MockSplitQueue<'a, GuestMemoryMmap
     let mut dev = Balloon::new();
     dev.ack_features(VIRTIO_F_VERSION_1 | F_REPORTING);
     dev.activate(mem.clone(), irq.clone(), active).unwrap();
-    assert!(dev.is_running());
+    assert!(dev.common().is_running());
     let reporting = queues.into_iter().nth(REPORTING).unwrap();
     (Rig { dev, irq, kick }, reporting)
 }
@@ -111,7 +114,7 @@ fn reported_ranges_read_as_zero_and_the_rest_is_kept() {
     assert_ne!(rig.irq.status() & crate::virtio::INT_VRING, 0);
     let mut dev = rig.dev;
     assert!(dev.reset());
-    assert!(!dev.is_running());
+    assert!(!dev.common().is_running());
 }
 
 #[test]
@@ -140,7 +143,7 @@ fn a_hostile_driver_s_ranges_are_skipped_and_its_buffers_returned() {
         !is_zero(&mem, 2 * MIB, 6 * MIB) && !is_zero(&mem, 7 * MIB, MIB),
         "nothing given back"
     );
-    assert!(rig.dev.is_running(), "the device lives on");
+    assert!(rig.dev.common().is_running(), "the device lives on");
     // A good report after the garbage is served.
     q.add_desc_chains(
         &[RawDescriptor::from(Descriptor::new(
@@ -189,5 +192,5 @@ fn a_driver_without_reporting_gets_no_worker() {
     dev.ack_features(VIRTIO_F_VERSION_1);
     let irq = Arc::new(VirtioInterrupt::new(EventFd::new(0).unwrap()));
     dev.activate(mem, irq, Vec::new()).unwrap();
-    assert!(!dev.is_running());
+    assert!(!dev.common().is_running());
 }

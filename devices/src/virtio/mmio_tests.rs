@@ -3,6 +3,7 @@
 use std::sync::Mutex;
 
 use super::*;
+use crate::virtio::common::DeviceCommon;
 use crate::virtio::{ActivateError, INT_VRING};
 
 #[derive(Default)]
@@ -15,8 +16,7 @@ struct Seen {
 }
 
 struct FakeDevice {
-    sizes: Vec<u16>,
-    features: u64,
+    common: DeviceCommon,
     need: usize,
     resettable: bool,
     seen: Arc<Mutex<Seen>>,
@@ -26,11 +26,11 @@ impl VirtioDevice for FakeDevice {
     fn device_type(&self) -> u32 {
         19
     }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.sizes
+    fn common(&self) -> &DeviceCommon {
+        &self.common
     }
-    fn features(&self) -> u64 {
-        self.features
+    fn common_mut(&mut self) -> &mut DeviceCommon {
+        &mut self.common
     }
     fn ack_features(&mut self, features: u64) {
         self.seen.lock().unwrap().acked = Some(features);
@@ -77,8 +77,7 @@ const FEATURES: u64 = VIRTIO_F_VERSION_1 | 0b101;
 fn transport() -> (MmioTransport, Arc<Mutex<Seen>>) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let dev = FakeDevice {
-        sizes: vec![256, 128],
-        features: FEATURES,
+        common: DeviceCommon::new(FEATURES, vec![256, 128]),
         need: 2,
         resettable: true,
         seen: seen.clone(),

@@ -9,6 +9,7 @@
 //! buffers.
 
 pub mod balloon;
+pub mod common;
 pub mod fs;
 pub mod mmio;
 pub mod net;
@@ -129,13 +130,24 @@ pub enum ActivateError {
 pub trait VirtioDevice: Send {
     /// The virtio device type ([`device_type`]).
     fn device_type(&self) -> u32;
+    /// Its features, queue sizes and worker thread, which the provided
+    /// methods below read.
+    fn common(&self) -> &common::DeviceCommon;
+    /// The same, to change.
+    fn common_mut(&mut self) -> &mut common::DeviceCommon;
     /// The maximum size of each of the device's queues; its length is the
     /// number of queues.
-    fn queue_max_sizes(&self) -> &[u16];
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.common().queue_sizes()
+    }
     /// Features the device offers (including [`VIRTIO_F_VERSION_1`]).
-    fn features(&self) -> u64;
+    fn features(&self) -> u64 {
+        self.common().features()
+    }
     /// The features the driver accepted (a subset of [`Self::features`]).
-    fn ack_features(&mut self, features: u64);
+    fn ack_features(&mut self, features: u64) {
+        self.common_mut().ack_features(features);
+    }
     /// Reads the device-specific configuration space.
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device-specific configuration space (ignored by default).

@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::call_forwarder::CallForwarder;
 use super::{NUM_REQUEST_QUEUES, QUEUE_SIZE, TAG_LEN};
+use crate::virtio::common::DeviceCommon;
 use crate::virtio::{
     device_type, read_config_bytes, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1,
@@ -43,12 +44,13 @@ pub enum Error {
 
 /// A virtio-fs device whose queues virtiofsd serves over vhost-user.
 pub struct VhostUserFs {
+    /// Offers virtiofsd's features (but the protocol-features bit, which is
+    /// between the front end and virtiofsd); no worker (virtiofsd serves
+    /// the queues).
+    common: DeviceCommon,
     tag: String,
     frontend: Frontend,
-    backend_features: u64,
     protocol: bool,
-    acked: u64,
-    queue_sizes: [u16; 1 + NUM_REQUEST_QUEUES],
     forwarder: Option<CallForwarder>,
 }
 
@@ -95,12 +97,13 @@ impl VhostUserFs {
                 .map_err(|e| Error::VhostUser("SET_PROTOCOL_FEATURES", e))?;
         }
         Ok(VhostUserFs {
+            common: DeviceCommon::new(
+                backend_features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+                vec![QUEUE_SIZE; 1 + NUM_REQUEST_QUEUES],
+            ),
             tag: tag.to_string(),
             frontend,
-            backend_features,
             protocol,
-            acked: 0,
-            queue_sizes: [QUEUE_SIZE; 1 + NUM_REQUEST_QUEUES],
             forwarder: None,
         })
     }
@@ -115,7 +118,7 @@ impl VhostUserFs {
         queues: &[ActiveQueue],
         calls: &[EventFd],
     ) -> Result<(), Error> {
-        let mut features = self.acked;
+        let mut features = self.common.acked_features();
         if self.protocol {
             features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         }
@@ -141,7 +144,7 @@ impl VhostUserFs {
                     })
             };
             let config = VringConfigData {
-                queue_max_size: self.queue_sizes[i],
+                queue_max_size: self.common.queue_sizes()[i],
                 queue_size: size,
                 flags: 0,
                 desc_table_addr: host(queue.desc_table())?,
@@ -188,17 +191,12 @@ impl VirtioDevice for VhostUserFs {
         device_type::FS
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
+    fn common(&self) -> &DeviceCommon {
+        &self.common
     }
 
-    fn features(&self) -> u64 {
-        // The protocol-features bit is between the front end and virtiofsd.
-        self.backend_features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.acked = features & self.features();
+    fn common_mut(&mut self) -> &mut DeviceCommon {
+        &mut self.common
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -211,12 +209,7 @@ impl VirtioDevice for VhostUserFs {
         interrupt: Arc<VirtioInterrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != self.queue_sizes.len() {
-            return Err(ActivateError::Queues {
-                want: self.queue_sizes.len(),
-                got: queues.len(),
-            });
-        }
+        let queues = self.common.queues::<{ 1 + NUM_REQUEST_QUEUES }>(queues)?;
         let calls = (0..queues.len())
             .map(|_| EventFd::new(libc::EFD_NONBLOCK))
             .collect::<Result<Vec<_>, _>>()

@@ -13,7 +13,7 @@ use super::queue_handler::QueueHandler;
 use super::rxtx::RxtxFeatures;
 use super::tap::{offload, Tap, TapError};
 use super::{LINK_UP, QUEUE_SIZE};
-use crate::virtio::worker::{self, WorkerHandle};
+use crate::virtio::common::DeviceCommon;
 use crate::virtio::{
     device_type, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
@@ -105,12 +105,10 @@ fn config_space(mac: Option<[u8; 6]>, mtu: Option<u16>) -> [u8; 12] {
 
 /// A virtio-net device on a host tap.
 pub struct Net {
+    // First: its worker stops before the tap closes.
+    common: DeviceCommon,
     tap: Tap,
-    features: u64,
-    acked_features: u64,
     config: [u8; 12],
-    queue_sizes: [u16; 2],
-    worker: Option<WorkerHandle>,
 }
 
 impl Net {
@@ -133,40 +131,18 @@ impl Net {
             );
         }
         Ok(Net {
-            features: offered_features(mac.is_some(), mtu.is_some(), offloads),
+            common: DeviceCommon::new(
+                offered_features(mac.is_some(), mtu.is_some(), offloads),
+                vec![QUEUE_SIZE; 2],
+            ),
             tap,
-            acked_features: 0,
             config: config_space(mac, mtu),
-            queue_sizes: [QUEUE_SIZE; 2],
-            worker: None,
         })
     }
 
     /// The tap's name.
     pub fn tap_name(&self) -> &str {
         self.tap.name()
-    }
-
-    /// The features the driver accepted.
-    pub fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    /// Whether the worker thread is running.
-    pub fn is_running(&self) -> bool {
-        self.worker.as_ref().is_some_and(|w| !w.is_finished())
-    }
-
-    fn stop_worker(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        self.stop_worker();
     }
 }
 
@@ -175,16 +151,12 @@ impl VirtioDevice for Net {
         device_type::NET
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
+    fn common(&self) -> &DeviceCommon {
+        &self.common
     }
 
-    fn features(&self) -> u64 {
-        self.features
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & self.features;
+    fn common_mut(&mut self) -> &mut DeviceCommon {
+        &mut self.common
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -197,12 +169,11 @@ impl VirtioDevice for Net {
         interrupt: Arc<VirtioInterrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let mut queues: [ActiveQueue; 2] = queues
-            .try_into()
-            .map_err(|_| ActivateError::Queues { want: 2, got })?;
-        self.stop_worker();
-        let acked = self.acked_features;
+        let mut queues = self.common.queues::<2>(queues)?;
+        // The old worker (a re-activation) stops before the tap's offloads
+        // change under it.
+        self.common.stop_worker();
+        let acked = self.common.acked_features();
         for q in &mut queues {
             q.queue.set_event_idx(acked & RING_EVENT_IDX != 0);
         }
@@ -218,15 +189,11 @@ impl VirtioDevice for Net {
             guest_csum: acked & GUEST_CSUM != 0,
         };
         let handler = QueueHandler::new(mem, interrupt, queues, tap, features);
-        let worker =
-            worker::spawn("virtio-net", handler).map_err(|e| backend("worker thread", e))?;
-        self.worker = Some(worker);
-        Ok(())
+        self.common.start_worker("virtio-net", handler)
     }
 
     fn reset(&mut self) -> bool {
-        self.stop_worker();
-        self.acked_features = 0;
+        self.common.reset();
         if let Err(e) = self.tap.set_offload(0) {
             crate::warn_limited!("tap {}: turning offloads off: {e}", self.tap.name());
         }
@@ -336,7 +303,7 @@ mod tests {
             // The driver accepts a subset, plus a bit never offered.
             dev.ack_features(VIRTIO_F_VERSION_1 | MRG_RXBUF | GUEST_CSUM | GUEST_TSO4 | 1 << 40);
             assert_eq!(
-                dev.acked_features(),
+                dev.common().acked_features(),
                 VIRTIO_F_VERSION_1 | MRG_RXBUF | GUEST_CSUM | GUEST_TSO4
             );
 
@@ -349,10 +316,10 @@ mod tests {
             ));
             dev.activate(mem, irq, vec![queue(0), queue(0x8000)])
                 .unwrap();
-            assert!(dev.is_running());
+            assert!(dev.common().is_running());
             assert!(dev.reset());
-            assert!(!dev.is_running());
-            assert_eq!(dev.acked_features(), 0);
+            assert!(!dev.common().is_running());
+            assert_eq!(dev.common().acked_features(), 0);
         });
     }
 }

@@ -9,19 +9,17 @@ use vm_memory::GuestMemoryMmap;
 use super::muxer::{Error, Muxer};
 use super::queue_handler::QueueHandler;
 use super::QUEUE_SIZE;
-use crate::virtio::worker::{self, WorkerHandle};
+use crate::virtio::common::DeviceCommon;
 use crate::virtio::{
     device_type, ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
 
 /// A virtio-vsock device whose host end is the Unix socket `uds_path`.
 pub struct Vsock {
+    // First: its worker stops before the muxer goes.
+    common: DeviceCommon,
     cid: u64,
     muxer: Arc<Mutex<Muxer>>,
-    acked_features: u64,
-    queue_sizes: [u16; 3],
-    // Dropped first: stops the worker before the muxer goes.
-    worker: Option<WorkerHandle>,
 }
 
 impl Vsock {
@@ -29,35 +27,15 @@ impl Vsock {
     /// now (the socket file is removed when the device is dropped).
     pub fn new(cid: u64, uds_path: PathBuf) -> Result<Self, Error> {
         Ok(Vsock {
+            common: DeviceCommon::new(VIRTIO_F_VERSION_1, vec![QUEUE_SIZE; 3]),
             cid,
             muxer: Arc::new(Mutex::new(Muxer::new(cid, uds_path)?)),
-            acked_features: 0,
-            queue_sizes: [QUEUE_SIZE; 3],
-            worker: None,
         })
     }
 
     /// The guest's CID.
     pub fn cid(&self) -> u64 {
         self.cid
-    }
-
-    /// The features the driver accepted.
-    pub fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    /// Whether the worker thread is running.
-    pub fn is_running(&self) -> bool {
-        self.worker.as_ref().is_some_and(|w| !w.is_finished())
-    }
-}
-
-impl Drop for Vsock {
-    fn drop(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
     }
 }
 
@@ -66,16 +44,12 @@ impl VirtioDevice for Vsock {
         device_type::VSOCK
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
+    fn common(&self) -> &DeviceCommon {
+        &self.common
     }
 
-    fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.acked_features = features;
+    fn common_mut(&mut self) -> &mut DeviceCommon {
+        &mut self.common
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -88,24 +62,16 @@ impl VirtioDevice for Vsock {
         interrupt: Arc<VirtioInterrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let queues: [ActiveQueue; 3] = queues
-            .try_into()
-            .map_err(|_| ActivateError::Queues { want: 3, got })?;
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        let queues = self.common.queues::<3>(queues)?;
+        // The old worker (a re-activation) stops before a new one starts on
+        // the same muxer.
+        self.common.stop_worker();
         let handler = QueueHandler::new(mem, interrupt, queues, self.muxer.clone());
-        let worker = worker::spawn("vsock", handler)
-            .map_err(|e| ActivateError::Backend(format!("vsock worker: {e}")))?;
-        self.worker = Some(worker);
-        Ok(())
+        self.common.start_worker("vsock", handler)
     }
 
     fn reset(&mut self) -> bool {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        self.common.reset();
         self.muxer.lock().expect("vsock muxer").reset();
         true
     }
@@ -184,9 +150,9 @@ mod tests {
         ));
         dev.activate(mem, irq, vec![queue(0), queue(1), queue(2)])
             .unwrap();
-        assert!(dev.is_running());
+        assert!(dev.common().is_running());
         assert!(dev.reset());
-        assert!(!dev.is_running());
+        assert!(!dev.common().is_running());
     }
 
     #[test]
