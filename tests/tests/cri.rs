@@ -592,3 +592,67 @@ step left leftovers
     assert_eq!(r.step("left").out, "", "{}", r.tail());
     r.assert_clean();
 }
+
+/// Not a test but the CRI pod-start benchmark that `ci/bench-cri` runs
+/// (`--ignored`): what the kubelet waits for when it starts a
+/// one-container pod (RunPodSandbox, CreateContainer, StartContainer),
+/// timed from the first call until StartContainer returns, with the
+/// `sandboxvm` handler and with runc (containerd's runc shim), interleaved
+/// in one containerd; then each pod is stopped and removed (untimed).
+/// `SANDBOXVM_BENCH_ROUNDS` rounds (default 3). Prints each handler's
+/// times, median and the ratio.
+#[test]
+#[ignore = "a benchmark: ci/bench-cri runs it"]
+fn bench_cri_pod_start() {
+    let rounds: usize = std::env::var("SANDBOXVM_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let r = run(
+        "bench-pod-start",
+        &r#"
+ms() { echo $(( $(date +%s%N) / 1000000 )); }
+for i in $(seq 0 @ROUNDS@); do for h in sandboxvm runc; do
+  P="--pod-name b-$h-$i --pod-namespace bench --log-dir $W/logs"
+  t0=$(ms)
+  step rp-$h-$i $CC run-pod $P --handler $h
+  id=$(cat rp-$h-$i.out)
+  step cr-$h-$i $CC create --pod-id "$id" $P --name c --image @IMAGE@ -- sh -c 'echo up; exec sleep 1000'
+  step st-$h-$i $CC start "$(cat cr-$h-$i.out)"
+  t1=$(ms)
+  # Round 0 warms up (the image unpacked, the template built): untimed.
+  [ "$i" -gt 0 ] && [ "$(cat st-$h-$i.code)" = 0 ] && echo "$h $((t1 - t0))" >>times
+  step sp-$h-$i $CC stop-pod "$id"
+  step rm-$h-$i $CC remove-pod "$id"
+done; done
+"#
+        .replace("@IMAGE@", IMAGE)
+        .replace("@ROUNDS@", &rounds.to_string()),
+    );
+    let times = std::fs::read_to_string(r.dir.join("times")).unwrap_or_default();
+    let of = |h: &str| -> Vec<u64> {
+        times
+            .lines()
+            .filter_map(|l| l.strip_prefix(h)?.trim().parse().ok())
+            .collect()
+    };
+    let median = |v: &[u64]| {
+        let mut v = v.to_vec();
+        v.sort_unstable();
+        v.get(v.len().saturating_sub(1) / 2).copied()
+    };
+    let (s, c) = (of("sandboxvm "), of("runc "));
+    assert_eq!(
+        (s.len(), c.len()),
+        (rounds, rounds),
+        "not every pod started:\n{times}\n{}",
+        r.tail()
+    );
+    println!("CRI pod start (RunPodSandbox + CreateContainer + StartContainer), ms");
+    for (h, v) in [("sandboxvm", &s), ("runc", &c)] {
+        println!("{h:<10} {v:?} median {}", median(v).unwrap_or(0));
+    }
+    if let (Some(a), Some(b)) = (median(&s), median(&c)) {
+        println!("sandboxvm vs runc: {:.2}x", a as f64 / b as f64);
+    }
+}

@@ -243,7 +243,13 @@ fn pod_config(pod: &Pod) -> PodSandboxConfig {
             namespace: pod.pod_namespace.clone(),
             attempt: 0,
         }),
-        hostname: pod.pod_name.clone(),
+        // As the kubelet: a hostNetwork pod keeps the node's hostname (runc
+        // refuses a hostname without a UTS namespace of the pod's own).
+        hostname: if pod.pod_network {
+            pod.pod_name.clone()
+        } else {
+            String::new()
+        },
         log_directory: pod.log_dir.clone().unwrap_or_default(),
         port_mappings: pod
             .ports
