@@ -57,10 +57,6 @@ pub struct Stats {
 /// How long the guest may take to acknowledge a shutdown (the VMM is killed
 /// after that).
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
-/// How much output one read call returns at most: the guest's output pipes
-/// hold as much (the agent's `OUTPUT_PIPE_SIZE`), so a fast writer's output
-/// crosses vsock in 1 MiB calls rather than 64 KiB ones.
-const READ_CHUNK: u32 = 1 << 20;
 
 /// A connected agent client; clones share the connection.
 #[derive(Clone)]
@@ -298,7 +294,7 @@ impl Agent {
         let req = ReadStreamRequest {
             container_id: id.into(),
             exec_id: exec_id.into(),
-            len: READ_CHUNK,
+            len: protocol::OUTPUT_CHUNK,
             ..Default::default()
         };
         let ctx = protocol::ctx(Duration::ZERO);

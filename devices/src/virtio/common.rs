@@ -55,12 +55,8 @@ impl DeviceCommon {
         &self,
         queues: Vec<ActiveQueue>,
     ) -> Result<[ActiveQueue; N], ActivateError> {
-        let want = self.queue_sizes.len();
-        let got = queues.len();
+        let (want, got) = (self.queue_sizes.len(), queues.len());
         debug_assert_eq!(N, want, "the device's own queue count");
-        if got != want {
-            return Err(ActivateError::Queues { want, got });
-        }
         queues
             .try_into()
             .map_err(|_| ActivateError::Queues { want, got })

@@ -114,7 +114,7 @@ fn make_stdio(terminal: bool) -> Result<(Stdio, ProcIo), Error> {
         // Only a speed-up: the default size stays if the kernel refuses.
         let _ = nix::fcntl::fcntl(
             r.as_raw_fd(),
-            nix::fcntl::FcntlArg::F_SETPIPE_SZ(OUTPUT_PIPE_SIZE),
+            nix::fcntl::FcntlArg::F_SETPIPE_SZ(protocol::OUTPUT_CHUNK as libc::c_int),
         );
     }
     Ok((
@@ -131,14 +131,6 @@ fn make_stdio(terminal: bool) -> Result<(Stdio, ProcIo), Error> {
         },
     ))
 }
-
-/// The size of a process's stdout and stderr pipes, bytes: what one
-/// ReadStdout/ReadStderr call can carry (the host asks for as much). With
-/// the default 64 KiB a writer stalls after each 64 KiB until the host's
-/// next call has crossed vsock: a container's output ran at 4.4 MiB/s in
-/// the nested CI host (ci/bench-vsock). Pipe pages are allocated as data
-/// arrives, not up front.
-const OUTPUT_PIPE_SIZE: libc::c_int = 1 << 20;
 
 struct Proc {
     pid: i32,
@@ -499,7 +491,7 @@ impl Manager {
         let Some(mut f) = f else {
             return Ok(Vec::new());
         };
-        let mut buf = vec![0u8; (len as usize).clamp(1, 1 << 20)];
+        let mut buf = vec![0u8; len.clamp(1, protocol::OUTPUT_CHUNK) as usize];
         loop {
             match f.read(&mut buf) {
                 Ok(n) => {

@@ -63,9 +63,6 @@ impl VirtioDevice for Vsock {
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
         let queues = self.common.queues::<3>(queues)?;
-        // The old worker (a re-activation) stops before a new one starts on
-        // the same muxer.
-        self.common.stop_worker();
         let handler = QueueHandler::new(mem, interrupt, queues, self.muxer.clone());
         self.common.start_worker("vsock", handler)
     }
