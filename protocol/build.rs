@@ -34,4 +34,32 @@ fn main() {
             .collect();
         std::fs::write(&path, kept).expect("rewrite generated file");
     }
+    use_own_client(&out.join("agent_ttrpc.rs"));
+}
+
+/// Makes `AgentClient` use `crate::client::Client` (ours, which does not
+/// poll) instead of ttrpc's sync client: `client_request!` only calls
+/// `self.client.request(req)`. Fails if the generated code changed shape.
+fn use_own_client(path: &std::path::Path) {
+    const THEIRS: &str = "::ttrpc::Client";
+    let text = std::fs::read_to_string(path).expect("generated agent_ttrpc.rs");
+    let mut parts = text.split(THEIRS);
+    let mut out = parts.next().unwrap_or_default().to_string();
+    let mut replaced = 0;
+    for part in parts {
+        if part.starts_with(|c: char| c.is_alphanumeric() || c == '_') {
+            panic!(
+                "agent_ttrpc.rs names {THEIRS}{}: not the client type",
+                &part[..20.min(part.len())]
+            );
+        }
+        out.push_str("crate::client::Client");
+        out.push_str(part);
+        replaced += 1;
+    }
+    // The field and the argument of `AgentClient::new`.
+    if replaced != 2 || out.contains("ttrpc::Client") || out.contains("sync::Client") {
+        panic!("agent_ttrpc.rs: expected {THEIRS} twice (AgentClient's field and new()), replaced {replaced}: update protocol/build.rs");
+    }
+    std::fs::write(path, out).expect("rewrite agent_ttrpc.rs");
 }

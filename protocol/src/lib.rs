@@ -2,10 +2,11 @@
 //!
 //! - [`agent`]: the protobuf messages of `proto/agent.proto`
 //!   (package `sandboxvm.agent.v1`).
-//! - [`agent_ttrpc`]: the sync ttrpc service: `AgentClient` for the host and
-//!   the `Agent` trait + `create_agent` for the guest.
-//! - [`connect_vsock_bridge`] + [`client_from_stream`]: how the host reaches
-//!   the agent through the VMM's vsock Unix-socket bridge.
+//! - [`agent_ttrpc`]: the sync ttrpc service: `AgentClient` for the host (on
+//!   [`client::Client`]) and the `Agent` trait + `create_agent` for the guest.
+//! - [`connect_vsock_bridge`] + [`agent_client`]: how the host reaches
+//!   the agent through the VMM's vsock Unix-socket bridge, with [`client`]'s
+//!   ttrpc client (ttrpc's own polls its socket every 10 ms).
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -23,7 +24,6 @@
 //! ```
 
 use std::io::{self, Read, Write};
-use std::os::unix::io::IntoRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -56,6 +56,7 @@ mod generated {
 
 pub use generated::{agent, agent_ttrpc};
 
+pub mod client;
 pub mod guest_features;
 pub mod mount_options;
 pub mod template;
@@ -176,15 +177,10 @@ pub fn connect_vsock_bridge_retry(
     }
 }
 
-/// Makes a sync ttrpc client on a connected stream (bridge or Unix socket).
-/// The client takes ownership of the socket.
-pub fn client_from_stream(stream: UnixStream) -> ttrpc::Result<ttrpc::sync::Client> {
-    ttrpc::sync::Client::new(stream.into_raw_fd())
-}
-
-/// Makes an [`agent_ttrpc::AgentClient`] on a connected stream.
+/// Makes an [`agent_ttrpc::AgentClient`] on a connected stream (bridge or
+/// Unix socket), which it owns from now on.
 pub fn agent_client(stream: UnixStream) -> ttrpc::Result<agent_ttrpc::AgentClient> {
-    Ok(agent_ttrpc::AgentClient::new(client_from_stream(stream)?))
+    Ok(agent_ttrpc::AgentClient::new(client::Client::new(stream)?))
 }
 
 /// A request context with a timeout (`Duration::ZERO` = no timeout, for

@@ -103,8 +103,7 @@ fn is_timeout(e: &protocol::ttrpc::Error) -> bool {
         protocol::ttrpc::Error::RpcStatus(s) => {
             s.code() == protocol::ttrpc::Code::DEADLINE_EXCEEDED
         }
-        protocol::ttrpc::Error::Others(m) => m.contains("timeout") || m.contains("timed out"),
-        _ => false,
+        e => protocol::client::is_timeout(e),
     }
 }
 
