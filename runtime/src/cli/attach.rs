@@ -5,12 +5,23 @@
 
 use std::fs::File;
 use std::os::fd::AsFd;
+use std::panic::AssertUnwindSafe;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use sandboxvm::agent::Agent;
 use sandboxvm::oci::stdio::{pump_in, pump_out};
 use sandboxvm::signals::Forwarder;
+
+/// What wakes [`attach`]'s wait.
+enum Event {
+    /// The process ended (or the wait failed).
+    Done(Result<i32, sandboxvm::agent::Error>),
+    /// The wait's thread panicked.
+    Lost,
+    /// A signal came (maybe SIGCHLD).
+    Wake,
+}
 
 /// The host side of a process's stdio.
 pub struct HostIo {
@@ -61,7 +72,8 @@ impl HostIo {
 
 /// Relays stdio of process `exec_id` ("" = init) of container `id` and
 /// waits for it; forwards pending signals (SIGWINCH resizes a terminal).
-/// `alive` reports a dead VM. Returns the exit status (128 + N: signal N).
+/// `alive` reports a dead VM; it is asked after each signal (SIGCHLD
+/// included), not periodically. Returns the exit status (128 + N: signal N).
 pub fn attach(
     agent: &Agent,
     id: &str,
@@ -89,25 +101,22 @@ pub fn attach(
         }
     }
 
-    let (done_tx, done_rx) = mpsc::channel();
+    // One channel wakes the loop below: the process's end, a signal (to
+    // forward, or SIGCHLD: the VMM or virtiofsd may have died). A dead VMM
+    // also closes the agent's connection: the wait fails at once.
+    let (tx, rx) = mpsc::channel();
+    let waker = tx.clone();
+    let _waking = signals.wake_with(move || {
+        let _ = waker.send(Event::Wake);
+    });
     {
         let (agent, id, exec_id) = (agent.clone(), id.to_string(), exec_id.to_string());
         std::thread::spawn(move || {
-            let _ = done_tx.send(agent.wait(&id, &exec_id));
+            let r = std::panic::catch_unwind(AssertUnwindSafe(|| agent.wait(&id, &exec_id)));
+            let _ = tx.send(r.map_or(Event::Lost, Event::Done));
         });
     }
     let status = loop {
-        match done_rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(Ok(status)) => break status,
-            Ok(Err(e)) => {
-                // A dead VMM or virtiofsd is the better explanation.
-                std::thread::sleep(Duration::from_millis(200));
-                alive()?;
-                anyhow::bail!("lost the guest agent: {e}");
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => anyhow::bail!("lost the guest agent"),
-        }
         for sig in signals.pending() {
             if sig == libc::SIGWINCH {
                 if let Some((rows, cols)) = size_from
@@ -124,6 +133,17 @@ pub fn attach(
             }
         }
         alive()?;
+        match rx.recv() {
+            Ok(Event::Done(Ok(status))) => break status,
+            Ok(Event::Done(Err(e))) => {
+                // A dead VMM or virtiofsd is the better explanation.
+                std::thread::sleep(Duration::from_millis(200));
+                alive()?;
+                anyhow::bail!("lost the guest agent: {e}");
+            }
+            Ok(Event::Wake) => {}
+            Ok(Event::Lost) | Err(_) => anyhow::bail!("lost the guest agent"),
+        }
     };
     for p in pumps {
         let _ = p.join();

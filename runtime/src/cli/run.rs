@@ -253,9 +253,14 @@ impl Run {
 
 /// Waits for `pid` (a child: the monitor `create` started), passing it the
 /// signals this process gets; its exit status (128 + N for signal N).
+/// Blocks between signals: the child's end is one too (SIGCHLD).
 fn wait_forwarding(pid: i32, signals: &crate::signals::Forwarder) -> anyhow::Result<i32> {
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
     let pid = nix::unistd::Pid::from_raw(pid);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _waking = signals.wake_with(move || {
+        let _ = tx.send(());
+    });
     loop {
         for s in signals.pending() {
             // SAFETY: kill(2) with a pid and a signal number.
@@ -264,7 +269,7 @@ fn wait_forwarding(pid: i32, signals: &crate::signals::Forwarder) -> anyhow::Res
         match waitpid(pid, Some(WaitPidFlag::WNOHANG)).context("wait for the container")? {
             WaitStatus::Exited(_, code) => return Ok(code),
             WaitStatus::Signaled(_, s, _) => return Ok(128 + s as i32),
-            _ => std::thread::sleep(Duration::from_millis(20)),
+            _ => rx.recv().context("the signal thread is gone")?,
         }
     }
 }
