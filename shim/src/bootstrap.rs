@@ -17,10 +17,10 @@ use containerd_shim::protos::protobuf::Message;
 use containerd_shim::protos::shim::shim_ttrpc::create_task;
 use containerd_shim::protos::ttrpc::{self, Server};
 use containerd_shim::protos::types::introspection::RuntimeInfo;
-use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config, Flags, Shim as _, StartOpts};
 use nix::sys::signal::{SigSet, Signal};
 
+use crate::events::Publisher;
 use crate::shim::{Shim, RUNTIME_ID};
 
 /// Runs the action containerd asked for; the process's exit status.
@@ -129,8 +129,8 @@ fn serve(mut shim: Shim, flags: &Flags) -> Result<(), String> {
     sandboxvm::private::restrict_socket(Path::new(&path))
         .map_err(|e| format!("chmod {path}: {e}"))?;
     let ttrpc_address = std::env::var("TTRPC_ADDRESS").map_err(|_| "TTRPC_ADDRESS is not set")?;
-    let publisher = RemotePublisher::new(&ttrpc_address).map_err(|e| e.to_string())?;
-    let service = Arc::new(shim.create_task_service(publisher));
+    let publisher = Publisher::connect(&ttrpc_address)?;
+    let service = Arc::new(shim.task_service(publisher));
     let task: Arc<dyn containerd_shim::Task + Send + Sync> = service.clone();
     let v2: std::collections::HashMap<_, _> = create_task(task.clone())
         .into_iter()

@@ -16,14 +16,13 @@ use containerd_shim::api::{
 use containerd_shim::protos::cgroups_v2::metrics::{CPUStat, MemoryStat, Metrics, PidsStat};
 use containerd_shim::protos::events::task::TaskIO;
 use containerd_shim::protos::types::task::ProcessInfo;
-use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, TtrpcContext, TtrpcResult};
 use sandboxvm::bundle::Bundle;
 use sandboxvm::oci::ContainerId;
 
 use crate::container::{Container, Rootfs};
 use crate::error::{Error, Result};
-use crate::events::{timestamp, Events};
+use crate::events::{timestamp, Events, Publish};
 use crate::pod::Pod;
 use crate::process::{Process, State, KILLED};
 use crate::spec;
@@ -47,7 +46,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Service {
     /// A service publishing through `publisher`, ending the shim through
     /// `exit`.
-    pub fn new(namespace: &str, publisher: RemotePublisher, exit: Arc<ExitSignal>) -> Service {
+    pub fn new(namespace: &str, publisher: impl Publish, exit: Arc<ExitSignal>) -> Service {
         Service {
             namespace: namespace.to_string(),
             events: Arc::new(Events::new(publisher, namespace.to_string())),

@@ -10,7 +10,7 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::synchronous::util::write_address;
 use containerd_shim::{Config, DeleteResponse, ExitSignal, Flags, StartOpts};
 
-use crate::events::timestamp;
+use crate::events::{timestamp, Publish};
 use crate::pod;
 use crate::process::KILLED;
 use crate::service::Service;
@@ -40,6 +40,13 @@ fn pod_of(bundle: &Path, id: &str) -> String {
 
 fn other(e: Error) -> containerd_shim::Error {
     containerd_shim::Error::Other(e.to_string())
+}
+
+impl Shim {
+    /// The task service, publishing its events through `publisher`.
+    pub fn task_service(&self, publisher: impl Publish) -> Service {
+        Service::new(&self.namespace, publisher, self.exit.clone())
+    }
 }
 
 impl containerd_shim::Shim for Shim {
@@ -102,7 +109,9 @@ impl containerd_shim::Shim for Shim {
         }
     }
 
+    /// Not what the bootstrap calls (it does not connect a RemotePublisher,
+    /// whose ttrpc client polls): see [`Shim::task_service`].
     fn create_task_service(&self, publisher: RemotePublisher) -> Service {
-        Service::new(&self.namespace, publisher, self.exit.clone())
+        self.task_service(publisher)
     }
 }
