@@ -290,7 +290,8 @@ impl Vmm {
                 attacher.vsock(vsock)?;
             }
             for fs in &config.fs {
-                attacher.fs(fs)?;
+                // virtiofsd cannot map a template's private memory.
+                attacher.fs(fs, !ram.shared)?;
             }
             for net in &config.net {
                 attacher.net(net)?;
@@ -477,8 +478,7 @@ fn restore(
     let t = Instant::now();
     let manifest = snapshot::load(dir, fit)?;
     let t_manifest = t.elapsed().as_millis();
-    let ram = memory::create(config.memory_mib, config.hotplug_mib)?;
-    snapshot::load_memory(&ram, &dir.join(snapshot::MEMORY), &manifest)?;
+    let ram = snapshot::map_memory(config.memory_mib, config.hotplug_mib, dir, &manifest)?;
     let t_memory = t.elapsed().as_millis();
     let vm = vm::create(kvm, &ram.memory, fit.vcpus.1)?;
     snapshot::restore_vm(&vm, &manifest.state)?;

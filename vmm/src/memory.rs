@@ -12,7 +12,11 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 
 use crate::layout;
 
@@ -24,7 +28,7 @@ pub enum Error {
     Memfd(std::io::Error),
     /// Mapping the regions failed.
     #[error("cannot map guest memory: {0}")]
-    Map(vm_memory::mmap::FromRangesError),
+    Map(String),
     /// The requested size is too small to boot anything.
     #[error("guest memory of {0} MiB is too small (at least 16 MiB)")]
     TooSmall(u64),
@@ -40,8 +44,12 @@ pub enum Error {
 pub struct GuestRam {
     /// The mapped regions.
     pub memory: GuestMemoryMmap,
-    /// The memfd behind them (for sharing with vhost-user back ends).
+    /// The file behind them: a memfd, or a template's memory.
     pub file: File,
+    /// Whether another process that maps `file` sees the guest's writes
+    /// (a memfd mapped shared, which vhost-user back ends can be given);
+    /// false for a template's private copy-on-write mapping.
+    pub shared: bool,
     /// Boot RAM in bytes (what the e820 map describes).
     pub size: u64,
     /// Memory the guest can add later: its guest address and length.
@@ -53,6 +61,42 @@ pub struct GuestRam {
 /// guest to add later. All of it is one sparse memfd: nothing is allocated
 /// before the guest touches it.
 pub fn create(mib: u64, hotplug_mib: u64) -> Result<GuestRam, Error> {
+    let (size, hotplug_size) = sizes(mib, hotplug_mib)?;
+    // SAFETY: the name is a valid NUL-terminated string; the call has no
+    // other memory effects. The result is checked below.
+    let fd = unsafe { libc::memfd_create(c"sandboxvm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size + hotplug_size).map_err(Error::Memfd)?;
+    let ram = map(file, size, hotplug_size, libc::MAP_SHARED)?;
+    for region in ram.memory.iter() {
+        advise_huge_pages(region.as_ptr(), region.len() as usize);
+    }
+    Ok(ram)
+}
+
+/// Guest memory as [`create`] lays it out, mapped private and
+/// copy-on-write from `file` (a template's memory, as long as the memfd
+/// would be): every VM restored from one template shares the page cache of
+/// the pages its guest has not written, and a guest's writes stay its own.
+/// Nothing else can map it: see [`GuestRam::shared`].
+pub fn from_template(mib: u64, hotplug_mib: u64, file: File) -> Result<GuestRam, Error> {
+    let (size, hotplug_size) = sizes(mib, hotplug_mib)?;
+    let len = file.metadata().map_err(Error::Memfd)?.len();
+    if len != size + hotplug_size {
+        return Err(Error::Memfd(std::io::Error::other(format!(
+            "the memory file holds {len} bytes, the VM has {}",
+            size + hotplug_size
+        ))));
+    }
+    map(file, size, hotplug_size, libc::MAP_PRIVATE)
+}
+
+/// Boot RAM and hot-pluggable memory in bytes, checked.
+fn sizes(mib: u64, hotplug_mib: u64) -> Result<(u64, u64), Error> {
     if mib < 16 {
         return Err(Error::TooSmall(mib));
     }
@@ -67,32 +111,33 @@ pub fn create(mib: u64, hotplug_mib: u64) -> Result<GuestRam, Error> {
     if !hotplug_size.is_multiple_of(layout::HOTPLUG_BLOCK) {
         return Err(Error::Hotplug(hotplug_mib));
     }
-    // SAFETY: the name is a valid NUL-terminated string; the call has no
-    // other memory effects. The result is checked below.
-    let fd = unsafe { libc::memfd_create(c"sandboxvm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(Error::Memfd(std::io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size + hotplug_size).map_err(Error::Memfd)?;
+    Ok((size, hotplug_size))
+}
+
+/// Maps the regions of `file` (`flags`: MAP_SHARED or MAP_PRIVATE).
+fn map(file: File, size: u64, hotplug_size: u64, flags: i32) -> Result<GuestRam, Error> {
     let hotplug =
         (hotplug_size > 0).then(|| (GuestAddress(layout::hotplug_base(size)), hotplug_size));
-    let ranges: Vec<_> = layout::ram_regions(size)
+    let regions = layout::ram_regions(size)
         .into_iter()
         .chain(hotplug.map(|(addr, len)| (addr, len, size)))
         .map(|(addr, len, offset)| {
             let file = file.try_clone().map_err(Error::Memfd)?;
-            Ok((addr, len as usize, Some(FileOffset::new(file, offset))))
+            let mapping = MmapRegionBuilder::new(len as usize)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_NORESERVE | flags)
+                .with_file_offset(FileOffset::new(file, offset))
+                .build()
+                .map_err(|e| Error::Map(e.to_string()))?;
+            GuestRegionMmap::new(mapping, addr)
+                .ok_or_else(|| Error::Map(format!("a region at {:#x} overflows", addr.0)))
         })
-        .collect::<Result<_, Error>>()?;
-    let memory = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(Error::Map)?;
-    for region in memory.iter() {
-        advise_huge_pages(region.as_ptr(), region.len() as usize);
-    }
+        .collect::<Result<Vec<_>, Error>>()?;
+    let memory = GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Map(e.to_string()))?;
     Ok(GuestRam {
         memory,
         file,
+        shared: flags & libc::MAP_SHARED != 0,
         size,
         hotplug,
     })

@@ -10,6 +10,12 @@
 //! devices once restored, so each restored VM probes its own devices (its
 //! own vsock, virtiofsd, taps and MACs) from scratch.
 //!
+//! A restored VM maps the memory file private and copy-on-write
+//! ([`map_memory`]): every VM restored from one template shares the pages
+//! its guest has not written (the file's page cache), and what a guest
+//! writes is its own. virtiofsd cannot map such memory, so the restored
+//! VM's virtio-fs device relays each request through memory of its own.
+//!
 //! A template is never trusted: its manifest names the format, the VM it
 //! was built for (vCPUs, memory, the whole kernel command line) and a
 //! checksum of its state and of its memory; [`load`] checks them all, and
@@ -54,6 +60,9 @@ pub enum Error {
     /// Saved MSRs were refused.
     #[error(transparent)]
     Msr(#[from] crate::arch::msr::Error),
+    /// Mapping the template's memory.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::Error),
     /// A template file.
     #[error("{}: {source}", path.display())]
     Io {
@@ -397,24 +406,37 @@ pub fn save_memory(ram: &GuestRam, path: &Path) -> Result<(u64, u64), Error> {
     Ok((bytes, sum))
 }
 
-/// Reads a template's memory file into the guest's memory (each data range
-/// straight into the mapping that holds its offset) and checks it against
-/// the manifest.
-pub fn load_memory(ram: &GuestRam, path: &Path, manifest: &Manifest) -> Result<(), Error> {
-    let file = File::open(path).map_err(io(path))?;
-    let total = ram.file.metadata().map_err(io(path))?.len();
-    let len = file.metadata().map_err(io(path))?.len();
+/// Maps a template's memory file (in `dir`) as a VM's guest memory,
+/// private and copy-on-write ([`crate::memory::from_template`]), and checks
+/// it against the manifest. Reading it through the mapping also maps the
+/// template's pages, shared, before the guest asks for them.
+pub fn map_memory(
+    mib: u64,
+    hotplug_mib: u64,
+    dir: &Path,
+    manifest: &Manifest,
+) -> Result<GuestRam, Error> {
+    let path = dir.join(MEMORY);
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(io(&path))?;
     let mismatch = |why: String| Error::Mismatch {
-        path: path.to_path_buf(),
+        path: path.clone(),
         why,
     };
-    if len != total {
+    let len = file.metadata().map_err(io(&path))?.len();
+    let want = (mib << 20) + (hotplug_mib << 20);
+    if len != want {
         return Err(mismatch(format!(
-            "memory file of {len} bytes, the VM has {total}"
+            "memory file of {len} bytes, the VM has {want}"
         )));
     }
+    let ranges = data_ranges(&file, len).map_err(io(&path))?;
+    let ram = crate::memory::from_template(mib, hotplug_mib, file)?;
     let (mut bytes, mut sum) = (0u64, 0u64);
-    for (start, end) in data_ranges(&file, len).map_err(io(path))? {
+    for (start, end) in ranges {
         for region in ram.memory.iter() {
             let Some(fo) = region.file_offset() else {
                 continue;
@@ -424,17 +446,16 @@ pub fn load_memory(ram: &GuestRam, path: &Path, manifest: &Manifest) -> Result<(
             if lo >= hi {
                 continue;
             }
-            // SAFETY: `lo..hi` lies within this region's part of the memfd,
+            // SAFETY: `lo..hi` lies within this region's part of the file,
             // so the slice lies within the region's live mapping, which
-            // `ram` owns; no vCPU runs yet, nothing else reads or writes it.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(
+            // `ram` owns; no vCPU runs yet, nothing writes it.
+            let data = unsafe {
+                std::slice::from_raw_parts(
                     region.as_ptr().add((lo - r_start) as usize),
                     (hi - lo) as usize,
                 )
             };
-            file.read_exact_at(dst, lo).map_err(io(path))?;
-            for (i, page) in dst.chunks(PAGE).enumerate() {
+            for (i, page) in data.chunks(PAGE).enumerate() {
                 if page.iter().any(|&b| b != 0) {
                     sum = checksum(sum, lo + (i * PAGE) as u64, page);
                     bytes += page.len() as u64;
@@ -448,7 +469,7 @@ pub fn load_memory(ram: &GuestRam, path: &Path, manifest: &Manifest) -> Result<(
             manifest.memory_bytes, manifest.memory_sum
         )));
     }
-    Ok(())
+    Ok(ram)
 }
 
 fn state_sum(state: &VmSnapshot) -> u64 {
@@ -568,8 +589,8 @@ mod tests {
                 vcpus: Vec::new(),
             },
         };
-        let fresh = crate::memory::create(64, 128).unwrap();
-        load_memory(&fresh, &path, &manifest(bytes, sum)).unwrap();
+        let fresh = map_memory(64, 128, &dir, &manifest(bytes, sum)).unwrap();
+        assert!(!fresh.shared);
         assert_eq!(
             fresh.memory.read_obj::<u64>(GuestAddress(0x1000)).unwrap(),
             0xfeed
@@ -582,15 +603,35 @@ mod tests {
             0xbeef
         );
         assert_eq!(fresh.memory.read_obj::<u64>(hot).unwrap(), 0xcafe);
+        // The guest's writes are its own: neither the file nor another VM
+        // restored from it sees them.
+        fresh
+            .memory
+            .write_obj(0x1234_u64, GuestAddress(0x1000))
+            .unwrap();
+        let twin = map_memory(64, 128, &dir, &manifest(bytes, sum)).unwrap();
+        assert_eq!(
+            twin.memory.read_obj::<u64>(GuestAddress(0x1000)).unwrap(),
+            0xfeed
+        );
+        drop((fresh, twin));
+        let mut on_disk = [0u8; 8];
+        File::open(&path)
+            .unwrap()
+            .read_exact_at(&mut on_disk, 0x1000)
+            .unwrap();
+        assert_eq!(u64::from_le_bytes(on_disk), 0xfeed);
         // One flipped byte on disk: refused.
         let f = File::options().write(true).open(&path).unwrap();
         f.write_all_at(&[0xff], 0x300_0001).unwrap();
-        let again = crate::memory::create(64, 128).unwrap();
-        let err = load_memory(&again, &path, &manifest(bytes, sum)).unwrap_err();
+        let err = map_memory(64, 128, &dir, &manifest(bytes, sum))
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("does not check out"), "{err}");
         // A VM of another size: refused.
-        let small = crate::memory::create(32, 0).unwrap();
-        let err = load_memory(&small, &path, &manifest(bytes, sum)).unwrap_err();
+        let err = map_memory(32, 0, &dir, &manifest(bytes, sum))
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("memory file of"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

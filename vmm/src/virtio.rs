@@ -237,11 +237,12 @@ impl<'a> Attacher<'a> {
     }
 
     /// Connects to virtiofsd and attaches a virtio-fs device.
-    pub fn fs(&mut self, config: &FsConfig) -> Result<(), Error> {
+    pub fn fs(&mut self, config: &FsConfig, relay: bool) -> Result<(), Error> {
         let dev = VhostUserFs::connect(
             &config.socket,
             &config.tag,
             std::time::Duration::from_secs(5),
+            relay,
         )
         .map_err(|source| Error::Fs {
             tag: config.tag.clone(),

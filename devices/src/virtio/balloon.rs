@@ -173,8 +173,10 @@ pub fn serve(mem: &GuestMemoryMmap, queue: &mut Queue, discard: bool) -> bool {
 }
 
 /// Gives the host pages behind guest range `addr`+`len` back: a hole in a
-/// shared mapping's file (`MADV_REMOVE`), or for private memory (unit
-/// tests' anonymous mappings) dropped pages (`MADV_DONTNEED`).
+/// shared mapping's file (`MADV_REMOVE`), or for private memory (a
+/// template's copy-on-write mapping, unit tests' anonymous mappings)
+/// dropped pages (`MADV_DONTNEED`: the guest's own copies go, and the range
+/// reads as the template again, which a freed page may).
 pub fn give_back(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> io::Result<()> {
     let bad = |why: &str| {
         io::Error::new(
@@ -198,8 +200,10 @@ pub fn give_back(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> io::Res
     if rc == 0 {
         return Ok(());
     }
+    // A private mapping (EINVAL), of a read-only file (EACCES: a template's
+    // memory, mapped copy-on-write): its pages are dropped instead.
     let e = io::Error::last_os_error();
-    if e.raw_os_error() != Some(libc::EINVAL) {
+    if !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EACCES)) {
         return Err(e);
     }
     // SAFETY: as above.

@@ -1,14 +1,21 @@
 //! virtio-fs through a vhost-user back end (the standard `virtiofsd`).
 //!
-//! The VMM only owns the transport side: feature negotiation, the config
-//! space (tag, number of request queues) and handing the back end the guest
-//! memory (memfd regions) and the rings. virtiofsd then serves the queues
-//! itself; its "used buffers" notifications come back on call eventfds that
-//! [`call_forwarder`] turns into virtio-mmio interrupts (the InterruptStatus
-//! register must show them, so the irqfd cannot be handed over directly).
+//! The VMM owns the transport side: feature negotiation, the config space
+//! (tag, number of request queues) and what virtiofsd may map. Two ways:
+//! - **direct** (a cold-booted guest, whose memory is a shared memfd):
+//!   virtiofsd maps the guest's memory and serves the guest's own rings;
+//!   its "used buffers" notifications come back on call eventfds that
+//!   [`call_forwarder`] turns into virtio-mmio interrupts (the
+//!   InterruptStatus register must show them, so the irqfd cannot be handed
+//!   over directly);
+//! - **relayed** (a guest restored from a template, whose memory is private
+//!   copy-on-write so that restored guests share their untouched pages):
+//!   the device serves the guest's rings and copies each request through
+//!   memory of its own that virtiofsd maps ([`relay`]).
 
 mod call_forwarder;
 mod device;
+mod relay;
 
 pub use device::{Error, VhostUserFs};
 
