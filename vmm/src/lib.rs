@@ -478,6 +478,7 @@ fn restore(
     let t = Instant::now();
     let manifest = snapshot::load(dir, fit)?;
     let t_manifest = t.elapsed().as_millis();
+    disable_huge_pages();
     let ram = snapshot::map_memory(config.memory_mib, config.hotplug_mib, dir, &manifest)?;
     let t_memory = t.elapsed().as_millis();
     let vm = vm::create(kvm, &ram.memory, fit.vcpus.1)?;
@@ -495,6 +496,22 @@ fn restore(
         t.elapsed().as_millis() - t_memory
     );
     Ok((ram, vm, vcpus, manifest.state.serial))
+}
+
+/// No transparent huge pages for this process. A restored guest's memory
+/// is a private file mapping, which gets none anyway; but with THP set to
+/// `always`, the VMM's own heaps and stacks took a 2 MiB page each for a
+/// few KiB used (4 MiB of an idle restored VMM's 31 MiB in the nested CI
+/// host), which counts in every sandbox.
+fn disable_huge_pages() {
+    // SAFETY: PR_SET_THP_DISABLE only changes how this process's future
+    // faults are served; it touches no memory of ours.
+    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+        log::debug!(
+            "transparent huge pages stay on: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Removes a template that did not fit or check out, so that the next VM
