@@ -323,23 +323,40 @@ impl Relay {
     /// Copies the guest's readable buffers to `to` in the shared memory.
     fn copy_in(&self, bufs: &[(GuestAddress, u32)], mut to: u64) -> io::Result<()> {
         for &(addr, len) in bufs {
-            let mut left = len as usize;
-            let mut from = addr;
-            for slice in self.mem.get_slices(addr, len as usize) {
-                let slice = slice.map_err(io::Error::other)?;
-                let dst = self
-                    .shared
-                    .mem
-                    .get_slice(GuestAddress(to), slice.len())
-                    .map_err(io::Error::other)?;
-                slice.copy_to_volatile_slice(dst);
-                to += slice.len() as u64;
-                left -= slice.len();
-                from = GuestAddress(from.0 + slice.len() as u64);
+            self.copy(addr, len as usize, to, false)?;
+            to += u64::from(len);
+        }
+        Ok(())
+    }
+
+    /// Copies `len` bytes between guest memory at `guest` and the shared
+    /// memory at `at`: into the guest if `into_guest`, out of it otherwise.
+    fn copy(
+        &self,
+        guest: GuestAddress,
+        len: usize,
+        mut at: u64,
+        into_guest: bool,
+    ) -> io::Result<()> {
+        let mut done = 0;
+        for slice in self.mem.get_slices(guest, len) {
+            let g = slice.map_err(io::Error::other)?;
+            let s = self
+                .shared
+                .mem
+                .get_slice(GuestAddress(at), g.len())
+                .map_err(io::Error::other)?;
+            if into_guest {
+                s.copy_to_volatile_slice(g);
+            } else {
+                g.copy_to_volatile_slice(s);
             }
-            if left != 0 {
-                return Err(io::Error::other(format!("{left} bytes at {:#x}", from.0)));
-            }
+            at += g.len() as u64;
+            done += g.len();
+        }
+        if done != len {
+            let at = guest.0 + done as u64;
+            return Err(io::Error::other(format!("{} bytes at {at:#x}", len - done)));
         }
         Ok(())
     }
@@ -438,25 +455,10 @@ impl Relay {
             if left == 0 {
                 break;
             }
-            let n = u64::from(cap).min(left) as usize;
-            let mut to = addr;
-            let mut rest = n;
-            for slice in self.mem.get_slices(addr, n) {
-                let dst = slice.map_err(io::Error::other)?;
-                let src = self
-                    .shared
-                    .mem
-                    .get_slice(GuestAddress(from), dst.len())
-                    .map_err(io::Error::other)?;
-                src.copy_to_volatile_slice(dst);
-                from += dst.len() as u64;
-                rest -= dst.len();
-                to = GuestAddress(to.0 + dst.len() as u64);
-            }
-            if rest != 0 {
-                return Err(io::Error::other(format!("{rest} bytes at {:#x}", to.0)));
-            }
-            left -= n as u64;
+            let n = u64::from(cap).min(left);
+            self.copy(addr, n as usize, from, true)?;
+            from += n;
+            left -= n;
         }
         Ok(())
     }
