@@ -35,6 +35,9 @@ pub enum Error {
     /// Hot-pluggable memory not in whole blocks.
     #[error("hot-pluggable memory of {0} MiB is not a multiple of {block} MiB", block = layout::HOTPLUG_BLOCK >> 20)]
     Hotplug(u64),
+    /// A template's memory file is not as long as the VM's memory.
+    #[error("memory file of {0} bytes, the VM has {1}")]
+    FileSize(u64, u64),
     /// More than the guest's physical address space holds.
     #[error("guest memory of {0} MiB (+ {1} MiB to add) does not fit the guest's address space")]
     TooLarge(u64, u64),
@@ -87,10 +90,7 @@ pub fn from_template(mib: u64, hotplug_mib: u64, file: File) -> Result<GuestRam,
     let (size, hotplug_size) = sizes(mib, hotplug_mib)?;
     let len = file.metadata().map_err(Error::Memfd)?.len();
     if len != size + hotplug_size {
-        return Err(Error::Memfd(std::io::Error::other(format!(
-            "the memory file holds {len} bytes, the VM has {}",
-            size + hotplug_size
-        ))));
+        return Err(Error::FileSize(len, size + hotplug_size));
     }
     map(file, size, hotplug_size, libc::MAP_PRIVATE)
 }

@@ -422,17 +422,7 @@ pub fn map_memory(
         .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .map_err(io(&path))?;
-    let mismatch = |why: String| Error::Mismatch {
-        path: path.clone(),
-        why,
-    };
     let len = file.metadata().map_err(io(&path))?.len();
-    let want = (mib << 20) + (hotplug_mib << 20);
-    if len != want {
-        return Err(mismatch(format!(
-            "memory file of {len} bytes, the VM has {want}"
-        )));
-    }
     let ranges = data_ranges(&file, len).map_err(io(&path))?;
     let ram = crate::memory::from_template(mib, hotplug_mib, file)?;
     let (mut bytes, mut sum) = (0u64, 0u64);
@@ -464,10 +454,13 @@ pub fn map_memory(
         }
     }
     if (bytes, sum) != (manifest.memory_bytes, manifest.memory_sum) {
-        return Err(mismatch(format!(
+        return Err(Error::Mismatch {
+            path,
+            why: format!(
             "memory does not check out ({bytes} bytes, sum {sum:#x}; saved {} bytes, sum {:#x})",
             manifest.memory_bytes, manifest.memory_sum
-        )));
+            ),
+        });
     }
     Ok(ram)
 }

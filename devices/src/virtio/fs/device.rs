@@ -44,10 +44,10 @@ pub enum Error {
     /// The relay's shared memory.
     #[error("virtio-fs relay memory: {0}")]
     Relay(std::io::Error),
+    /// The call eventfds or the thread that forwards them.
+    #[error("{0}: {1}")]
+    Calls(&'static str, std::io::Error),
 }
-
-/// `VIRTIO_F_RING_EVENT_IDX`.
-const RING_EVENT_IDX: u64 = 1 << 29;
 
 /// A virtio-fs device whose queues virtiofsd serves over vhost-user.
 pub struct VhostUserFs {
@@ -206,7 +206,7 @@ impl VhostUserFs {
         let calls = (0..queues.len())
             .map(|_| EventFd::new(libc::EFD_NONBLOCK))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(Error::Relay)?;
+            .map_err(|e| Error::Calls("call eventfd", e))?;
         let host = |addr: u64| -> Result<u64, Error> {
             mem.get_host_address(GuestAddress(addr))
                 .map(|p| p as u64)
@@ -227,7 +227,9 @@ impl VhostUserFs {
             })
             .collect::<Result<Vec<_>, Error>>()?;
         self.start(self.common.acked_features(), mem, &rings)?;
-        self.forwarder = Some(CallForwarder::spawn(calls, interrupt).map_err(Error::Relay)?);
+        let forwarder = CallForwarder::spawn(calls, interrupt)
+            .map_err(|e| Error::Calls("interrupt forwarder", e))?;
+        self.forwarder = Some(forwarder);
         // The kick eventfds now belong to virtiofsd too; ours stay open in
         // the transport, the queues' state lives in virtiofsd.
         Ok(())
@@ -243,10 +245,8 @@ impl VhostUserFs {
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
         let backend = |e| ActivateError::Backend(format!("virtio-fs relay: {e}"));
-        let event_idx = self.common.acked_features() & RING_EVENT_IDX != 0;
         let mut relayed = Vec::with_capacity(queues.len());
-        for mut guest in queues {
-            guest.queue.set_event_idx(event_idx);
+        for guest in queues {
             let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| backend(e.to_string()))?;
             let call = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| backend(e.to_string()))?;
             relayed.push(RelayQueue::new(guest, kick, call));
